@@ -1,0 +1,206 @@
+"""One typed settings model: YAML file plus ``PACSWORKER__SECTION__KEY`` env overrides."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+
+
+def _check_ae(value: str) -> str:
+    if not value.strip() or not AE_TITLE_RE.match(value):
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash)")
+    return value
+
+
+class ScpSettings(BaseModel):
+    ae_title: str = "PACSWORKER"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_calling_aets: list[str] = Field(
+        default_factory=list, description="empty: any calling AE title is accepted"
+    )
+    require_called_aet: bool = True
+    series_quiet_seconds: float = Field(10.0, gt=0)
+    max_associations: int = Field(16, ge=1)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae(value)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _aets(cls, value: list[str]) -> list[str]:
+        return [_check_ae(v) for v in value]
+
+
+class StorageSettings(BaseModel):
+    data_dir: Path = Path("./data")
+
+
+class QueueSettings(BaseModel):
+    broker_url: str = Field("", description="empty: embedded filesystem broker under data_dir")
+    result_backend: str = Field("", description="empty: SQLite file under data_dir")
+    visibility_timeout: int = Field(6 * 3600, ge=60, description="seconds; longer than any job")
+    job_soft_time_limit: int = Field(1800, ge=1, description="seconds")
+    job_time_limit: int = Field(2400, ge=1, description="seconds")
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    stale_after_seconds: float = Field(60.0, gt=0, description="a running job without heartbeat this long is re-queued")
+    max_attempts: int = Field(3, ge=1)
+    delivery_max_retries: int = Field(20, ge=0)
+    delivery_backoff_seconds: float = Field(5.0, gt=0)
+    delivery_backoff_max_seconds: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _limits(self) -> "QueueSettings":
+        if self.job_soft_time_limit >= self.job_time_limit:
+            raise ValueError("queue.job_soft_time_limit must be lower than queue.job_time_limit")
+        if self.visibility_timeout <= self.job_time_limit:
+            raise ValueError("queue.visibility_timeout must be longer than queue.job_time_limit")
+        return self
+
+
+class MatchRule(BaseModel):
+    modalities: list[str] = Field(default_factory=lambda: ["CT"])
+    sop_class_uids: list[str] = Field(
+        default_factory=lambda: ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"]
+    )
+    min_instances: int = Field(10, ge=1)
+    calling_aets: list[str] = Field(default_factory=list, description="empty: any sender")
+
+
+class ModelSettings(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    kind: Literal["builtin"] = "builtin"
+    source: str = Field("ct-body", description="for kind builtin: the built-in model's name")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    match: MatchRule = Field(default_factory=MatchRule)
+
+
+class BasicAuth(BaseModel):
+    kind: Literal["basic"] = "basic"
+    username: str
+    password: str
+
+
+class DicomwebDestination(BaseModel):
+    kind: Literal["dicomweb"]
+    name: str = "dicomweb"
+    url: str = Field(pattern=r"^https?://")
+    auth: BasicAuth | None = None
+    timeout_seconds: float = Field(60.0, gt=0)
+
+
+class FolderDestination(BaseModel):
+    kind: Literal["folder"]
+    name: str = "folder"
+    path: Path
+
+
+Destination = Annotated[DicomwebDestination | FolderDestination, Field(discriminator="kind")]
+
+
+class LoggingSettings(BaseModel):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(BaseSettings):
+    """Everything pacsworker reads at start-up; validated once, then passed around."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PACSWORKER__", env_nested_delimiter="__", extra="forbid"
+    )
+
+    scp: ScpSettings = Field(default_factory=ScpSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    models: list[ModelSettings] = Field(default_factory=lambda: [ModelSettings(name="ct-body")])
+    destinations: list[Destination] = Field(default_factory=list)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, value: list[ModelSettings]) -> list[ModelSettings]:
+        names = [m.name for m in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # env beats the YAML file (passed as init kwargs)
+        return env_settings, init_settings
+
+    @property
+    def data_dir(self) -> Path:
+        return self.storage.data_dir.resolve()
+
+    def effective_destinations(self) -> list[DicomwebDestination | FolderDestination]:
+        if self.destinations:
+            return list(self.destinations)
+        return [FolderDestination(kind="folder", name="results", path=self.data_dir / "results")]
+
+    def model(self, name: str) -> ModelSettings:
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(f"no model named {name!r} in the configuration")
+
+
+class ConfigError(Exception):
+    """The configuration file or environment holds an invalid value."""
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+CONFIG_ENV = "PACSWORKER_CONFIG"
+
+
+def load_settings(path: Path | str | None = None) -> Settings:
+    """Load settings from a YAML file (or ``$PACSWORKER_CONFIG``) and the environment.
+
+    Raises
+    ------
+    ConfigError
+        With one line per invalid key: the dotted key, what was expected, what was given.
+    """
+    path = path or os.environ.get(CONFIG_ENV) or None
+    data: dict[str, Any] = {}
+    origin = "defaults and environment"
+    if path:
+        file = Path(path)
+        origin = f"{file} and environment"
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {file} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"configuration file {file} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"configuration file {file} must hold a mapping at top level")
+        data = loaded or {}
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, origin)) from None

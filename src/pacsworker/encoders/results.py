@@ -1,0 +1,255 @@
+"""A label map over a volume becomes one DICOM SEG (BINARY) and one Comprehensive 3D SR (TID 1500)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+from highdicom.sr.coding import CodedConcept
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from .. import __version__
+from ..worker.models import CodedTerm, SegmentationModel, SegmentSpec
+from ..worker.volume import Volume
+from .uids import result_uid
+
+log = logging.getLogger(__name__)
+
+SEG_SERIES_NUMBER = 9901
+SR_SERIES_NUMBER = 9902
+MANUFACTURER = "pacsworker"
+
+MILLILITER = CodedConcept("ml", "UCUM", "milliliter")
+HOUNSFIELD_UNIT = CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")
+ATTENUATION = CodedConcept("112031", "DCM", "Attenuation Coefficient")
+TYPE2_ATTRIBUTES = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
+)
+IMAGING_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")
+
+
+@dataclass(frozen=True)
+class SegmentStatistics:
+    """Per-segment numbers reported in the SR; ``mean_value`` is in modality units (HU on CT)."""
+
+    spec: SegmentSpec
+    segment_number: int
+    voxels: int
+    volume_ml: float
+    mean_value: float
+
+
+@dataclass(frozen=True)
+class EncodedResults:
+    """The two result objects of one job, and the statistics they carry."""
+
+    seg: Dataset
+    sr: Dataset
+    statistics: tuple[SegmentStatistics, ...]
+
+
+def _concept(term: CodedTerm) -> CodedConcept:
+    return CodedConcept(term.value, term.scheme, term.meaning)
+
+
+def segment_statistics(volume: Volume, labels: np.ndarray, model: SegmentationModel) -> list[SegmentStatistics]:
+    """Statistics of the model's non-empty segments, numbered 1..N in the model's label order."""
+    if labels.shape != volume.pixels.shape:
+        raise ValueError(f"label map shape {labels.shape} differs from the volume's {volume.pixels.shape}")
+    found = []
+    for spec in model.segments:
+        mask = labels == spec.label
+        voxels = int(mask.sum())
+        if voxels:
+            found.append(
+                SegmentStatistics(
+                    spec, len(found) + 1, voxels, voxels * volume.voxel_volume_ml, float(volume.pixels[mask].mean())
+                )
+            )
+    return found
+
+
+def _sanitized(source: Dataset) -> Dataset:
+    """A header copy without attributes some scanners send empty though the standard forbids it."""
+    ds = copy.copy(source)
+    if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
+        del ds.SpecificCharacterSet
+    age = str(ds.get("PatientAge", "") or "")
+    if age and not re.fullmatch(r"\d{3}[DWMY]", age):
+        match = re.fullmatch(r"(\d{1,3})([DWMY])", age.strip())
+        if match:
+            ds.PatientAge = f"{int(match[1]):03d}{match[2]}"
+        else:
+            del ds.PatientAge  # type 3 and unusable as sent
+    for keyword in TYPE2_ATTRIBUTES:
+        if keyword not in ds:
+            setattr(ds, keyword, None)  # type 2: present, empty when unknown
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        # geometry that varies per frame only formally (load_series checked it is uniform) is
+        # moved to the shared groups, where highdicom reads it
+        shared = copy.deepcopy(ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0])
+        first = ds.PerFrameFunctionalGroupsSequence[0]
+        for keyword in ("PixelMeasuresSequence", "PlaneOrientationSequence"):
+            if keyword not in shared and keyword in first:
+                setattr(shared, keyword, copy.deepcopy(first[keyword].value))
+        ds.SharedFunctionalGroupsSequence = [shared]
+    return ds
+
+
+def _geometry(volume: Volume) -> dict:
+    """Plane geometry from the loaded volume, not re-read from headers whose optional parts vary."""
+    return {
+        "pixel_measures": hd.PixelMeasuresSequence(
+            pixel_spacing=(volume.row_spacing, volume.column_spacing),
+            slice_thickness=volume.slice_thickness or volume.slice_spacing,
+            spacing_between_slices=volume.slice_spacing,
+        ),
+        "plane_orientation": hd.PlaneOrientationSequence(
+            coordinate_system="PATIENT", image_orientation=volume.orientation
+        ),
+        "plane_positions": [hd.PlanePositionSequence("PATIENT", s.position) for s in volume.sources],
+    }
+
+
+def encode_results(volume: Volume, labels: np.ndarray, model: SegmentationModel) -> EncodedResults | None:
+    """Build the SEG and the SR for one model run; ``None`` when the model found no segment.
+
+    Raises
+    ------
+    ValueError
+        If the label map does not fit the volume, or highdicom rejects the objects.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = _encode(volume, labels, model)
+    if caught:
+        # the texts may quote patient attributes: log only how many and of which kind
+        kinds = sorted({w.category.__name__ for w in caught})
+        log.info("series %s: %d encoder warning(s) about source attributes (%s)", volume.series_uid, len(caught), ", ".join(kinds))
+    return results
+
+
+def _encode(volume: Volume, labels: np.ndarray, model: SegmentationModel) -> EncodedResults | None:
+    stats = segment_statistics(volume, labels, model)
+    if not stats:
+        return None
+    instance_uids = [str(ds.SOPInstanceUID) for ds in volume.source_datasets]
+
+    def uid(role: str) -> str:
+        return result_uid(volume.series_uid, instance_uids, model.name, model.version, role)
+
+    sources = [_sanitized(ds) for ds in volume.source_datasets]
+    for ds in sources:
+        if "PerFrameFunctionalGroupsSequence" not in ds and not ds.get("SliceThickness"):
+            ds.SliceThickness = volume.slice_spacing  # required in the SEG's pixel measures
+    if any(not ds.get("FrameOfReferenceUID") for ds in sources):
+        # the source breaks the standard (type 1 in its image plane module); one derived UID keeps
+        # the SEG valid and all its frames in one frame of reference
+        log.warning("series %s has no Frame of Reference UID; a derived one is used", volume.series_uid)
+        for ds in sources:
+            ds.FrameOfReferenceUID = uid("frame-of-reference")
+
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=model.name, family=codes.cid7162.ArtificialIntelligence, version=model.version
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=s.segment_number,
+            segment_label=s.spec.name,
+            segmented_property_category=_concept(s.spec.category),
+            segmented_property_type=_concept(s.spec.property_type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=uid(f"tracking-{s.spec.label}"),
+            tracking_id=s.spec.name,
+        )
+        for s in stats
+    ]
+    numbered = np.zeros(labels.shape, dtype=np.uint8)
+    for s in stats:
+        numbered[labels == s.spec.label] = s.segment_number
+    software = [__version__, f"{model.name} {model.version}"]
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=numbered,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=uid("seg-series"),
+        series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=uid("seg-instance"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=model.name,
+        software_versions=software,
+        device_serial_number="0",
+        content_description=f"{model.name} {model.version} segmentation",
+        content_label="SEGMENTATION",
+        content_creator_name="pacsworker^" + model.name,
+        **_geometry(volume),
+    )
+    seg.SeriesDescription = f"{model.name} SEG"
+    sr = _measurement_report(volume, sources, seg, stats, model, uid, software)
+    return EncodedResults(seg=seg, sr=sr, statistics=tuple(stats))
+
+
+def _measurement_report(volume, sources, seg, stats, model, uid, software) -> Dataset:
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=uid("observer-device"), name=model.name, manufacturer_name=MANUFACTURER, model_name=model.version
+        ),
+    )
+    algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
+    groups = []
+    for s in stats:
+        measurements = [
+            hd.sr.Measurement(name=codes.SCT.Volume, value=round(s.volume_ml, 6), unit=MILLILITER,
+                              algorithm_id=algorithm),
+        ]
+        if volume.modality == "CT":
+            measurements.append(
+                hd.sr.Measurement(name=ATTENUATION, value=round(s.mean_value, 3), unit=HOUNSFIELD_UNIT,
+                                  derivation=codes.SCT.Mean, algorithm_id=algorithm)
+            )
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=uid(f"tracking-{s.spec.label}"), identifier=s.spec.name),
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=seg.SOPClassUID,
+                    sop_instance_uid=seg.SOPInstanceUID,
+                    segment_number=s.segment_number,
+                    source_series=hd.sr.SourceSeriesForSegmentation(volume.series_uid),
+                ),
+                finding_type=_concept(s.spec.property_type),
+                finding_category=_concept(s.spec.category),
+                algorithm_id=algorithm,
+                measurements=measurements,
+            )
+        )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=IMAGING_PROCEDURE,
+        imaging_measurements=groups,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[seg, *sources],
+        content=report[0],
+        series_instance_uid=uid("sr-series"),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=uid("sr-instance"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+    sr.SeriesDescription = f"{model.name} measurements"
+    sr.SoftwareVersions = software
+    return sr

@@ -1,0 +1,181 @@
+"""What every role writes to ``data_dir``: folder layout and the small JSON records an operator can read.
+
+Layout (all under ``storage.data_dir``)::
+
+    spool/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   instances as received
+    series/<SeriesInstanceUID>.json                   SeriesRecord
+    jobs/<job_id>.json                                JobRecord
+    outbox/<job_id>/*.dcm + delivery.json             results until every destination confirmed
+    results/                                          default folder destination
+    broker/, celery-results.sqlite                    embedded queue
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def is_valid_uid(value: object) -> bool:
+    """True for a DICOM UID that may safely become part of a path (digits and dots, <= 64 chars)."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(UID_RE.match(value))
+
+
+class SeriesState(str, enum.Enum):
+    """Where a received series stands."""
+
+    RECEIVING = "receiving"
+    QUEUED = "queued"
+    SKIPPED = "skipped"
+
+
+class JobState(str, enum.Enum):
+    """Where a model job stands."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DELIVERING = "delivering"
+    DONE = "done"
+    FAILED = "failed"
+    NO_RESULT = "no-result"
+
+
+class DeliveryState(str, enum.Enum):
+    """Where the delivery of one job's results to one destination stands."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class SeriesRecord(BaseModel):
+    series_uid: str
+    study_uid: str
+    modality: str = ""
+    sop_class_uid: str = ""
+    calling_aet: str = ""
+    instances: int = 0
+    first_seen: float = Field(default_factory=time.time)
+    last_seen: float = Field(default_factory=time.time)
+    state: SeriesState = SeriesState.RECEIVING
+    reason: str = ""
+    jobs: list[str] = Field(default_factory=list)
+
+
+class JobRecord(BaseModel):
+    job_id: str
+    series_uid: str
+    study_uid: str
+    model: str
+    spool_dir: str
+    state: JobState = JobState.QUEUED
+    attempts: int = 0
+    worker: str = ""
+    heartbeat: float = 0.0
+    queued_at: float = Field(default_factory=time.time)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    timings: dict[str, float] = Field(default_factory=dict)
+    outputs: dict[str, str] = Field(default_factory=dict)
+    reason: str = ""
+
+
+class DestinationOutcome(BaseModel):
+    state: DeliveryState = DeliveryState.PENDING
+    attempts: int = 0
+    last_error: str = ""
+    delivered_at: float = 0.0
+
+
+class DeliveryRecord(BaseModel):
+    job_id: str
+    files: list[str]
+    destinations: dict[str, DestinationOutcome] = Field(default_factory=dict)
+    next_attempt_at: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return all(d.state == DeliveryState.DELIVERED for d in self.destinations.values())
+
+
+def write_json_atomic(path: Path, record: BaseModel) -> None:
+    """Write a record so that readers see the old or the new version, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(record.model_dump_json(indent=2))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json[T: BaseModel](path: Path, kind: type[T]) -> T | None:
+    try:
+        return kind.model_validate(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+
+
+class DataLayout:
+    """Paths under ``data_dir``; every role derives its folders from here."""
+
+    def __init__(self, data_dir: Path):
+        self.root = Path(data_dir).resolve()
+        self.spool = self.root / "spool"
+        self.series = self.root / "series"
+        self.jobs = self.root / "jobs"
+        self.outbox = self.root / "outbox"
+        self.broker = self.root / "broker"
+
+    def create(self) -> "DataLayout":
+        for folder in (self.spool, self.series, self.jobs, self.outbox, self.broker):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def series_dir(self, series_uid: str) -> Path:
+        if not is_valid_uid(series_uid):
+            raise ValueError(f"invalid Series Instance UID {series_uid!r}")
+        return self.spool / series_uid
+
+    def series_record(self, series_uid: str) -> Path:
+        return self.series / f"{series_uid}.json"
+
+    def job_record(self, job_id: str) -> Path:
+        return self.jobs / f"{job_id}.json"
+
+    def job_outbox(self, job_id: str) -> Path:
+        return self.outbox / job_id
+
+    def delivery_record(self, job_id: str) -> Path:
+        return self.outbox / job_id / "delivery.json"
+
+    def iter_records[T: BaseModel](self, folder: Path, kind: type[T]):
+        for path in sorted(folder.glob("*.json")):
+            try:
+                record = read_json(path, kind)
+            except ValueError:
+                continue  # a foreign or hand-edited file must not stop the daemon
+            if record is not None:
+                yield record
+
+    def iter_deliveries(self):
+        for path in sorted(self.outbox.glob("*/delivery.json")):
+            try:
+                record = read_json(path, DeliveryRecord)
+            except ValueError:
+                continue
+            if record is not None:
+                yield record

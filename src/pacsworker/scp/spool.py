@@ -1,0 +1,63 @@
+"""Durable spool: an instance is on disk (fsync + rename) before the receiver answers Success."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..records import DataLayout, is_valid_uid
+
+
+class Spool:
+    """Writes received instances to ``spool/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``."""
+
+    def __init__(self, layout: DataLayout):
+        self.layout = layout
+
+    def store(self, series_uid: str, sop_instance_uid: str, encoded: bytes) -> Path:
+        """Store bytes as received; returns the final path.
+
+        Raises
+        ------
+        ValueError
+            If either UID is not a valid DICOM UID (it would otherwise become part of a path).
+        OSError
+            If the disk refused the write (full, read-only); nothing partial is left behind.
+        """
+        if not is_valid_uid(sop_instance_uid):
+            raise ValueError(f"invalid SOP Instance UID {sop_instance_uid!r}")
+        folder = self.layout.series_dir(series_uid)
+        new_folder = not folder.is_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / f"{sop_instance_uid}.dcm"
+        tmp = folder / f".tmp-{sop_instance_uid}.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            view = memoryview(encoded)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, final)
+        if new_folder:
+            _fsync_dir(self.layout.spool)
+        _fsync_dir(folder)
+        return final
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def series_files(folder: Path) -> list[Path]:
+    """The complete instances of a spooled series (temporaries excluded)."""
+    return sorted(p for p in folder.glob("*.dcm") if not p.name.startswith("."))

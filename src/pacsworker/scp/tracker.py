@@ -1,0 +1,138 @@
+"""Series tracker: which series are still receiving, which are complete, rebuilt from disk at start."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pydicom
+
+from ..records import DataLayout, SeriesRecord, SeriesState, read_json, write_json_atomic
+from .spool import series_files
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InstanceMeta:
+    """What the receiver learns of an instance without decoding its pixels."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str
+    calling_aet: str
+
+
+@dataclass
+class _Pending:
+    record: SeriesRecord
+    sop_uids: set[str] = field(default_factory=set)
+
+
+class SeriesTracker:
+    """Keeps every series with instances on disk until it has been routed.
+
+    A series is complete once ``quiet_seconds`` pass without a new instance. The record on disk is
+    the truth: after a restart, every spooled series not yet routed (or receiving again) is pending.
+    """
+
+    def __init__(self, layout: DataLayout, quiet_seconds: float):
+        self.layout = layout
+        self.quiet_seconds = quiet_seconds
+        self._pending: dict[str, _Pending] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, meta: InstanceMeta) -> None:
+        now = time.time()
+        with self._lock:
+            entry = self._pending.get(meta.series_uid)
+            if entry is None:
+                record = read_json(self.layout.series_record(meta.series_uid), SeriesRecord)
+                if record is None:
+                    record = SeriesRecord(
+                        series_uid=meta.series_uid,
+                        study_uid=meta.study_uid,
+                        modality=meta.modality,
+                        sop_class_uid=meta.sop_class_uid,
+                        calling_aet=meta.calling_aet,
+                    )
+                    existing = set()
+                else:
+                    # received again after routing: process the series anew
+                    existing = {p.stem for p in series_files(self.layout.series_dir(meta.series_uid))}
+                record.state, record.reason, record.first_seen = SeriesState.RECEIVING, "", now
+                entry = self._pending[meta.series_uid] = _Pending(record, existing)
+                write_json_atomic(self.layout.series_record(meta.series_uid), record)
+            entry.sop_uids.add(meta.sop_instance_uid)
+            entry.record.instances = len(entry.sop_uids)
+            entry.record.last_seen = now
+
+    def rebuild(self) -> int:
+        """Re-read the spool after a restart; returns how many series are pending."""
+        for folder in sorted(p for p in self.layout.spool.iterdir() if p.is_dir()):
+            files = series_files(folder)
+            if not files:
+                continue
+            newest = max(p.stat().st_mtime for p in files)
+            record = read_json(self.layout.series_record(folder.name), SeriesRecord)
+            if record is not None and record.state != SeriesState.RECEIVING and newest <= record.last_seen:
+                continue
+            if record is None:
+                record = _record_from_file(files[0])
+                if record is None:
+                    log.error("spooled series %s: no readable instance header; left as is", folder.name)
+                    continue
+            record.state = SeriesState.RECEIVING
+            record.instances = len(files)
+            record.last_seen = newest
+            with self._lock:
+                self._pending[folder.name] = _Pending(record, {p.stem for p in files})
+        return len(self._pending)
+
+    def pending(self) -> list[SeriesRecord]:
+        with self._lock:
+            return [e.record.model_copy() for e in self._pending.values()]
+
+    def complete_due(self, on_complete: Callable[[SeriesRecord], None], now: float | None = None) -> int:
+        """Hand every quiet series to ``on_complete`` (which routes and records it).
+
+        A series stays pending when ``on_complete`` raises (the queue is down, say) and is tried
+        again on the next call.
+        """
+        now = time.time() if now is None else now
+        with self._lock:
+            due = [e for e in self._pending.values() if now - e.record.last_seen >= self.quiet_seconds]
+        done = 0
+        for entry in due:
+            snapshot = entry.record.model_copy()
+            try:
+                on_complete(snapshot)
+            except Exception as exc:  # noqa: BLE001 - keep serving, retry next tick
+                log.error("series %s complete but not routed: %s; will retry", snapshot.series_uid, exc)
+                continue
+            with self._lock:
+                current = self._pending.get(snapshot.series_uid)
+                if current is entry and entry.record.last_seen == snapshot.last_seen:
+                    del self._pending[snapshot.series_uid]
+                    done += 1
+            write_json_atomic(self.layout.series_record(snapshot.series_uid), snapshot)
+        return done
+
+
+def _record_from_file(path) -> SeriesRecord | None:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001
+        return None
+    return SeriesRecord(
+        series_uid=str(ds.SeriesInstanceUID),
+        study_uid=str(ds.StudyInstanceUID),
+        modality=str(ds.get("Modality", "")),
+        sop_class_uid=str(ds.SOPClassUID),
+        calling_aet="",
+    )

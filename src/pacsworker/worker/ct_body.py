@@ -1,0 +1,95 @@
+"""Built-in ``ct-body``: body, lungs and bone on CT from Hounsfield thresholds and connected components.
+
+Thresholds and masks are torch operations on the chosen device; connected-component labelling
+uses cuCIM on a GPU when it is installed, scikit-image otherwise. The label map is exclusive
+(no overlaps), so the SEG loads in viewers that reject overlapping segments.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .models import CodedTerm, SegmentSpec
+from .volume import Volume
+
+TISSUE = CodedTerm("85756007", "SCT", "Tissue")
+ANATOMICAL = CodedTerm("123037004", "SCT", "Anatomical Structure")
+
+BODY, LUNGS, BONE = 1, 2, 3
+
+AIR_HU = -400.0  # below: air (outside the body, lungs, bowel gas)
+BODY_HU = -500.0  # above: tissue of the body or the table
+BONE_HU = 300.0  # above: cortical and dense trabecular bone
+MIN_LUNG_ML = 10.0  # smaller internal air pockets are not lung
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _label(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """3D connected components (26-connectivity) of a boolean mask, on the mask's device."""
+    if mask.is_cuda:
+        try:
+            import cupy
+            from cucim.skimage.measure import label as cu_label
+
+            labels, count = cu_label(cupy.asarray(mask), return_num=True)
+            return torch.as_tensor(labels, device=mask.device), int(count)
+        except ImportError:
+            pass
+    from skimage.measure import label
+
+    labels, count = label(mask.cpu().numpy(), return_num=True, connectivity=3)
+    return torch.from_numpy(labels).to(mask.device), int(count)
+
+
+class CtBodyModel:
+    """Threshold model: a reference for the pipeline and a useful body/lung/bone map on CT."""
+
+    name = "ct-body"
+    version = "1.0.0"
+    segments = (
+        SegmentSpec(BODY, "Body", ANATOMICAL, CodedTerm("123037004", "SCT", "Anatomical Structure"),
+                    "body outline excluding lungs and bone"),
+        SegmentSpec(LUNGS, "Lungs", ANATOMICAL, CodedTerm("39607008", "SCT", "Lung")),
+        SegmentSpec(BONE, "Bone", TISSUE, CodedTerm("3138006", "SCT", "Bone tissue")),
+    )
+
+    def __init__(self, device: str = "auto"):
+        self.device = resolve_device(device)
+
+    @torch.inference_mode()
+    def predict(self, volume: Volume) -> np.ndarray:
+        hu = torch.from_numpy(volume.pixels).to(self.device, dtype=torch.float32)
+        air = hu < AIR_HU
+        # air connected to the in-plane border of any slice is outside the patient
+        air_labels, _ = _label(air)
+        border = torch.cat([air_labels[:, 0, :], air_labels[:, -1, :], air_labels[:, :, 0], air_labels[:, :, -1]], 1)
+        outside_ids = torch.unique(border)
+        outside = torch.isin(air_labels, outside_ids[outside_ids > 0])
+        inside_air = air & ~outside
+
+        tissue = hu > BODY_HU
+        labels = torch.zeros(hu.shape, dtype=torch.uint8, device=self.device)
+        if not bool(tissue.any()):
+            return labels.cpu().numpy()
+        tissue_labels, _ = _label(tissue | inside_air)
+        counts = torch.bincount(tissue_labels.flatten())
+        counts[0] = 0
+        body = tissue_labels == torch.argmax(counts)  # the patient, not the table or cables
+
+        lung_labels, _ = _label(inside_air & body)
+        lung_counts = torch.bincount(lung_labels.flatten())
+        lung_counts[0] = 0
+        min_voxels = MIN_LUNG_ML / volume.voxel_volume_ml
+        lung_ids = torch.nonzero(lung_counts >= min_voxels).flatten()
+        lungs = torch.isin(lung_labels, lung_ids) if len(lung_ids) else torch.zeros_like(body)
+
+        labels[body] = BODY
+        labels[lungs] = LUNGS
+        labels[body & (hu >= BONE_HU)] = BONE
+        return labels.cpu().numpy()
