@@ -20,7 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from typing import TypeVar
+
 from pydantic import BaseModel, Field
+
+T = TypeVar("T", bound=BaseModel)
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -122,7 +126,7 @@ def write_json_atomic(path: Path, record: BaseModel) -> None:
         raise
 
 
-def read_json[T: BaseModel](path: Path, kind: type[T]) -> T | None:
+def read_json(path: Path, kind: type[T]) -> T | None:
     try:
         return kind.model_validate(json.loads(path.read_text()))
     except FileNotFoundError:
@@ -162,7 +166,7 @@ class DataLayout:
     def delivery_record(self, job_id: str) -> Path:
         return self.outbox / job_id / "delivery.json"
 
-    def iter_records[T: BaseModel](self, folder: Path, kind: type[T]):
+    def iter_records(self, folder: Path, kind: type[T]):
         for path in sorted(folder.glob("*.json")):
             try:
                 record = read_json(path, kind)

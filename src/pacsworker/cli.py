@@ -1,0 +1,256 @@
+"""The ``pacsworker`` command: serve, scp, worker, replay, run, status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from .config import CONFIG_ENV, ConfigError, Settings, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML configuration file")]
+
+
+def _setup(config: Path | None) -> Settings:
+    if config is not None:
+        os.environ[CONFIG_ENV] = str(config.resolve())  # child processes read the same file
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    logging.basicConfig(
+        level=settings.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    # pynetdicom's own INFO/DEBUG lines can dump dataset contents; keep them out of the log
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    return settings
+
+
+def _receiver(settings: Settings):
+    from .scp.server import Receiver
+    from .tasks.app import configure
+    from .tasks.submit import recover, submit_series
+
+    configure(settings)
+    receiver = Receiver(settings, lambda record: submit_series(settings, record))
+    last_sweep = [0.0]
+
+    def sweep() -> None:
+        if time.time() - last_sweep[0] >= min(5.0, settings.queue.stale_after_seconds / 2):
+            last_sweep[0] = time.time()
+            recover(settings)
+
+    receiver.periodic.append(sweep)
+    return receiver
+
+
+@app.command()
+def scp(config: ConfigOption = None) -> None:
+    """Run the DICOM receiver (and the recovery sweeps) against the configured queue."""
+    settings = _setup(config)
+    _receiver(settings).serve_forever()
+
+
+def _all_queues(settings: Settings) -> list[str]:
+    from .tasks.app import DELIVERY_QUEUE, model_queue
+
+    return [model_queue(m.name) for m in settings.models] + [DELIVERY_QUEUE]
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    queues: Annotated[Optional[str], typer.Option(help="comma-separated; default: every model queue and delivery")] = None,
+    pool: Annotated[str, typer.Option(help="prefork (time limits enforced), threads or solo")] = "prefork",
+    concurrency: Annotated[int, typer.Option(help="one per GPU is the rule for model queues")] = 1,
+    name: Annotated[Optional[str], typer.Option(help="Celery node name")] = None,
+) -> None:
+    """Run a queue worker: model jobs and/or deliveries."""
+    settings = _setup(config)
+    from .records import DataLayout
+    from .tasks.app import configure
+
+    layout = DataLayout(settings.data_dir)
+    if not layout.spool.is_dir() or not os.access(layout.spool, os.R_OK | os.X_OK):
+        console.print(
+            f"[red]cannot read the spool {layout.spool}: data_dir must be storage this worker shares with the "
+            "receiver (same path, readable)[/red]"
+        )
+        raise typer.Exit(2)
+    celery_app = configure(settings)
+    argv = [
+        "worker", "--queues", queues or ",".join(_all_queues(settings)), "--pool", pool,
+        "--concurrency", str(concurrency), "--loglevel", settings.logging.level, "--without-mingle",
+        "--without-gossip",
+    ]
+    if name:
+        argv += ["--hostname", name]
+    celery_app.worker_main(argv)
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Receiver, embedded queue and workers in one command (the single-machine setup)."""
+    settings = _setup(config)
+    from .tasks.app import DELIVERY_QUEUE
+
+    model_queues = ",".join(q for q in _all_queues(settings) if q != DELIVERY_QUEUE)
+    specs = {
+        "model": ["--queues", model_queues, "--pool", "prefork", "--concurrency", "1", "--name", "model@%h"],
+        "delivery": ["--queues", DELIVERY_QUEUE, "--pool", "threads", "--concurrency", "4", "--name", "delivery@%h"],
+    }
+    children: dict[str, subprocess.Popen] = {}
+
+    def spawn(role: str) -> None:
+        children[role] = subprocess.Popen([sys.executable, "-m", "pacsworker", "worker", *specs[role]])
+
+    for role in specs:
+        spawn(role)
+    receiver = _receiver(settings)
+
+    def supervise() -> None:
+        for role, child in list(children.items()):
+            if child.poll() is not None:
+                logging.getLogger("pacsworker.serve").error("%s worker exited with %s; restarting", role, child.returncode)
+                spawn(role)
+
+    receiver.periodic.append(supervise)
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        receiver.serve_forever()
+    finally:
+        for child in children.values():
+            child.terminate()
+        for child in children.values():
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+@app.command()
+def replay(
+    paths: Annotated[list[Path], typer.Argument(help="files or folders to send")],
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 11112,
+    aec: Annotated[str, typer.Option(help="called AE title")] = "PACSWORKER",
+    aet: Annotated[str, typer.Option(help="calling AE title")] = "PACSWORKER-SCU",
+    config: ConfigOption = None,
+) -> None:
+    """Send DICOM files to a receiver with C-STORE, with a progress bar."""
+    from .replay import collect_files
+    from .replay import replay as send
+
+    total = len(collect_files(list(paths)))
+    with Progress(console=console) as progress:
+        bar = progress.add_task(f"C-STORE to {aec}@{host}:{port}", total=total)
+        try:
+            report = send(list(paths), host, port, aec, aet, progress=lambda _: progress.advance(bar))
+        except (ConnectionError, ValueError) as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from None
+    console.print(f"sent {report.sent}, refused {len(report.failed)}, not DICOM {len(report.not_dicom)}")
+    for path, reason in report.failed:
+        console.print(f"  refused: {path} ({reason})")
+    for path in report.not_dicom:
+        console.print(f"  not DICOM, skipped: {path}")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    series_dir: Annotated[Path, typer.Argument(help="folder holding one series")],
+    model: Annotated[str, typer.Option(help="model name from the configuration")] = "ct-body",
+    out: Annotated[Path, typer.Option(help="folder for the SEG and SR")] = Path("out"),
+    config: ConfigOption = None,
+) -> None:
+    """Run a model over one series folder and write SEG + SR files; no queue, no network."""
+    settings = _setup(config)
+    from .replay import collect_files
+    from .worker.runtime import run_model
+    from .worker.volume import NotAVolumeError
+
+    try:
+        model_settings = settings.model(model)
+    except KeyError as exc:
+        console.print(f"[red]{exc.args[0]}[/red]")
+        raise typer.Exit(2) from None
+    try:
+        outcome = run_model(collect_files([series_dir]), model_settings)
+    except NotAVolumeError as exc:
+        console.print(f"[yellow]no result: {exc}[/yellow]")
+        raise typer.Exit(3) from None
+    if outcome.seg is None:
+        console.print(f"[yellow]no result: {outcome.reason}[/yellow]")
+        raise typer.Exit(3)
+    out.mkdir(parents=True, exist_ok=True)
+    outcome.seg.save_as(out / "seg.dcm", enforce_file_format=True)
+    outcome.sr.save_as(out / "sr.dcm", enforce_file_format=True)
+    for stat in outcome.statistics:
+        console.print(f"{stat.spec.name}: {stat.volume_ml:.1f} mL, mean {stat.mean_value:.1f}")
+    console.print(f"wrote {out / 'seg.dcm'} and {out / 'sr.dcm'} ({', '.join(f'{k} {v:.2f}s' for k, v in outcome.timings.items())})")
+
+
+@app.command()
+def status(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Pending series, jobs by state, pending deliveries (read from data_dir)."""
+    settings = _setup(config)
+    from .records import DataLayout, JobRecord, SeriesRecord, SeriesState
+
+    layout = DataLayout(settings.data_dir).create()
+    series = list(layout.iter_records(layout.series, SeriesRecord))
+    jobs = list(layout.iter_records(layout.jobs, JobRecord))
+    deliveries = [d for d in layout.iter_deliveries() if not d.complete]
+    report = {
+        "series": dict(Counter(s.state.value for s in series)),
+        "pending_series": [s.series_uid for s in series if s.state == SeriesState.RECEIVING],
+        "skipped_series": {s.series_uid: s.reason for s in series if s.state == SeriesState.SKIPPED},
+        "jobs": dict(Counter(j.state.value for j in jobs)),
+        "failed_jobs": {j.job_id: j.reason for j in jobs if j.state.value in ("failed", "no-result")},
+        "pending_deliveries": {
+            d.job_id: {name: o.last_error for name, o in d.destinations.items() if o.state.value != "delivered"}
+            for d in deliveries
+        },
+    }
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    out = Console()
+    table = Table(title=f"pacsworker status ({layout.root})")
+    table.add_column("what")
+    table.add_column("count / detail")
+    for state, count in sorted(report["series"].items()):
+        table.add_row(f"series {state}", str(count))
+    for state, count in sorted(report["jobs"].items()):
+        table.add_row(f"jobs {state}", str(count))
+    table.add_row("pending deliveries", str(len(deliveries)))
+    for uid, reason in report["skipped_series"].items():
+        table.add_row(f"skipped {uid}", reason)
+    for job_id, reason in report["failed_jobs"].items():
+        table.add_row(f"no result {job_id}", reason)
+    out.print(table)

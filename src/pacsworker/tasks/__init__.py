@@ -1,0 +1,1 @@
+"""Queue side: Celery app, job and delivery tasks, job ledger, submission and recovery sweeps."""

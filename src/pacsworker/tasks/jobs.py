@@ -1,0 +1,149 @@
+"""Task definitions: one model job per series and model, then delivery with retries and backoff."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from ..records import (
+    DataLayout,
+    DeliveryRecord,
+    DeliveryState,
+    DestinationOutcome,
+    JobRecord,
+    JobState,
+    read_json,
+    write_json_atomic,
+)
+from .app import DELIVERY_QUEUE, app, current_settings
+from .ledger import Heartbeat, load_job, save_job, worker_identity
+
+log = logging.getLogger("pacsworker.tasks")
+
+FINISHED = {JobState.DELIVERING, JobState.DONE, JobState.FAILED, JobState.NO_RESULT}
+
+
+@app.task(name="pacsworker.process_series", bind=True, acks_late=True, reject_on_worker_lost=True)
+def process_series(self, job_id: str) -> str:
+    """Run the job's model over its spooled series; write the results to the outbox."""
+    settings = current_settings()
+    layout = DataLayout(settings.data_dir)
+    job = load_job(layout, job_id)
+    if job.state in FINISHED:
+        log.info("job %s already %s; message ignored", job_id, job.state.value)
+        return job.state.value
+    if job.state == JobState.RUNNING and time.time() - job.heartbeat < settings.queue.stale_after_seconds:
+        log.info("job %s is running on %s; duplicate message ignored", job_id, job.worker)
+        return job.state.value
+    if job.attempts >= settings.queue.max_attempts:
+        job.state, job.reason = JobState.FAILED, f"gave up after {job.attempts} attempts (worker lost each time)"
+        save_job(layout, job)
+        log.error("job %s failed: %s", job_id, job.reason)
+        return job.state.value
+    job.attempts += 1
+    job.state, job.worker, job.heartbeat, job.started_at = JobState.RUNNING, worker_identity(), time.time(), time.time()
+    save_job(layout, job)
+    log.info("job %s: series %s, model %s, attempt %d", job_id, job.series_uid, job.model, job.attempts)
+
+    from ..scp.spool import series_files
+    from ..worker.runtime import run_model
+    from ..worker.volume import NotAVolumeError
+
+    outcome = None
+    try:
+        with Heartbeat(layout.job_record(job_id), settings.queue.heartbeat_seconds):
+            files = series_files(layout.series_dir(job.series_uid))
+            outcome = run_model(files, settings.model(job.model))
+    except NotAVolumeError as exc:
+        job.state, job.reason = JobState.NO_RESULT, str(exc)
+    except SoftTimeLimitExceeded:
+        job.state, job.reason = JobState.FAILED, f"exceeded the soft time limit of {settings.queue.job_soft_time_limit} s"
+    except Exception as exc:  # noqa: BLE001 - the job fails with its reason, the worker keeps serving
+        log.exception("job %s raised", job_id)
+        job.state, job.reason = JobState.FAILED, f"{type(exc).__name__}: {exc}"
+    job = _merge(layout, job)
+    if outcome is not None:
+        job.timings.update(outcome.timings)
+        if outcome.seg is None:
+            job.state, job.reason = JobState.NO_RESULT, outcome.reason
+        else:
+            _write_outbox(layout, job, outcome, settings)
+    job.finished_at = time.time()
+    save_job(layout, job)
+    log.info("job %s %s%s", job_id, job.state.value, f": {job.reason}" if job.reason else "")
+    if job.state == JobState.DELIVERING:
+        deliver.apply_async((job_id,), queue=DELIVERY_QUEUE)
+    return job.state.value
+
+
+def _merge(layout: DataLayout, job: JobRecord) -> JobRecord:
+    """Keep the heartbeat thread's last write from being lost (only the heartbeat differs)."""
+    on_disk = read_json(layout.job_record(job.job_id), JobRecord)
+    if on_disk is not None:
+        job.heartbeat = on_disk.heartbeat
+    return job
+
+
+def _write_outbox(layout: DataLayout, job: JobRecord, outcome, settings) -> None:
+    folder = layout.job_outbox(job.job_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for role, ds in (("seg", outcome.seg), ("sr", outcome.sr)):
+        final = folder / f"{role}.dcm"
+        tmp = folder / f".tmp-{role}.dcm"
+        ds.save_as(tmp, enforce_file_format=True)
+        tmp.replace(final)
+        files.append(final.name)
+        job.outputs[role] = str(ds.SOPInstanceUID)
+    delivery = DeliveryRecord(
+        job_id=job.job_id,
+        files=files,
+        destinations={d.name: DestinationOutcome() for d in settings.effective_destinations()},
+    )
+    write_json_atomic(layout.delivery_record(job.job_id), delivery)
+    job.state, job.reason = JobState.DELIVERING, ""
+
+
+@app.task(name="pacsworker.deliver", bind=True, acks_late=True, reject_on_worker_lost=True)
+def deliver(self, job_id: str) -> str:
+    """Send a job's results to every destination not yet confirmed; retry with exponential backoff."""
+    from ..destinations import DeliveryError, send
+
+    settings = current_settings()
+    layout = DataLayout(settings.data_dir)
+    record = read_json(layout.delivery_record(job_id), DeliveryRecord)
+    if record is None:
+        log.error("delivery %s: no outbox record; nothing to send", job_id)
+        return "missing"
+    files = [layout.job_outbox(job_id) / name for name in record.files]
+    errors = []
+    for destination in settings.effective_destinations():
+        outcome = record.destinations.setdefault(destination.name, DestinationOutcome())
+        if outcome.state == DeliveryState.DELIVERED:
+            continue
+        outcome.attempts += 1
+        try:
+            send(destination, files)
+        except DeliveryError as exc:
+            outcome.last_error = str(exc)
+            errors.append(str(exc))
+            continue
+        outcome.state, outcome.delivered_at, outcome.last_error = DeliveryState.DELIVERED, time.time(), ""
+        log.info("job %s delivered to %s (%d instances)", job_id, destination.name, len(files))
+    if not errors:
+        write_json_atomic(layout.delivery_record(job_id), record)
+        job = load_job(layout, job_id)
+        job.state, job.timings["delivered_at"] = JobState.DONE, time.time()
+        save_job(layout, job)
+        return "delivered"
+    q = settings.queue
+    countdown = min(q.delivery_backoff_seconds * 2**self.request.retries, q.delivery_backoff_max_seconds)
+    record.next_attempt_at = time.time() + countdown
+    write_json_atomic(layout.delivery_record(job_id), record)
+    log.warning("job %s: delivery failed (%s); retry in %.0f s", job_id, "; ".join(errors), countdown)
+    if self.request.retries >= q.delivery_max_retries:
+        log.error("job %s: delivery retries used up; results stay in the outbox for the recovery sweep", job_id)
+        return "pending"
+    raise self.retry(countdown=countdown, max_retries=q.delivery_max_retries)
