@@ -88,10 +88,10 @@ def worker(
     from .tasks.app import configure
 
     layout = DataLayout(settings.data_dir)
-    if not layout.spool.is_dir() or not os.access(layout.spool, os.R_OK | os.X_OK):
+    if not layout.root.is_dir() or not os.access(layout.root, os.R_OK | os.W_OK | os.X_OK):
         console.print(
-            f"[red]cannot read the spool {layout.spool}: data_dir must be storage this worker shares with the "
-            "receiver (same path, readable)[/red]"
+            f"[red]cannot use data_dir {layout.root}: it must exist and be storage this worker shares with the "
+            "receiver (same path, readable and writable)[/red]"
         )
         raise typer.Exit(2)
     celery_app = configure(settings)

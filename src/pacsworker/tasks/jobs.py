@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -54,7 +55,12 @@ def process_series(self, job_id: str) -> str:
     outcome = None
     try:
         with Heartbeat(layout.job_record(job_id), settings.queue.heartbeat_seconds):
-            files = series_files(layout.series_dir(job.series_uid))
+            spool = Path(job.spool_dir)
+            if not spool.is_dir():
+                raise FileNotFoundError(
+                    f"spool folder {spool} is not visible from this worker: data_dir must be shared storage"
+                )
+            files = series_files(spool)
             outcome = run_model(files, settings.model(job.model))
     except NotAVolumeError as exc:
         job.state, job.reason = JobState.NO_RESULT, str(exc)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Creates .venv with pacsworker installed. Torch is installed first so that no CUDA wheels are
+# pulled in on CPU machines (set TORCH_SPEC to pick another build, e.g. on a GPU host).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+EXTRAS=${1:-}
+[ -d .venv ] || "$PYTHON" -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+.venv/bin/pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
