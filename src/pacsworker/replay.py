@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 
@@ -52,13 +51,12 @@ def replay(
             if progress:
                 progress(path)
     ae = AE(ae_title=calling_aet)
-    contexts: dict[str, set[str]] = {}
-    for _, sop_class, syntax in headers:
-        contexts.setdefault(sop_class, {ExplicitVRLittleEndian, ImplicitVRLittleEndian}).add(syntax)
+    # one context per (SOP class, transfer syntax): each file goes out exactly as it is stored
+    contexts = sorted({(sop_class, syntax) for _, sop_class, syntax in headers})
     if len(contexts) > 128:
-        raise ValueError(f"{len(contexts)} SOP classes in one replay; at most 128 fit one association")
-    for sop_class, syntaxes in contexts.items():
-        ae.add_requested_context(sop_class, sorted(syntaxes))
+        raise ValueError(f"{len(contexts)} SOP class/transfer syntax pairs; at most 128 fit one association")
+    for sop_class, syntax in contexts:
+        ae.add_requested_context(sop_class, [syntax])
     if not headers:
         return report
     assoc = ae.associate(host, port, ae_title=called_aet)

@@ -1,0 +1,173 @@
+"""The receiver on its own: compressed syntaxes stored as received, bad input refused, restarts survived."""
+
+from __future__ import annotations
+
+import logging
+import time
+from io import BytesIO
+
+import pydicom
+import pytest
+from conftest import free_port, wait_until
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from pacsworker.config import Settings
+from pacsworker.replay import replay
+from pacsworker.scp.server import Receiver
+from pacsworker.scp.spool import series_files
+
+COMPRESSED = [
+    "mr12_siemens_trio_4sl_j2k_lossless",
+    "mr13_siemens_trio_4sl_jpeg_lossless",
+    "mr14_siemens_trio_4sl_jpegls_lossless",
+    "mr15_siemens_trio_4sl_rle",
+    "ct06_ge_lightspeed_liver_3slice",  # implicit VR little endian
+]
+
+
+def _settings(tmp_path, **scp) -> Settings:
+    return Settings(
+        scp={"host": "127.0.0.1", "port": free_port(), "series_quiet_seconds": 0.5, **scp},
+        storage={"data_dir": str(tmp_path / "data")},
+    )
+
+
+@pytest.fixture
+def receiver(tmp_path):
+    completed = []
+    rx = Receiver(_settings(tmp_path, allowed_calling_aets=["MODALITY", "SCU"]), completed.append)
+    rx.completed = completed
+    rx.start()
+    yield rx
+    rx.stop()
+
+
+def _echo_ok(port: int, aec: str = "PACSWORKER", aet: str = "SCU") -> bool:
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=aec)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return status.Status == 0
+
+
+@pytest.mark.parametrize("name", COMPRESSED)
+def test_compressed_and_implicit_series_stored_byte_for_byte(receiver, dicom_dir, name):
+    port = receiver.settings.scp.port
+    folder = dicom_dir / name
+    originals = sorted(folder.glob("*.dcm"))
+    # sent as stored (DCMTK's storescu would decompress J2K/JPEG-LS/RLE without extra options)
+    report = replay([folder], "127.0.0.1", port, "PACSWORKER", "SCU")
+    assert report.sent == len(originals) and not report.failed
+    wait_until(lambda: receiver.completed, 30, what="series completion")
+    sent = pydicom.dcmread(originals[0])
+    [record] = receiver.completed
+    assert (record.series_uid, record.instances, record.modality) == (sent.SeriesInstanceUID, len(originals), sent.Modality)
+    folder_out = receiver.layout.series_dir(record.series_uid)
+    assert len(series_files(folder_out)) == len(originals)
+    copy = pydicom.dcmread(folder_out / f"{sent.SOPInstanceUID}.dcm")
+    assert copy.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+    assert copy.PixelData == sent.PixelData
+
+
+def _raw_store(port: int, payload: bytes, sop_uid: str) -> int:
+    """Send a C-STORE whose dataset is ``payload`` as is (no encoding by the sender)."""
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSWORKER")
+    assert assoc.is_established
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = CTImageStorage
+    request.AffectedSOPInstanceUID = sop_uid
+    request.Priority = 2
+    request.DataSet = BytesIO(payload)
+    context = assoc.accepted_contexts[0]
+    assoc._reactor_checkpoint.clear()  # as send_c_store does: keep the reactor off our response
+    while not assoc._is_paused:
+        time.sleep(0.001)
+    assoc.dimse.send_msg(request, context.context_id)
+    _, response = assoc.dimse.get_msg(block=True)
+    assoc._reactor_checkpoint.set()
+    assoc.release()
+    return int(response.Status)
+
+
+def _ct_bytes(sop_uid: str, series_uid: str) -> bytes:
+    from pydicom.dataset import Dataset
+    from pynetdicom.dsutils import encode
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop_uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), series_uid, "CT"
+    return encode(ds, False, True)
+
+
+def test_bad_input_is_refused_and_the_receiver_keeps_serving(receiver, caplog):
+    port = receiver.settings.scp.port
+    caplog.set_level(logging.WARNING, logger="pacsworker.scp")
+    assert _raw_store(port, b"this is not DICOM at all" * 10, "1.2.3.4") == 0xC000
+    assert "not a readable DICOM dataset" in caplog.text or "not a valid UID" in caplog.text
+    bad_uid = "1.2.840.abc/../../etc"
+    assert _raw_store(port, _ct_bytes(bad_uid, generate_uid()), "1.2.3.5") == 0xC000
+    assert "SOPInstanceUID '1.2.840.abc/../../etc' is missing or not a valid UID" in caplog.text
+    assert not any(receiver.layout.root.rglob("*etc*"))
+    assert _echo_ok(port)
+
+
+def test_aborted_association_keeps_what_arrived(receiver):
+    port = receiver.settings.scp.port
+    series = generate_uid()
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSWORKER")
+    for n in range(3):
+        assert _store_in(assoc, series) == 0
+    assoc.abort()
+    wait_until(lambda: any(r.series_uid == series for r in receiver.completed), 30, what="series completion")
+    [record] = [r for r in receiver.completed if r.series_uid == series]
+    assert record.instances == 3 and len(series_files(receiver.layout.series_dir(series))) == 3
+    assert _echo_ok(port)
+
+
+def _store_in(assoc, series_uid: str) -> int:
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "1.2.3", series_uid, "CT"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return assoc.send_c_store(ds).Status
+
+
+def test_wrong_ae_titles_are_rejected(receiver):
+    port = receiver.settings.scp.port
+    assert not _echo_ok(port, aec="SOMEONE_ELSE")
+    assert not _echo_ok(port, aet="INTRUDER")
+    assert _echo_ok(port)
+
+
+def test_pending_series_survive_a_restart(tmp_path):
+    settings = _settings(tmp_path, series_quiet_seconds=3600)
+    first = Receiver(settings, lambda record: None)
+    first.start()
+    series = generate_uid()
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", settings.scp.port, ae_title="PACSWORKER")
+    for _ in range(2):
+        assert _store_in(assoc, series) == 0
+    assoc.release()
+    first.stop()
+
+    completed = []
+    second = Receiver(settings.model_copy(update={"scp": settings.scp.model_copy(update={"series_quiet_seconds": 0.1})}), completed.append)
+    assert second.tracker.rebuild() == 1
+    second.tracker.complete_due(completed.append)
+    assert [(r.series_uid, r.instances) for r in completed] == [(series, 2)]

@@ -1,0 +1,108 @@
+"""Series -> volume on every catalogued series; ct-body + encoders on real CT, checked with dciodvfy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import DICOM_DIR, dciodvfy_errors
+
+from pacsworker.config import ModelSettings
+from pacsworker.worker.runtime import run_model
+from pacsworker.worker.volume import NotAVolumeError, load_series
+
+CATALOG = json.loads((DICOM_DIR / "catalog.json").read_text()) if (DICOM_DIR / "catalog.json").is_file() else []
+GEOMETRY_CASES = [e for e in CATALOG if e["expected"] != "ignore"]
+
+
+def _files(folder):
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("entry", GEOMETRY_CASES, ids=[e["folder"] for e in GEOMETRY_CASES])
+def test_volume_outcome_matches_catalog(dicom_dir, entry):
+    try:
+        volume = load_series(_files(dicom_dir / entry["folder"]))
+    except NotAVolumeError as exc:
+        outcome = exc.outcome.value
+        assert exc.reason, "a refusal must say why"
+    else:
+        outcome = volume.outcome.value
+        distances = [np.dot(s.position, np.cross(volume.orientation[:3], volume.orientation[3:])) for s in volume.sources]
+        assert np.all(np.diff(distances) > 0), "slices sorted along the normal"
+        assert volume.pixels.shape[0] == len(volume.sources)
+    assert outcome == entry["expected"]
+
+
+def test_rescale_gives_hounsfield_units(dicom_dir):
+    volume = load_series(_files(dicom_dir / "ct02_philips_ingenuity_headphantom_5mm"))
+    first = pydicom.dcmread(volume.sources[0].dataset.filename)
+    raw = first.pixel_array.astype(np.float32)
+    expected = raw * float(first.RescaleSlope) + float(first.RescaleIntercept)
+    assert np.array_equal(volume.pixels[0], expected)
+    assert volume.slice_spacing == pytest.approx(5.0)
+    assert volume.pixels.min() == pytest.approx(-1024)
+
+
+@pytest.fixture(scope="module")
+def ct02_outcome(dicom_dir):
+    return run_model(_files(dicom_dir / "ct02_philips_ingenuity_headphantom_5mm"), ModelSettings(name="ct-body"))
+
+
+def test_ct_body_results_are_valid_and_deterministic(dicom_dir, ct02_outcome, tmp_path):
+    names = {s.spec.name for s in ct02_outcome.statistics}
+    assert {"Body", "Bone"} <= names  # a head phantom: no lungs
+    for name, ds in (("seg", ct02_outcome.seg), ("sr", ct02_outcome.sr)):
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == []
+    seg = ct02_outcome.seg
+    assert seg.SegmentationType == "BINARY"
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [s.spec.name for s in ct02_outcome.statistics]
+    assert seg.SegmentSequence[0].SegmentedPropertyCategoryCodeSequence[0].CodingSchemeDesignator == "SCT"
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "ct-body" and algorithm.AlgorithmVersion == "1.0.0"
+    again = run_model(_files(dicom_dir / "ct02_philips_ingenuity_headphantom_5mm"), ModelSettings(name="ct-body"))
+    for a, b in ((seg, again.seg), (ct02_outcome.sr, again.sr)):
+        assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
+
+
+def test_other_series_give_other_uids(dicom_dir, ct02_outcome):
+    other = run_model(_files(dicom_dir / "ct06_ge_lightspeed_liver_3slice"), ModelSettings(name="ct-body"))
+    assert other.seg.SOPInstanceUID != ct02_outcome.seg.SOPInstanceUID
+    assert "Lungs" in {s.spec.name for s in other.statistics}  # liver CT reaches the lung bases
+
+
+@pytest.mark.parametrize("folder", ["ct07_siemens_definitionas_tilt_no_tilt_tag_4sl", "mr06_siemens_prisma_xa30_t1_enhanced_multiframe"])
+def test_encoder_handles_tilted_and_multiframe_sources(dicom_dir, folder, tmp_path):
+    volume = load_series(_files(dicom_dir / folder))
+    from pacsworker.encoders import encode_results
+    from pacsworker.worker.ct_body import CtBodyModel
+
+    labels = np.zeros(volume.pixels.shape, dtype=np.uint8)
+    labels[:, 10:20, 10:30] = 1
+    results = encode_results(volume, labels, CtBodyModel(device="cpu"))
+    path = tmp_path / "seg.dcm"
+    results.seg.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    assert int(results.seg.NumberOfFrames) == volume.pixels.shape[0]
+
+
+def test_run_command_writes_seg_and_sr(dicom_dir, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "pacsworker", "run", str(dicom_dir / "ct06_ge_lightspeed_liver_3slice"), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert pydicom.dcmread(out / "seg.dcm").Modality == "SEG"
+    assert pydicom.dcmread(out / "sr.dcm").Modality == "SR"
+    refused = subprocess.run(
+        [sys.executable, "-m", "pacsworker", "run", str(dicom_dir / "ct09_siemens_same_position_not_volume_4sl"), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert refused.returncode == 3 and "not-a-volume" in refused.stderr
