@@ -167,19 +167,17 @@ class DataLayout:
         return self.outbox / job_id / "delivery.json"
 
     def iter_records(self, folder: Path, kind: type[T]):
-        for path in sorted(folder.glob("*.json")):
-            try:
-                record = read_json(path, kind)
-            except ValueError:
-                continue  # a foreign or hand-edited file must not stop the daemon
-            if record is not None:
-                yield record
+        return _read_all(sorted(folder.glob("*.json")), kind)
 
     def iter_deliveries(self):
-        for path in sorted(self.outbox.glob("*/delivery.json")):
-            try:
-                record = read_json(path, DeliveryRecord)
-            except ValueError:
-                continue
-            if record is not None:
-                yield record
+        return _read_all(sorted(self.outbox.glob("*/delivery.json")), DeliveryRecord)
+
+
+def _read_all(paths: list[Path], kind: type[T]):
+    for path in paths:
+        try:
+            record = read_json(path, kind)
+        except ValueError:
+            continue  # a foreign or hand-edited file must not stop the daemon
+        if record is not None:
+            yield record
