@@ -30,6 +30,20 @@ class ScpSettings(BaseModel):
     require_called_aet: bool = True
     series_quiet_seconds: float = Field(10.0, gt=0)
     max_associations: int = Field(16, ge=1)
+    network_timeout: float = Field(
+        60.0, gt=0, description="seconds: a started PDU must arrive in full, an idle association is aborted"
+    )
+    acse_timeout: float = Field(30.0, gt=0, description="seconds to wait for the A-ASSOCIATE-RQ after connect")
+    dimse_timeout: float = Field(60.0, gt=0, description="seconds to wait for a DIMSE message")
+    max_pdu_length: int = Field(
+        262144, ge=4096, le=16 << 20, description="bytes; advertised, and a longer P-DATA-TF aborts the association"
+    )
+    dataset_start_timeout: float = Field(
+        2.0, gt=0, description="seconds between a C-STORE command and its first dataset fragment"
+    )
+    max_inflated_bytes: int = Field(
+        4 << 30, ge=1 << 20, description="a deflated dataset that inflates to more is refused"
+    )
 
     @field_validator("ae_title")
     @classmethod

@@ -8,7 +8,8 @@ import threading
 from collections.abc import Callable
 from io import BytesIO
 
-import pydicom
+from pydicom.dataset import Dataset
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -30,8 +31,10 @@ from pynetdicom.sop_class import Verification
 
 from ..config import Settings
 from ..records import DataLayout, SeriesRecord, is_valid_uid
+from .integrity import IncompleteDataset, check_dataset
 from .spool import Spool
 from .tracker import InstanceMeta, SeriesTracker
+from .wire import WirePolicy, printable, start_guarded_server
 
 log = logging.getLogger("pacsworker.scp")
 
@@ -51,38 +54,48 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     RLELossless,
 ]
 
+PREAMBLE = b"\x00" * 128 + b"DICM"
+
 # C-STORE failure statuses (PS3.4 B.2.3)
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
-_HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality"]
+REJECT_REASONS = {
+    (0x01, 0x01, 0x03): "calling AE title not in allowed_calling_aets",
+    (0x01, 0x01, 0x07): "called AE title is not this receiver's",
+    (0x02, 0x02, 0x01): "user identity not verified",
+    (0x02, 0x03, 0x02): "too many associations",
+}
 
 
-def read_instance_meta(encoded: bytes, calling_aet: str) -> InstanceMeta:
-    """Read the identifying header of an encoded instance; pixel data is never touched.
+def read_instance_meta(header: Dataset, calling_aet: str) -> InstanceMeta:
+    """The identifying UIDs of a received instance, from its checked header.
 
     Raises
     ------
     ValueError
-        If the bytes are not a DICOM dataset or a required UID is missing or malformed.
+        If a required UID is missing or malformed (it would otherwise become part of a path).
     """
-    try:
-        ds = pydicom.dcmread(BytesIO(encoded), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on garbage
-        raise ValueError(f"not a readable DICOM dataset ({type(exc).__name__}: {exc})") from None
     values = {}
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-        value = str(ds.get(keyword, "") or "")
+        try:
+            value = str(header.get(keyword, "") or "")
+        except Exception:  # noqa: BLE001 - a value pydicom cannot convert
+            value = "(undecodable)"
         if not is_valid_uid(value):
-            raise ValueError(f"{keyword} {value!r} is missing or not a valid UID")
+            raise ValueError(f"{keyword} '{printable(value)}' is missing or not a valid UID")
         values[keyword] = value
+    try:
+        modality = str(header.get("Modality", "") or "")
+    except Exception:  # noqa: BLE001
+        modality = ""
     return InstanceMeta(
         study_uid=values["StudyInstanceUID"],
         series_uid=values["SeriesInstanceUID"],
         sop_instance_uid=values["SOPInstanceUID"],
         sop_class_uid=values["SOPClassUID"],
-        modality=str(ds.get("Modality", "") or ""),
+        modality=printable(modality)[:16],
         calling_aet=calling_aet,
     )
 
@@ -118,30 +131,53 @@ class Receiver:
         ae.require_called_aet = cfg.require_called_aet
         if cfg.allowed_calling_aets:
             ae.require_calling_aet = list(cfg.allowed_calling_aets)
-        ae.network_timeout = 60
-        ae.dimse_timeout = 60
+        ae.network_timeout = cfg.network_timeout
+        ae.acse_timeout = cfg.acse_timeout
+        ae.dimse_timeout = cfg.dimse_timeout
+        ae.maximum_pdu_size = cfg.max_pdu_length
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         return ae
 
-    # -- event handlers (thin: store, record, answer) --------------------------------------
+    @property
+    def wire_policy(self) -> WirePolicy:
+        cfg = self.settings.scp
+        return WirePolicy(
+            network_timeout=cfg.network_timeout,
+            max_pdu_length=cfg.max_pdu_length,
+            dataset_start_timeout=cfg.dataset_start_timeout,
+        )
+
+    # -- event handlers (thin: check, store, record, answer) -------------------------------
     def _handle_store(self, event) -> int:
-        calling = event.assoc.requestor.ae_title
-        encoded = event.encoded_dataset()
+        dataset = event.request.DataSet.getbuffer()  # the bytes as received, not copied
         try:
-            meta = read_instance_meta(encoded, calling)
-        except ValueError as exc:
-            log.warning("rejected C-STORE from %s (%s): %s", calling, event.request.AffectedSOPInstanceUID, exc)
+            return self._check_and_store(event, dataset)
+        finally:
+            dataset.release()
+
+    def _check_and_store(self, event, dataset: memoryview) -> int:
+        calling = printable(event.assoc.requestor.ae_title or "")
+        announced = printable(str(event.request.AffectedSOPInstanceUID or ""))
+        try:
+            header = check_dataset(
+                dataset, event.context.transfer_syntax, max_inflated=self.settings.scp.max_inflated_bytes
+            )
+            meta = read_instance_meta(header, calling)
+        except (IncompleteDataset, ValueError) as exc:
+            log.warning("refused C-STORE %s from %s: %s", announced, calling, exc)
             return STATUS_CANNOT_UNDERSTAND
-        if meta.sop_instance_uid != event.request.AffectedSOPInstanceUID:
+        if meta.sop_instance_uid != announced:
             log.warning(
-                "rejected C-STORE from %s: SOP Instance UID %s differs from the command's %s",
-                calling, meta.sop_instance_uid, event.request.AffectedSOPInstanceUID,
+                "refused C-STORE from %s: SOP Instance UID %s differs from the command's %s",
+                calling, meta.sop_instance_uid, announced,
             )
             return STATUS_DATASET_MISMATCH
+        file_meta = BytesIO()
+        write_file_meta_info(file_meta, event.file_meta, enforce_standard=True)
         try:
-            self.spool.store(meta.series_uid, meta.sop_instance_uid, encoded)
+            self.spool.store(meta.series_uid, meta.sop_instance_uid, [PREAMBLE, file_meta.getvalue(), dataset])
         except OSError as exc:
             status = STATUS_OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 0xC001
             log.error("could not store %s from %s: %s", meta.sop_instance_uid, calling, exc)
@@ -150,23 +186,37 @@ class Receiver:
         return 0x0000
 
     def _handle_echo(self, event) -> int:
-        log.info("C-ECHO from %s", event.assoc.requestor.ae_title)
+        log.info("C-ECHO from %s", printable(event.assoc.requestor.ae_title or ""))
         return 0x0000
 
     def _handle_assoc(self, event) -> None:
-        log.info("association from %s (%s) accepted", event.assoc.requestor.ae_title, event.assoc.requestor.address)
+        log.info(
+            "association from %s (%s) accepted",
+            printable(event.assoc.requestor.ae_title or ""), event.assoc.requestor.address,
+        )
 
     def _handle_rejected(self, event) -> None:
+        assoc = event.assoc
+        rj, rq = assoc.acceptor.primitive, assoc.requestor.primitive
+        key = (rj.result, rj.result_source, rj.diagnostic) if rj is not None else None
+        reason = REJECT_REASONS.get(key, f"result/source/diagnostic {key}")
+        if key == (0x02, 0x03, 0x02):
+            reason += f" (max_associations {self.settings.scp.max_associations})"
+        called = printable(rq.called_ae_title) if rq is not None and rq.called_ae_title else "(none)"
         log.warning(
-            "association from %s to %s rejected (AE title not allowed)",
-            event.assoc.requestor.ae_title, event.assoc.acceptor.ae_title,
+            "association from %s (%s) to %s rejected: %s",
+            printable(assoc.requestor.ae_title or ""), assoc.requestor.address, called, reason,
         )
 
     def _handle_abort(self, event) -> None:
-        log.warning("association from %s aborted; instances already stored are kept", event.assoc.requestor.ae_title)
+        log.warning(
+            "association from %s aborted; instances already stored are kept",
+            printable(event.assoc.requestor.ae_title or ""),
+        )
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> None:
+        self.spool.remove_orphans()
         pending = self.tracker.rebuild()
         if pending:
             log.info("%d series found pending in the spool after restart", pending)
@@ -178,7 +228,7 @@ class Receiver:
             (evt.EVT_ABORTED, self._handle_abort),
         ]
         cfg = self.settings.scp
-        self._server = self.ae.start_server((cfg.host, cfg.port), block=False, evt_handlers=handlers)
+        self._server = start_guarded_server(self.ae, (cfg.host, cfg.port), self.wire_policy, handlers)
         self._loop = threading.Thread(target=self._run_loop, name="series-completion", daemon=True)
         self._loop.start()
         log.info("receiver %s listening on %s:%d", cfg.ae_title, cfg.host, cfg.port)

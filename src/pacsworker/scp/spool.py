@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..records import DataLayout, is_valid_uid
 
+log = logging.getLogger("pacsworker.scp")
 
 class Spool:
     """Writes received instances to ``spool/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``."""
@@ -14,8 +17,18 @@ class Spool:
     def __init__(self, layout: DataLayout):
         self.layout = layout
 
-    def store(self, series_uid: str, sop_instance_uid: str, encoded: bytes) -> Path:
-        """Store bytes as received; returns the final path.
+    def remove_orphans(self) -> int:
+        """Delete temporaries of writes a crash interrupted (never acknowledged); returns the count."""
+        count = 0
+        for tmp in self.layout.spool.glob("*/.tmp-*"):
+            tmp.unlink(missing_ok=True)
+            count += 1
+        if count:
+            log.info("removed %d unfinished spool file(s) left by an interrupted receiver", count)
+        return count
+
+    def store(self, series_uid: str, sop_instance_uid: str, parts: Sequence[bytes | memoryview]) -> Path:
+        """Store the parts (preamble, file meta, dataset as received) as one file; returns its path.
 
         Raises
         ------
@@ -33,10 +46,11 @@ class Spool:
         tmp = folder / f".tmp-{sop_instance_uid}.{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
-            view = memoryview(encoded)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
             os.fsync(fd)
         except BaseException:
             os.close(fd)

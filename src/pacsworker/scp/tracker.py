@@ -73,7 +73,11 @@ class SeriesTracker:
             entry.record.last_seen = now
 
     def rebuild(self) -> int:
-        """Re-read the spool after a restart; returns how many series are pending."""
+        """Re-read the spool after a restart; returns how many series are pending.
+
+        A pending series' quiet time starts again from now: its sender may have been cut off by
+        the restart (or by a full disk) and resend the rest.
+        """
         for folder in sorted(p for p in self.layout.spool.iterdir() if p.is_dir()):
             files = series_files(folder)
             if not files:
@@ -89,7 +93,7 @@ class SeriesTracker:
                     continue
             record.state = SeriesState.RECEIVING
             record.instances = len(files)
-            record.last_seen = newest
+            record.last_seen = time.time()
             with self._lock:
                 self._pending[folder.name] = _Pending(record, {p.stem for p in files})
         return len(self._pending)

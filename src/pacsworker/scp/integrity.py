@@ -1,0 +1,300 @@
+"""Is a received dataset whole? Checked before the receiver answers Success, without decoding pixels.
+
+The encoded dataset is walked element by element to its last byte (sequences, items and
+encapsulated fragments included), its header is parsed by pydicom, and uncompressed pixel data
+must have the length Rows x Columns x Samples x Bits Allocated x Frames implies. A deflated
+dataset is inflated as a stream in small chunks that are discarded once walked, so memory stays
+bounded whatever it inflates to; only its header (the elements before the pixel data) is kept.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from io import BytesIO
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import UID, ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+UNDEFINED = 0xFFFFFFFF
+ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+PIXEL_TAGS = {0x7FE00008: "Float Pixel Data", 0x7FE00009: "Double Float Pixel Data", 0x7FE00010: "Pixel Data"}
+LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+MAX_NESTING = 32
+INFLATE_CHUNK = 1 << 16
+
+
+class IncompleteDataset(ValueError):
+    """The dataset does not parse to its end, or its pixel data does not match its header."""
+
+
+class _Truncated(Exception):
+    pass
+
+
+class _BytesSource:
+    """Walks bytes already in memory; nothing is copied."""
+
+    def __init__(self, data: bytes | memoryview):
+        self.data = memoryview(data)
+        self.pos = 0
+
+    def read(self, count: int) -> bytes:
+        end = self.pos + count
+        if end > len(self.data):
+            raise _Truncated
+        chunk = self.data[self.pos:end]
+        self.pos = end
+        return chunk
+
+    def skip(self, count: int) -> None:
+        if self.pos + count > len(self.data):
+            raise _Truncated
+        self.pos += count
+
+    def at_end(self) -> bool:
+        return self.pos >= len(self.data)
+
+    def header(self, end: int) -> bytes:
+        return bytes(self.data[:end])
+
+
+class _InflatingSource:
+    """Walks a raw deflate stream, holding at most one chunk plus the header being kept."""
+
+    def __init__(self, data: bytes | memoryview, max_inflated: int, max_header: int):
+        self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self.pending = bytes(data) if not isinstance(data, bytes) else data
+        self.buffer = bytearray()
+        self.pos = 0
+        self.inflated = 0
+        self.max_inflated, self.max_header = max_inflated, max_header
+        self.kept = bytearray()
+        self.keeping = True
+
+    def _more(self) -> bytes:
+        while not self.inflater.eof:
+            try:
+                out = self.inflater.decompress(self.pending, INFLATE_CHUNK)
+            except zlib.error as exc:
+                raise IncompleteDataset(f"deflated dataset is corrupt ({exc})") from None
+            self.pending = self.inflater.unconsumed_tail
+            if out:
+                self.inflated += len(out)
+                if self.inflated > self.max_inflated:
+                    raise IncompleteDataset(f"deflated dataset inflates to more than {self.max_inflated} bytes")
+                return out
+            if not self.pending:
+                break
+        return b""
+
+    def _fill(self, count: int) -> None:
+        while len(self.buffer) < count:
+            out = self._more()
+            if not out:
+                raise _Truncated
+            self.buffer += out
+
+    def _consume(self, count: int) -> None:
+        if self.keeping:
+            if len(self.kept) + count > self.max_header:
+                raise IncompleteDataset(f"dataset header is larger than {self.max_header} bytes")
+            self.kept += self.buffer[:count]
+        del self.buffer[:count]
+        self.pos += count
+
+    def read(self, count: int) -> bytes:
+        self._fill(count)
+        chunk = bytes(self.buffer[:count])
+        self._consume(count)
+        return chunk
+
+    def skip(self, count: int) -> None:
+        while count:
+            if not self.buffer:
+                self._fill(1)
+            step = min(count, len(self.buffer))
+            self._consume(step)
+            count -= step
+
+    def at_end(self) -> bool:
+        if self.buffer:
+            return False
+        out = self._more()
+        self.buffer += out
+        if out:
+            return False
+        if not self.inflater.eof:
+            raise IncompleteDataset("deflated dataset ends before its deflate stream does")
+        return True
+
+    def header(self, end: int) -> bytes:
+        return bytes(self.kept[:end])
+
+
+class _Walker:
+    """Element-by-element walk of an encoded dataset (PS3.5 section 7)."""
+
+    def __init__(self, source, implicit: bool, little: bool):
+        self.src = source
+        self.implicit = implicit
+        self.order = "<" if little else ">"
+        self.header_end: int | None = None
+        self.pixel_tag = 0
+        self.pixel_length: int | None = None
+        self.fragments = 0
+
+    def _tag(self) -> int:
+        group, element = struct.unpack(self.order + "HH", self.src.read(4))
+        return group << 16 | element
+
+    def _vr_and_length(self, implicit: bool) -> tuple[bytes, int]:
+        if implicit:
+            return b"", struct.unpack(self.order + "L", self.src.read(4))[0]
+        vr = bytes(self.src.read(2))
+        if vr in LONG_VRS:
+            self.src.skip(2)
+            return vr, struct.unpack(self.order + "L", self.src.read(4))[0]
+        return vr, struct.unpack(self.order + "H", self.src.read(2))[0]
+
+    def walk(self) -> None:
+        self._dataset(self.implicit, depth=0)
+        if self.header_end is None:
+            self.header_end = self.src.pos
+
+    def _dataset(self, implicit: bool, depth: int) -> None:
+        """Walk elements to the end of the data (top level) or to an item delimiter (nested)."""
+        while depth or not self.src.at_end():
+            start = self.src.pos
+            tag = self._tag()
+            if tag == ITEM_END:
+                self.src.skip(4)
+                if depth:
+                    return
+                raise IncompleteDataset(f"item delimiter outside a sequence at byte {start}")
+            if tag in (ITEM, SEQUENCE_END):
+                raise IncompleteDataset(f"item tag outside a sequence at byte {start}")
+            top_pixels = depth == 0 and tag in PIXEL_TAGS
+            if top_pixels and self.header_end is None:
+                self.header_end = start
+                if hasattr(self.src, "keeping"):
+                    self.src.keeping = False
+            vr, length = self._vr_and_length(implicit)
+            if length != UNDEFINED:
+                self.src.skip(length)
+                if top_pixels:
+                    self.pixel_tag, self.pixel_length = tag, length
+                continue
+            if top_pixels and tag == 0x7FE00010:
+                self.pixel_tag = tag
+                self.fragments = self._fragments()
+            elif implicit or vr in (b"SQ", b"UN"):
+                # an undefined-length UN holds an implicit VR little endian sequence (PS3.5 6.2.2)
+                self._sequence(implicit or vr == b"UN", depth + 1, tag)
+            else:
+                raise IncompleteDataset(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) of VR {vr.decode('latin-1')} has undefined length")
+
+    def _sequence(self, implicit: bool, depth: int, tag: int) -> None:
+        if depth > MAX_NESTING:
+            raise IncompleteDataset(f"sequences nested deeper than {MAX_NESTING} levels")
+        while True:
+            item = self._tag()
+            length = struct.unpack(self.order + "L", self.src.read(4))[0]
+            if item == SEQUENCE_END:
+                return
+            if item != ITEM:
+                raise IncompleteDataset(f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) holds a non-item element")
+            if length == UNDEFINED:
+                self._dataset(implicit, depth)
+            else:
+                self.src.skip(length)
+
+    def _fragments(self) -> int:
+        count = -1  # the first item is the Basic Offset Table
+        while True:
+            item = self._tag()
+            length = struct.unpack(self.order + "L", self.src.read(4))[0]
+            if item == SEQUENCE_END:
+                return max(count, 0)
+            if item != ITEM or length == UNDEFINED:
+                raise IncompleteDataset("encapsulated pixel data holds a malformed fragment item")
+            self.src.skip(length)
+            count += 1
+
+
+def check_dataset(
+    encoded: bytes | memoryview,
+    transfer_syntax: str,
+    max_inflated: int = 4 << 30,
+    max_header: int = 64 << 20,
+) -> Dataset:
+    """Check that an encoded dataset (no file meta) is whole; return its header as a Dataset.
+
+    Parameters
+    ----------
+    encoded:
+        The dataset as received, in ``transfer_syntax``.
+    transfer_syntax:
+        The presentation context's transfer syntax UID.
+    max_inflated:
+        A deflated dataset that inflates to more bytes than this is refused.
+    max_header:
+        The largest header (elements before the pixel data) kept of a deflated dataset, in bytes.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        The elements before the pixel data.
+
+    Raises
+    ------
+    IncompleteDataset
+        With the reason: empty, cut short, malformed, or pixel data shorter than its header implies.
+    """
+    if not len(encoded):
+        raise IncompleteDataset("the dataset is empty (0 bytes)")
+    syntax = UID(transfer_syntax)
+    implicit = syntax == ImplicitVRLittleEndian
+    little = syntax != ExplicitVRBigEndian
+    source = _InflatingSource(encoded, max_inflated, max_header) if syntax.is_deflated else _BytesSource(encoded)
+    walker = _Walker(source, implicit, little)
+    try:
+        walker.walk()
+    except _Truncated:
+        raise IncompleteDataset(f"the dataset ends inside an element (after {source.pos} bytes)") from None
+    except struct.error:
+        raise IncompleteDataset(f"the dataset ends inside an element header (after {source.pos} bytes)") from None
+    try:
+        header = read_dataset(BytesIO(source.header(walker.header_end)), implicit, little)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on garbage
+        raise IncompleteDataset(f"the dataset header does not parse ({type(exc).__name__})") from None
+    _check_pixels(header, walker, syntax)
+    return header
+
+
+def _check_pixels(header: Dataset, walker: _Walker, syntax: UID) -> None:
+    if not walker.pixel_tag:
+        return
+    name = PIXEL_TAGS[walker.pixel_tag]
+    if walker.pixel_length is None:
+        if not syntax.is_encapsulated:
+            raise IncompleteDataset(f"{name} is encapsulated but the transfer syntax {syntax} is not")
+        if walker.fragments == 0:
+            raise IncompleteDataset(f"encapsulated {name} holds no fragment")
+        return
+    if syntax.is_encapsulated and walker.pixel_tag == 0x7FE00010:
+        raise IncompleteDataset(f"{name} of the compressed transfer syntax {syntax} is not encapsulated")
+    missing = [k for k in ("Rows", "Columns", "BitsAllocated") if header.get(k) in (None, "")]
+    if missing:
+        raise IncompleteDataset(f"{name} present but {', '.join(missing)} missing from the header")
+    try:
+        expected = get_expected_length(header, "bytes")
+    except Exception as exc:  # noqa: BLE001 - inconsistent image attributes
+        raise IncompleteDataset(f"image attributes do not give a pixel data length ({exc})") from None
+    if walker.pixel_length < expected:
+        raise IncompleteDataset(
+            f"{name} holds {walker.pixel_length} bytes, fewer than the {expected} that Rows x Columns x "
+            "Samples x Bits Allocated x Frames imply"
+        )

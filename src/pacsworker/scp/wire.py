@@ -1,0 +1,259 @@
+"""The receiver's side of the DICOM upper layer, hardened against what a hostile peer can send.
+
+pynetdicom's upper layer reads a PDU by trusting its length field and blocking until the body has
+arrived. Here every read of a started PDU has a deadline, a PDU longer than the receiver allows is
+answered with an A-ABORT before its body is read, AE titles that are not printable ASCII get an
+A-ASSOCIATE-RJ, a connection that closes before association frees its slot at once, and a C-STORE
+whose dataset never starts is completed empty (the Storage handler then refuses it).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.utils import make_target
+
+log = logging.getLogger("pacsworker.scp")
+
+PDU_NAMES = {
+    0x01: "A-ASSOCIATE-RQ",
+    0x02: "A-ASSOCIATE-AC",
+    0x03: "A-ASSOCIATE-RJ",
+    0x04: "P-DATA-TF",
+    0x05: "A-RELEASE-RQ",
+    0x06: "A-RELEASE-RP",
+    0x07: "A-ABORT",
+}
+P_DATA_TF = 0x04
+A_ASSOCIATE_RQ = 0x01
+
+
+@dataclass(frozen=True)
+class WirePolicy:
+    """Limits the receiver enforces on every connection.
+
+    Parameters
+    ----------
+    network_timeout:
+        Seconds a started PDU may take to arrive in full; also the idle timeout of an association.
+    max_pdu_length:
+        The maximum P-DATA-TF length the receiver advertises (bytes); a longer one aborts.
+    max_associate_rq_length:
+        The largest A-ASSOCIATE-RQ accepted (bytes).
+    max_other_pdu_length:
+        The largest release, abort or other PDU accepted (bytes).
+    dataset_start_timeout:
+        Seconds to wait for the first dataset fragment after a C-STORE command that announced one.
+    """
+
+    network_timeout: float = 60.0
+    max_pdu_length: int = 262144
+    max_associate_rq_length: int = 256 * 1024
+    max_other_pdu_length: int = 64 * 1024
+    dataset_start_timeout: float = 2.0
+
+    def limit_for(self, pdu_type: int) -> int:
+        if pdu_type == P_DATA_TF:
+            return self.max_pdu_length
+        if pdu_type == A_ASSOCIATE_RQ:
+            return self.max_associate_rq_length
+        return self.max_other_pdu_length
+
+
+class PeerGone(Exception):
+    """The peer closed the connection, went silent mid-PDU, or broke a limit."""
+
+
+def printable(raw: bytes | str) -> str:
+    """A value from the wire (AE title, UID) as it may appear in a log line: control and non-ASCII
+    bytes escaped, so that a peer cannot write raw bytes into the log."""
+    if isinstance(raw, str):
+        raw = raw.encode("latin-1", "backslashreplace")
+    return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw).strip()
+
+
+def _ae_is_valid(raw: bytes) -> bool:
+    # PS3.5 AE VR: default repertoire, no control characters or backslash, not only spaces
+    return all(0x20 <= b < 0x7F and b != 0x5C for b in raw) and bool(raw.strip(b" "))
+
+
+def _abort_pdu(source: int = 0x02, reason: int = 0x00) -> bytes:
+    return struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, source, reason)
+
+
+def _reject_pdu(result: int, source: int, diagnostic: int) -> bytes:
+    return struct.pack(">BBLBBBB", 0x03, 0, 4, 0, result, source, diagnostic)
+
+
+class GuardedDUL(DULServiceProvider):
+    """pynetdicom's DUL provider with bounded, timed PDU reads (acceptor side only)."""
+
+    def __init__(self, assoc, policy: WirePolicy):
+        super().__init__(assoc)
+        self.policy = policy
+        self._store_waiting: tuple[int, float] | None = None
+
+    # -- reading PDUs -------------------------------------------------------------------------
+    def _recv_exact(self, count: int, deadline: float) -> bytes:
+        sock = self.socket.socket
+        buf = bytearray()
+        while len(buf) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PeerGone(f"{len(buf)} of {count} bytes arrived within {self.policy.network_timeout:g} s")
+            try:
+                sock.settimeout(remaining)
+                chunk = sock.recv(min(count - len(buf), 65536))
+            except (TimeoutError, socket.timeout):
+                continue  # the deadline check above reports it
+            except OSError as exc:
+                raise PeerGone(f"connection error ({exc.strerror or exc})") from None
+            if not chunk:
+                raise PeerGone("connection closed by the peer" + (f" after {len(buf)} of {count} bytes" if buf else ""))
+            buf += chunk
+        return bytes(buf)
+
+    def _read_pdu_data(self) -> None:
+        deadline = time.monotonic() + self.policy.network_timeout
+        peer = self._peer()
+        try:
+            header = self._recv_exact(6, deadline)
+            pdu_type, _, length = struct.unpack(">BBL", header)
+            name = PDU_NAMES.get(pdu_type)
+            if name is None:
+                self._drop(f"unknown PDU type 0x{pdu_type:02x} from {peer}", abort=True)
+                return
+            limit = self.policy.limit_for(pdu_type)
+            if length > limit:
+                self._drop(f"{name} from {peer} announces {length} bytes, more than the {limit} allowed; aborted", abort=True)
+                return
+            body = self._recv_exact(length, deadline)
+        except PeerGone as exc:
+            quiet = str(exc) == "connection closed by the peer"
+            self._drop(f"connection from {peer}: {exc}", level=logging.INFO if quiet else logging.WARNING)
+            return
+        if pdu_type == A_ASSOCIATE_RQ and not self._associate_rq_is_sane(body, peer):
+            return
+        try:
+            pdu, event = self._decode_pdu(bytearray(header + body))
+        except Exception as exc:  # noqa: BLE001 - malformed PDU contents: abort, keep serving
+            self._drop(f"undecodable {name} from {peer} ({type(exc).__name__}); aborted", abort=True)
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
+    def _associate_rq_is_sane(self, body: bytes, peer: str) -> bool:
+        """Refuse AE titles pynetdicom cannot represent with an A-ASSOCIATE-RJ instead of a crash."""
+        if len(body) < 68:
+            self._drop(f"A-ASSOCIATE-RQ from {peer} is {len(body)} bytes, too short; aborted", abort=True)
+            return False
+        called, calling = body[4:20], body[20:36]
+        for raw, what, diagnostic in ((calling, "calling", 0x03), (called, "called", 0x07)):
+            if not _ae_is_valid(raw):
+                self._send_raw(_reject_pdu(0x01, 0x01, diagnostic))
+                self._drop(
+                    f"association from {peer} rejected: {what} AE title '{printable(raw)}' is not printable ASCII"
+                )
+                return False
+        return True
+
+    # -- ending a connection ------------------------------------------------------------------
+    def _peer(self) -> str:
+        info = self.assoc.requestor.address_info
+        return f"{info.address}:{info.port}" if info else "(unknown)"
+
+    def _send_raw(self, data: bytes) -> None:
+        try:
+            self.socket.socket.settimeout(2)
+            self.socket.socket.sendall(data)
+        except OSError:
+            pass
+
+    def _drop(self, message: str, abort: bool = False, level: int = logging.WARNING) -> None:
+        log.log(level, message)
+        if abort:
+            self._send_raw(_abort_pdu())
+        # the state machine turns Evt17 into an A-P-ABORT for an established association
+        self.socket._shutdown_socket()
+        self.socket._is_connected = False
+        self.event_queue.put("Evt17")
+
+    def _is_transport_event(self) -> bool:
+        self._check_dataset_start()
+        return super()._is_transport_event()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        # The acceptor thread waits for an A-ASSOCIATE indication for acse_timeout seconds; a
+        # connection that ended before sending one must not hold an association slot that long.
+        if self.assoc.requestor.primitive is None and self.to_user_queue.empty():
+            self.to_user_queue.put(None)
+
+    def _check_dataset_start(self) -> None:
+        message = self.assoc.dimse.message
+        if not isinstance(message, C_STORE_RQ) or message._data_set_file or message.data_set.tell():
+            self._store_waiting = None
+            return
+        now = time.monotonic()
+        if self._store_waiting is None or self._store_waiting[0] != id(message):
+            self._store_waiting = (id(message), now)
+            return
+        if now - self._store_waiting[1] < self.policy.dataset_start_timeout:
+            return
+        log.warning(
+            "C-STORE %s from %s announced a dataset but none arrived within %g s; answering with a failure",
+            message.command_set.AffectedSOPInstanceUID, printable(self.assoc.requestor.ae_title or ""),
+            self.policy.dataset_start_timeout,
+        )
+        self._store_waiting = None
+        empty_last_fragment = P_DATA()
+        empty_last_fragment.presentation_data_value_list.append((message.context_id, b"\x02"))
+        self.assoc.dimse.receive_primitive(empty_last_fragment)
+
+
+class GuardedRequestHandler(RequestHandler):
+    """Builds each acceptor association around a :class:`GuardedDUL`."""
+
+    def __init__(self, request, client_address, server, policy: WirePolicy):
+        self.policy = policy
+        super().__init__(request, client_address, server)
+
+    def _create_association(self):
+        assoc = super()._create_association()
+        plain = assoc.dul
+        guarded = GuardedDUL(assoc, self.policy)
+        guarded.event_queue = plain.event_queue  # holds the transport-open event already
+        guarded.socket = plain.socket
+        assoc.dul = guarded
+        # re-apply the timeouts so that they reach the new provider's timers
+        assoc.acse_timeout = assoc.acse_timeout
+        assoc.network_timeout = assoc.network_timeout
+        return assoc
+
+
+def start_guarded_server(ae, address: tuple[str, int], policy: WirePolicy, evt_handlers) -> ThreadedAssociationServer:
+    """Start ``ae`` as a non-blocking acceptor whose associations use :class:`GuardedDUL`."""
+    ae.maximum_pdu_size = policy.max_pdu_length
+    server = ae.make_server(
+        address,
+        evt_handlers=evt_handlers,
+        server_class=ThreadedAssociationServer,
+        request_handler=functools.partial(GuardedRequestHandler, policy=policy),
+    )
+    stamp = datetime.now().strftime("%Y%m%d%H%M%S")
+    thread = threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{stamp}", daemon=True)
+    thread.start()
+    ae._servers.append(server)
+    return server
+

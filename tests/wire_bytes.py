@@ -1,0 +1,148 @@
+"""Hand-built upper-layer PDUs and C-STORE payloads for the hostile-peer tests (real bytes, no SCU)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+import zlib
+from io import BytesIO
+
+from pydicom.dataset import Dataset
+from pydicom.filewriter import write_dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import generate_uid
+
+APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
+VERIFICATION = b"1.2.840.10008.1.1"
+IMPLICIT_LE = b"1.2.840.10008.1.2"
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _item(item_type: int, value: bytes) -> bytes:
+    return struct.pack(">BBH", item_type, 0, len(value)) + value
+
+
+def pdu(pdu_type: int, body: bytes) -> bytes:
+    return struct.pack(">BBL", pdu_type, 0, len(body)) + body
+
+
+def _ae(title: bytes) -> bytes:
+    return title[:16].ljust(16, b" ")
+
+
+def associate_rq(called: bytes = b"PACSWORKER", calling: bytes = b"SCU", abstract: bytes = VERIFICATION,
+                 syntax: bytes = IMPLICIT_LE) -> bytes:
+    """An A-ASSOCIATE-RQ proposing one presentation context (id 1)."""
+    context = bytes([1, 0, 0, 0]) + _item(0x30, abstract) + _item(0x40, syntax)
+    user = _item(0x51, struct.pack(">L", 16384)) + _item(0x52, b"1.2.826.0.1.3680043.9.7433")
+    body = struct.pack(">HH", 1, 0) + _ae(called) + _ae(calling) + b"\0" * 32
+    body += _item(0x10, APPLICATION_CONTEXT) + _item(0x20, context) + _item(0x50, user)
+    return pdu(0x01, body)
+
+
+def read_pdu(sock: socket.socket, timeout: float = 10) -> tuple[int, bytes]:
+    """One PDU from the peer as (type, body); (0, b"") when the connection closed instead."""
+    sock.settimeout(timeout)
+    header = _recv(sock, 6)
+    if len(header) < 6:
+        return 0, b""
+    pdu_type, _, length = struct.unpack(">BBL", header)
+    return pdu_type, _recv(sock, length)
+
+
+def _recv(sock: socket.socket, count: int) -> bytes:
+    buf = b""
+    while len(buf) < count:
+        try:
+            chunk = sock.recv(count - len(buf))
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def associated(port: int, abstract: bytes = VERIFICATION, syntax: bytes = IMPLICIT_LE) -> socket.socket:
+    """A raw connection with an established association (presentation context 1)."""
+    sock = connect(port)
+    sock.sendall(associate_rq(abstract=abstract, syntax=syntax))
+    pdu_type, body = read_pdu(sock)
+    assert pdu_type == 0x02, f"association not accepted (PDU type {pdu_type})"
+    return sock
+
+
+def wait_closed(sock: socket.socket, timeout: float) -> float:
+    """Seconds until the peer closed ``sock`` (reads and discards whatever it sends first)."""
+    started = time.monotonic()
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - started
+
+
+def deflate_bomb(inflated_pixel_bytes: int = 1 << 30) -> tuple[bytes, str]:
+    """A CT dataset whose pixel data is ``inflated_pixel_bytes`` of zeros, deflated (raw deflate).
+
+    Returns the deflated dataset and its SOP Instance UID.
+    """
+    columns = 32768
+    rows = inflated_pixel_bytes // (columns * 2)
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "CT"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = rows, columns, 16, 16, 15, 0
+    pixel_header = struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, rows * columns * 2)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out = [deflater.compress(explicit_le(ds) + pixel_header)]
+    zeros = bytes(16 << 20)
+    remaining = rows * columns * 2
+    while remaining:
+        step = min(remaining, len(zeros))
+        out.append(deflater.compress(zeros[:step]))
+        remaining -= step
+    out.append(deflater.flush())
+    return b"".join(out), str(ds.SOPInstanceUID)
+
+
+def explicit_le(ds: Dataset) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+
+def raw_store(port: int, payload: bytes, sop_uid: str, syntax: str, sop_class: str = CT_IMAGE,
+              aet: str = "SCU") -> int:
+    """Send one C-STORE whose dataset is ``payload`` exactly as given; returns the response status."""
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_STORE
+
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(sop_class, syntax)
+    ae.dimse_timeout = ae.network_timeout = 120
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSWORKER")
+    assert assoc.is_established, "association refused"
+    request = C_STORE()
+    request.MessageID, request.Priority = 1, 2
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = sop_class, sop_uid
+    request.DataSet = BytesIO(payload)
+    context = assoc.accepted_contexts[0]
+    assoc._reactor_checkpoint.clear()  # as send_c_store does: keep the reactor off our response
+    while not assoc._is_paused:
+        time.sleep(0.001)
+    assoc.dimse.send_msg(request, context.context_id)
+    _, response = assoc.dimse.get_msg(block=True)
+    assoc._reactor_checkpoint.set()
+    assoc.release()
+    return int(response.Status) if response is not None else -1
