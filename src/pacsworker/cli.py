@@ -74,6 +74,41 @@ def _all_queues(settings: Settings) -> list[str]:
     return [model_queue(m.name) for m in settings.models] + [DELIVERY_QUEUE]
 
 
+def _data_dir_problem(layout) -> tuple[str, bool]:
+    """Why data_dir cannot be used yet, and whether waiting can help ('' when usable)."""
+    root = layout.root
+    if root.exists() and not root.is_dir():
+        return "it exists and is not a folder", False
+    if not root.exists():
+        try:
+            layout.create()
+        except OSError as exc:
+            return f"it does not exist and cannot be created yet ({exc.strerror or exc})", True
+    if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
+        return "this worker may not read and write it (same user and path as the receiver are needed)", False
+    try:
+        layout.create()
+    except OSError as exc:
+        return f"its folders cannot be created ({exc.strerror or exc})", False
+    return "", False
+
+
+def _wait_for_data_dir(layout, wait_seconds: float) -> str:
+    """Wait (saying so) for a data_dir that may still appear, such as a mount; returns the final problem."""
+    deadline = time.monotonic() + wait_seconds
+    said = ""
+    while True:
+        problem, may_appear = _data_dir_problem(layout)
+        if not problem or not may_appear or time.monotonic() >= deadline:
+            return problem
+        if problem != said:
+            logging.getLogger("pacsworker.worker").warning(
+                "waiting up to %.0f s for data_dir %s: %s", wait_seconds, layout.root, problem
+            )
+            said = problem
+        time.sleep(1.0)
+
+
 @app.command()
 def worker(
     config: ConfigOption = None,
@@ -88,11 +123,9 @@ def worker(
     from .tasks.app import configure
 
     layout = DataLayout(settings.data_dir)
-    if not layout.root.is_dir() or not os.access(layout.root, os.R_OK | os.W_OK | os.X_OK):
-        console.print(
-            f"[red]cannot use data_dir {layout.root}: it must exist and be storage this worker shares with the "
-            "receiver (same path, readable and writable)[/red]"
-        )
+    problem = _wait_for_data_dir(layout, settings.storage.wait_for_data_dir_seconds)
+    if problem:
+        console.print(f"[red]cannot use data_dir {layout.root}: {problem}[/red]")
         raise typer.Exit(2)
     celery_app = configure(settings)
     argv = [
@@ -111,6 +144,9 @@ def serve(config: ConfigOption = None) -> None:
     settings = _setup(config)
     from .tasks.app import DELIVERY_QUEUE
 
+    from .records import DataLayout
+
+    DataLayout(settings.data_dir).create()  # before the workers start, so none waits for it
     model_queues = ",".join(q for q in _all_queues(settings) if q != DELIVERY_QUEUE)
     specs = {
         "model": ["--queues", model_queues, "--pool", "prefork", "--concurrency", "1", "--name", "model@%h"],
@@ -229,6 +265,7 @@ def status(
     report = {
         "series": dict(Counter(s.state.value for s in series)),
         "pending_series": [s.series_uid for s in series if s.state == SeriesState.RECEIVING],
+        "series_jobs": {s.series_uid: {"state": s.state.value, "jobs": s.jobs} for s in series if s.jobs},
         "skipped_series": {s.series_uid: s.reason for s in series if s.state == SeriesState.SKIPPED},
         "jobs": dict(Counter(j.state.value for j in jobs)),
         "failed_jobs": {j.job_id: j.reason for j in jobs if j.state.value in ("failed", "no-result")},

@@ -58,6 +58,9 @@ class ScpSettings(BaseModel):
 
 class StorageSettings(BaseModel):
     data_dir: Path = Path("./data")
+    wait_for_data_dir_seconds: float = Field(
+        300.0, ge=0, description="a worker waits this long for a data_dir that does not exist yet (a mount)"
+    )
 
 
 class QueueSettings(BaseModel):
@@ -69,6 +72,9 @@ class QueueSettings(BaseModel):
     heartbeat_seconds: float = Field(5.0, gt=0)
     stale_after_seconds: float = Field(60.0, gt=0, description="a running job without heartbeat this long is re-queued")
     max_attempts: int = Field(3, ge=1)
+    publish_timeout_seconds: float = Field(
+        2.0, gt=0, description="longest wait for the broker when sending a job; unsent jobs are resent later"
+    )
     delivery_max_retries: int = Field(20, ge=0)
     delivery_backoff_seconds: float = Field(5.0, gt=0)
     delivery_backoff_max_seconds: float = Field(600.0, gt=0)

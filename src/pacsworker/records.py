@@ -13,13 +13,15 @@ Layout (all under ``storage.data_dir``)::
 from __future__ import annotations
 
 import enum
+import fcntl
 import json
 import os
 import re
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-
 from typing import TypeVar
 
 from pydantic import BaseModel, Field
@@ -35,11 +37,14 @@ def is_valid_uid(value: object) -> bool:
 
 
 class SeriesState(str, enum.Enum):
-    """Where a received series stands."""
+    """Where a received series stands; the last four say how it ended."""
 
     RECEIVING = "receiving"
     QUEUED = "queued"
     SKIPPED = "skipped"
+    DONE = "done"
+    FAILED = "failed"
+    NO_RESULT = "no-result"
 
 
 class JobState(str, enum.Enum):
@@ -73,6 +78,7 @@ class SeriesRecord(BaseModel):
     state: SeriesState = SeriesState.RECEIVING
     reason: str = ""
     jobs: list[str] = Field(default_factory=list)
+    content_digest: str = Field("", description="digest of the SOP Instance UIDs the series was routed with")
 
 
 class JobRecord(BaseModel):
@@ -86,6 +92,7 @@ class JobRecord(BaseModel):
     worker: str = ""
     heartbeat: float = 0.0
     queued_at: float = Field(default_factory=time.time)
+    sent_at: float = Field(0.0, description="when the broker took the job's message; 0: not yet")
     started_at: float = 0.0
     finished_at: float = 0.0
     timings: dict[str, float] = Field(default_factory=dict)
@@ -181,3 +188,57 @@ def _read_all(paths: list[Path], kind: type[T]):
             continue  # a foreign or hand-edited file must not stop the daemon
         if record is not None:
             yield record
+
+
+JOB_ENDINGS = {JobState.DONE, JobState.FAILED, JobState.NO_RESULT}
+
+
+@contextmanager
+def series_lock(layout: DataLayout, series_uid: str) -> Iterator[None]:
+    """Serialise read-modify-write of one series record across processes (receiver and workers)."""
+    layout.series.mkdir(parents=True, exist_ok=True)
+    with open(layout.series / f".{series_uid}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def settle_series(layout: DataLayout, record: SeriesRecord) -> SeriesRecord:
+    """Set a routed series' state from its jobs: queued while any runs, else how they ended.
+
+    Any failed job makes the series failed; else any delivered result makes it done; else no-result.
+    A series receiving again or skipped is left as it is.
+    """
+    if record.state not in (SeriesState.QUEUED, SeriesState.DONE, SeriesState.FAILED, SeriesState.NO_RESULT):
+        return record
+    jobs = [read_json(layout.job_record(job_id), JobRecord) for job_id in record.jobs]
+    states = [job.state for job in jobs if job is not None]
+    if not states or any(state not in JOB_ENDINGS for state in states):
+        record.state, record.reason = SeriesState.QUEUED, ""
+        return record
+    if JobState.FAILED in states:
+        record.state = SeriesState.FAILED
+    elif JobState.DONE in states:
+        record.state = SeriesState.DONE
+    else:
+        record.state = SeriesState.NO_RESULT
+    record.reason = "; ".join(f"{job.model}: {job.reason}" for job in jobs if job is not None and job.reason)
+    return record
+
+
+def save_series(layout: DataLayout, record: SeriesRecord) -> SeriesRecord:
+    """Write a series record, its state settled from its jobs' records, under the series lock."""
+    with series_lock(layout, record.series_uid):
+        settled = settle_series(layout, record)
+        write_json_atomic(layout.series_record(record.series_uid), settled)
+    return settled
+
+
+def settle_series_of(layout: DataLayout, series_uid: str) -> None:
+    """After a job ended: bring its series record up to date (called by workers)."""
+    with series_lock(layout, series_uid):
+        record = read_json(layout.series_record(series_uid), SeriesRecord)
+        if record is not None:
+            write_json_atomic(layout.series_record(series_uid), settle_series(layout, record))

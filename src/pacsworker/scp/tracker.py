@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pydicom
 
-from ..records import DataLayout, SeriesRecord, SeriesState, read_json, write_json_atomic
+from ..records import DataLayout, SeriesRecord, SeriesState, read_json, save_series
 from .spool import series_files
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class SeriesTracker:
                     existing = {p.stem for p in series_files(self.layout.series_dir(meta.series_uid))}
                 record.state, record.reason, record.first_seen = SeriesState.RECEIVING, "", now
                 entry = self._pending[meta.series_uid] = _Pending(record, existing)
-                write_json_atomic(self.layout.series_record(meta.series_uid), record)
+                save_series(self.layout, record)
             entry.sop_uids.add(meta.sop_instance_uid)
             entry.record.instances = len(entry.sop_uids)
             entry.record.last_seen = now
@@ -114,6 +115,8 @@ class SeriesTracker:
         done = 0
         for entry in due:
             snapshot = entry.record.model_copy()
+            with self._lock:
+                snapshot.content_digest = content_digest(entry.sop_uids)
             try:
                 on_complete(snapshot)
             except Exception as exc:  # noqa: BLE001 - keep serving, retry next tick
@@ -124,8 +127,13 @@ class SeriesTracker:
                 if current is entry and entry.record.last_seen == snapshot.last_seen:
                     del self._pending[snapshot.series_uid]
                     done += 1
-            write_json_atomic(self.layout.series_record(snapshot.series_uid), snapshot)
+            save_series(self.layout, snapshot)
         return done
+
+
+def content_digest(sop_uids: set[str]) -> str:
+    """Names a series' content: the same instance set gives the same digest, so the same job."""
+    return hashlib.sha256("\n".join(sorted(sop_uids)).encode()).hexdigest()[:16]
 
 
 def _record_from_file(path) -> SeriesRecord | None:

@@ -34,23 +34,32 @@ def celery_conf(settings: Settings) -> dict:
         "result_expires": 7 * 24 * 3600,
         "worker_hijack_root_logger": False,
         "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": q.publish_timeout_seconds,
         "task_track_started": True,
+        # the job ledger in data_dir holds every outcome; with results on, each send subscribes to the
+        # result backend first and waits out its retries when Redis is down
+        "task_ignore_result": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
     }
     if q.broker_url:
         conf["broker_url"] = q.broker_url
-        conf["broker_transport_options"] = {"visibility_timeout": q.visibility_timeout}
+        conf["broker_transport_options"] = {
+            "visibility_timeout": q.visibility_timeout,
+            "socket_connect_timeout": q.publish_timeout_seconds,
+        }
         conf["result_backend"] = q.result_backend or q.broker_url
         conf["result_backend_transport_options"] = {"visibility_timeout": q.visibility_timeout}
     else:
         folder = layout.broker
         (folder / "processed").mkdir(parents=True, exist_ok=True)
+        (folder / "control").mkdir(parents=True, exist_ok=True)
         conf["broker_url"] = "filesystem://"
         conf["broker_transport_options"] = {
             "data_folder_in": str(folder),
             "data_folder_out": str(folder),
             "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),  # kombu's default is ./control in the cwd
             "store_processed": False,
             "polling_interval": 0.2,
         }
@@ -61,8 +70,14 @@ def celery_conf(settings: Settings) -> dict:
 def configure(settings: Settings) -> Celery:
     """Point the app at the broker and backend the settings name; returns the app."""
     global _settings
+    reconfigured = _settings is not None and _settings.queue != settings.queue
     _settings = settings
     app.conf.update(celery_conf(settings))
+    if reconfigured:  # connections to the previous broker must not carry the next messages
+        if app._pool is not None:
+            app._pool.force_close_all()
+        app._pool = None
+        app.amqp._producer_pool = None
     return app
 
 

@@ -16,6 +16,7 @@ from ..records import (
     JobRecord,
     JobState,
     read_json,
+    settle_series_of,
     write_json_atomic,
 )
 from .app import DELIVERY_QUEUE, app, current_settings
@@ -41,6 +42,7 @@ def process_series(self, job_id: str) -> str:
     if job.attempts >= settings.queue.max_attempts:
         job.state, job.reason = JobState.FAILED, f"gave up after {job.attempts} attempts (worker lost each time)"
         save_job(layout, job)
+        settle_series_of(layout, job.series_uid)
         log.error("job %s failed: %s", job_id, job.reason)
         return job.state.value
     job.attempts += 1
@@ -78,6 +80,7 @@ def process_series(self, job_id: str) -> str:
             _write_outbox(layout, job, outcome, settings)
     job.finished_at = time.time()
     save_job(layout, job)
+    settle_series_of(layout, job.series_uid)
     log.info("job %s %s%s", job_id, job.state.value, f": {job.reason}" if job.reason else "")
     if job.state == JobState.DELIVERING:
         deliver.apply_async((job_id,), queue=DELIVERY_QUEUE)
@@ -143,6 +146,7 @@ def deliver(self, job_id: str) -> str:
         job = load_job(layout, job_id)
         job.state, job.timings["delivered_at"] = JobState.DONE, time.time()
         save_job(layout, job)
+        settle_series_of(layout, job.series_uid)
         return "delivered"
     q = settings.queue
     countdown = min(q.delivery_backoff_seconds * 2**self.request.retries, q.delivery_backoff_max_seconds)

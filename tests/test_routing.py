@@ -1,0 +1,124 @@
+"""Routing a complete series into jobs: written once, sent until the broker took it, never blocked on it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import pytest
+import redis
+from conftest import free_port, missing, port_open, wait_until
+
+from pacsworker.config import Settings
+from pacsworker.records import DataLayout, JobRecord, JobState, SeriesRecord, SeriesState, read_json
+from pacsworker.tasks.app import configure, model_queue
+from pacsworker.tasks.ledger import save_job
+from pacsworker.tasks.submit import recover, submit_series
+
+SERIES = "1.2.826.0.1.3680043.9.7433.1.1"
+
+
+def _record(instances: int = 12, digest: str = "aaaa") -> SeriesRecord:
+    return SeriesRecord(
+        series_uid=SERIES, study_uid="1.2.826.0.1.3680043.9.7433.1", modality="CT",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", instances=instances, content_digest=digest,
+    )
+
+
+def _jobs(settings: Settings) -> list[JobRecord]:
+    layout = DataLayout(settings.data_dir)
+    return list(layout.iter_records(layout.jobs, JobRecord))
+
+
+def _embedded(tmp_path) -> Settings:
+    settings = Settings(storage={"data_dir": str(tmp_path / "data")})
+    configure(settings)
+    return settings
+
+
+def _queued_messages(settings: Settings) -> int:
+    return len([p for p in (DataLayout(settings.data_dir).broker).glob("*.msg")])
+
+
+def test_same_content_makes_one_job_and_a_failed_one_runs_again(tmp_path):
+    settings = _embedded(tmp_path)
+    first = _record()
+    submit_series(settings, first)
+    assert first.state == SeriesState.QUEUED and len(first.jobs) == 1
+    [job] = _jobs(settings)
+    assert job.sent_at > 0 and _queued_messages(settings) == 1
+    # the sender resends the same instances: the job stands, nothing new is sent
+    again = _record()
+    submit_series(settings, again)
+    assert again.jobs == first.jobs and len(_jobs(settings)) == 1 and _queued_messages(settings) == 1
+    # different content (one more instance) is a different job
+    more = _record(instances=13, digest="bbbb")
+    submit_series(settings, more)
+    assert len(_jobs(settings)) == 2 and _queued_messages(settings) == 2
+    # a job that failed runs again when its series is resent
+    job.state, job.reason, job.attempts = JobState.FAILED, "worker lost", 3
+    save_job(DataLayout(settings.data_dir), job)
+    submit_series(settings, _record())
+    rerun = read_json(DataLayout(settings.data_dir).job_record(job.job_id), JobRecord)
+    assert rerun.state == JobState.QUEUED and rerun.attempts == 0 and _queued_messages(settings) == 3
+
+
+def test_series_record_says_how_it_ended(tmp_path):
+    from pacsworker.records import save_series, settle_series_of
+
+    settings = _embedded(tmp_path)
+    layout = DataLayout(settings.data_dir)
+    record = _record()
+    submit_series(settings, record)
+    save_series(layout, record)
+    assert read_json(layout.series_record(SERIES), SeriesRecord).state == SeriesState.QUEUED
+    [job] = _jobs(settings)
+    for state, expected in ((JobState.NO_RESULT, SeriesState.NO_RESULT), (JobState.DONE, SeriesState.DONE),
+                            (JobState.FAILED, SeriesState.FAILED)):
+        job.state, job.reason = state, "" if state == JobState.DONE else "a reason"
+        save_job(layout, job)
+        settle_series_of(layout, SERIES)
+        ended = read_json(layout.series_record(SERIES), SeriesRecord)
+        assert ended.state == expected and ended.jobs == [job.job_id]
+        assert (f"ct-body: a reason" in ended.reason) == (state != JobState.DONE)
+
+
+@pytest.fixture
+def redis_port(tmp_path):
+    binary = shutil.which("redis-server")
+    if not binary:
+        missing("redis-server")
+    return binary, free_port()
+
+
+def test_broker_down_routing_does_not_block_and_the_sweep_sends_later(tmp_path, redis_port):
+    binary, port = redis_port
+    settings = Settings(
+        storage={"data_dir": str(tmp_path / "data")},
+        queue={"broker_url": f"redis://127.0.0.1:{port}/0", "publish_timeout_seconds": 1},
+    )
+    configure(settings)
+    record = _record()
+    started = time.monotonic()
+    submit_series(settings, record)  # nothing listens on the broker's port
+    blocked = time.monotonic() - started
+    print(f"routing with the broker down returned after {blocked:.2f} s")
+    assert record.state == SeriesState.QUEUED
+    [job] = _jobs(settings)
+    assert job.state == JobState.QUEUED and job.sent_at == 0 and job.attempts == 0
+    assert blocked < 10, "routing must not wait for the broker"
+    assert recover(settings) == 0  # still down: nothing sent, nothing lost
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: port_open(port), 15, what="redis-server")
+        assert wait_until(lambda: recover(settings), 30, interval=1, what="the sweep to send the job") == 1
+        [sent] = _jobs(settings)
+        assert sent.sent_at > 0
+        client = redis.Redis(port=port)
+        assert client.llen(model_queue("ct-body")) == 1  # the broker holds exactly one message
+        assert recover(settings) == 0  # and it is not sent twice
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
