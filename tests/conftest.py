@@ -188,11 +188,12 @@ def redis_url(tmp_path_factory):
 class Pacsworker:
     """A ``pacsworker`` command running in its own process group, logging to a file."""
 
-    def __init__(self, args: list[str], config: Path, log: Path):
+    def __init__(self, args: list[str], config: Path, log: Path, cwd: Path | None = None):
         self.log = log
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pacsworker", *args, "--config", str(config)],
             stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=cwd or log.parent,  # never the repository: nothing a command writes may land there
         )
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

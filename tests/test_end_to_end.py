@@ -128,19 +128,28 @@ def test_serve_embedded_study_to_orthanc(tmp_path, dicom_dir, orthanc):
         print(f"results queryable {time.time() - started:.1f} s after the send ended")
         seg_uid, sr_uid = check_results(orthanc, dicom_dir, tmp_path)
 
-        state = status_json(config)
+        state = wait_until(lambda: (s := status_json(config))["series"].get("done") and s, 30, what="series done")
         assert state["jobs"] == {"done": 1}
+        assert state["series"] == {"done": 1, "skipped": 2}  # how each series ended, not "queued" forever
+        [job_id] = state["series_jobs"][CT02_SERIES]["jobs"]
+        assert state["series_jobs"][CT02_SERIES]["state"] == "done" and job_id.startswith(f"ct-body_{CT02_SERIES}_")
         assert set(state["skipped_series"]) == {CT04_SERIES, SC01_SERIES}
         assert "fewer than 10" in state["skipped_series"][CT04_SERIES]
         assert "SOP class" in state["skipped_series"][SC01_SERIES]
 
-        # the same study again: a second job runs, the PACS still holds one SEG and one SR
+        # the same study again: the same instances are the same job, so no new job runs
         assert storescu(port, dicom_dir / CT02, dicom_dir / CT04, dicom_dir / SC01).returncode == 0
-        wait_until(lambda: status_json(config)["jobs"] == {"done": 2}, 120, what="the second job")
+        wait_until(lambda: f"job {job_id} (done) stands" in serve.output(), 60, what="the resend to be routed")
+        wait_until(lambda: status_json(config)["series"] == {"done": 1, "skipped": 2}, 30, what="series settled")
+        assert status_json(config)["jobs"] == {"done": 1}
         segs, srs = _results(orthanc)
         assert [_uid(i, "00080018") for i in segs] == [seg_uid]
         assert [_uid(i, "00080018") for i in srs] == [sr_uid]
-        assert "Traceback" not in serve.output()
+        output = serve.output()
+        assert "Traceback" not in output
+        assert "worker exited" not in output  # no worker crashed on the first start
+        # kombu's control exchange lives under data_dir, not in the working directory
+        assert not (tmp_path / "control").exists() and (tmp_path / "data" / "broker" / "control").is_dir()
     finally:
         serve.stop()
 
@@ -173,7 +182,7 @@ def test_distributed_redis_worker_killed_and_pacs_down(tmp_path, dicom_dir, redi
         orthanc.start()
         wait_until(lambda: all(_results(orthanc)), 120, what="delivery after the PACS came back")
         check_results(orthanc, dicom_dir, tmp_path)
-        state = status_json(config)
+        state = wait_until(lambda: (s := status_json(config))["series"] == {"done": 1} and s, 30, what="series done")
         assert state["jobs"] == {"done": 1} and state["pending_deliveries"] == {}
         assert "delivery failed" in second.output()
     finally:

@@ -157,3 +157,19 @@ def test_pending_series_survive_a_restart(tmp_path):
     assert completed == []
     second.tracker.complete_due(completed.append, now=restarted + 1.5)
     assert [(r.series_uid, r.instances) for r in completed] == [(series, 2)]
+
+
+def test_unfinished_spool_writes_are_removed_at_start(tmp_path):
+    settings = _settings(tmp_path)
+    series = generate_uid()
+    folder = tmp_path / "data" / "spool" / series
+    folder.mkdir(parents=True)
+    orphan = folder / f".tmp-{generate_uid()}.4242"  # a write a crash interrupted: never acknowledged
+    orphan.write_bytes(b"\0" * 1000)
+    receiver = Receiver(settings, lambda record: None)
+    receiver.start()
+    try:
+        assert not orphan.exists()
+        assert receiver.tracker.pending() == []  # a folder holding only temporaries is no series
+    finally:
+        receiver.stop()
