@@ -3,8 +3,8 @@
     .venv/bin/python bench/receive.py [--rounds 5] [--senders storescu,dcmsend,pynetdicom]
 
 Series: ct02 (28 CT slices) and a 140-slice CT made from it (5 copies with new UIDs and positions).
-Senders: DCMTK storescu and dcmsend (TCP_NODELAY=1, like the anchor) and pynetdicom (pacsworker's
-replay, in this process). Receivers alternate round by round so machine noise hits both alike.
+Senders: DCMTK storescu and dcmsend (TCP_NODELAY=1, like the anchor), storescu without it (as a
+modality usually runs it), and pynetdicom (pacsworker's replay, in this process). Receivers alternate round by round so machine noise hits both alike.
 pacsworker writes durably (integrity check, fsync + rename per instance); storescp writes without
 fsync. The ratio is pacsworker's time over storescp's with the same sender (below 1 = faster).
 """
@@ -37,6 +37,12 @@ def send_storescu(port: int, folder: Path) -> None:
                    check=True, capture_output=True, env=NODELAY)
 
 
+def send_storescu_nagle(port: int, folder: Path) -> None:
+    """storescu as a modality runs it: without TCP_NODELAY its DIMSE stack waits on Nagle's algorithm."""
+    subprocess.run([STORESCU, "-aet", "BENCH", "-aec", "PACSWORKER", "+sd", "+r", "-R", "127.0.0.1", str(port), str(folder)],
+                   check=True, capture_output=True, env={k: v for k, v in os.environ.items() if k != "TCP_NODELAY"})
+
+
 def send_dcmsend(port: int, folder: Path) -> None:
     subprocess.run([DCMSEND, "-aet", "BENCH", "-aec", "PACSWORKER", "+sd", "+r", "127.0.0.1", str(port), str(folder)],
                    check=True, capture_output=True, env=NODELAY)
@@ -48,7 +54,8 @@ def send_pynetdicom(port: int, folder: Path) -> None:
         raise RuntimeError(f"pynetdicom sender: {len(report.failed)} refused")
 
 
-SENDERS = {"storescu": send_storescu, "dcmsend": send_dcmsend, "pynetdicom": send_pynetdicom}
+SENDERS = {"storescu": send_storescu, "storescu-nagle": send_storescu_nagle, "dcmsend": send_dcmsend,
+           "pynetdicom": send_pynetdicom}
 
 
 def make_long_series(source: Path, target: Path, copies: int = 5) -> Path:
@@ -78,7 +85,7 @@ def timed(send, port: int, folder: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--senders", default="storescu,dcmsend,pynetdicom")
+    parser.add_argument("--senders", default="storescu,storescu-nagle,dcmsend,pynetdicom")
     parser.add_argument("--series", type=Path, default=DICOM_DIR / "ct02_philips_ingenuity_headphantom_5mm")
     args = parser.parse_args()
     senders = [s for s in args.senders.split(",") if s]
@@ -110,10 +117,10 @@ def main() -> None:
             pw.terminate()
             dcmtk.terminate()
     print(f"{args.rounds} rounds, medians; ratio = pacsworker time / storescp time (below 1 = faster)")
-    print(f"{'series':<40} {'sender':<11} {'storescp s':>10} {'pacsworker s':>12} {'ratio':>6} {'pw MB/s':>8}")
+    print(f"{'series':<40} {'sender':<14} {'storescp s':>10} {'pacsworker s':>12} {'ratio':>6} {'pw MB/s':>8}")
     for name, count, megabytes, sender, median in results:
         label = f"{name[:30]} ({count})"
-        print(f"{label:<40} {sender:<11} {median['storescp']:>10.3f} {median['pacsworker']:>12.3f} "
+        print(f"{label:<40} {sender:<14} {median['storescp']:>10.3f} {median['pacsworker']:>12.3f} "
               f"{median['pacsworker'] / median['storescp']:>6.2f} {megabytes / median['pacsworker']:>8.1f}")
 
 

@@ -13,6 +13,7 @@ import struct
 import zlib
 from io import BytesIO
 
+from pydicom.datadict import tag_for_keyword as keyword_for
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.pixels.utils import get_expected_length
@@ -24,6 +25,12 @@ PIXEL_TAGS = {0x7FE00008: "Float Pixel Data", 0x7FE00009: "Double Float Pixel Da
 LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 MAX_NESTING = 32
 INFLATE_CHUNK = 1 << 16
+# what the receiver reads of a header: identity, routing, and what the pixel data length follows from
+HEADER_KEYWORDS = [
+    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+    "SamplesPerPixel", "PhotometricInterpretation", "NumberOfFrames", "Rows", "Columns", "BitsAllocated",
+    "BitsStored", "PixelRepresentation",
+]
 
 
 class IncompleteDataset(ValueError):
@@ -246,7 +253,7 @@ def check_dataset(
     Returns
     -------
     pydicom.dataset.Dataset
-        The elements before the pixel data.
+        The header elements the receiver uses (``HEADER_KEYWORDS``).
 
     Raises
     ------
@@ -267,7 +274,9 @@ def check_dataset(
     except struct.error:
         raise IncompleteDataset(f"the dataset ends inside an element header (after {source.pos} bytes)") from None
     try:
-        header = read_dataset(BytesIO(source.header(walker.header_end)), implicit, little)
+        header = read_dataset(
+            BytesIO(source.header(walker.header_end)), implicit, little, specific_tags=[keyword_for(k) for k in HEADER_KEYWORDS]
+        )
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on garbage
         raise IncompleteDataset(f"the dataset header does not parse ({type(exc).__name__})") from None
     _check_pixels(header, walker, syntax)
