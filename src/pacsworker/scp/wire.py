@@ -122,6 +122,7 @@ class GuardedDUL(DULServiceProvider):
             if not chunk:
                 raise PeerGone("connection closed by the peer" + (f" after {len(buf)} of {count} bytes" if buf else ""))
             buf += chunk
+        sock.settimeout(self.policy.network_timeout)  # bounds pynetdicom's blocking sends too
         return bytes(buf)
 
     def _read_pdu_data(self) -> None:
