@@ -20,14 +20,17 @@ from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification
 from wire_bytes import (
     CT_IMAGE,
+    EXPLICIT_LE,
     associate_rq,
     associated,
     connect,
     deflate_bomb,
     explicit_le,
-    pdu,
+    pdv_pdu,
     raw_store,
     read_pdu,
+    store_command,
+    stream_store,
     wait_closed,
 )
 
@@ -110,6 +113,34 @@ def test_deflate_bomb_is_walked_in_bounded_memory_and_stored_as_received(scp_pro
     assert stored.stat().st_size < len(bomb) + 4096  # the deflated bytes, not the inflated ones
     ds = pydicom.dcmread(stored, stop_before_pixels=True)
     assert ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian and ds.SOPInstanceUID == sop_uid
+
+
+def test_a_large_dataset_in_valid_pdus_is_written_as_it_arrives(scp_process):
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "CT"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8192, 16384, 16, 16, 15, 0
+    pixels = 8192 * 16384 * 2  # 256 MiB
+    head = explicit_le(ds) + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, pixels)
+    with PeakWatch(scp_process.proc.pid, "256 MiB dataset in valid P-DATA-TF PDUs") as watch:
+        status = stream_store(scp_process.port, head, pixels, ds.SOPInstanceUID)
+    assert status == 0x0000
+    assert watch.growth < MEMORY_BOUND, REPORT[watch.name]
+    [stored] = list((scp_process.data_dir / "spool").glob(f"*/{ds.SOPInstanceUID}.dcm"))
+    assert stored.stat().st_size > pixels
+    stored.unlink()
+    assert not list((scp_process.data_dir / "incoming").iterdir())
+
+
+def test_an_association_aborted_mid_dataset_leaves_nothing_behind(scp_process):
+    sock = associated(scp_process.port, abstract=CT_IMAGE.encode(), syntax=EXPLICIT_LE)
+    sock.sendall(pdv_pdu(0x03, store_command(generate_uid())))
+    sock.sendall(pdv_pdu(0x00, bytes(100_000)))
+    incoming = scp_process.data_dir / "incoming"
+    wait_until(lambda: list(incoming.iterdir()), 10, what="the partial dataset on disk")
+    sock.close()  # the sender dies mid-dataset
+    wait_until(lambda: not list(incoming.iterdir()), 10, what="the partial dataset to be discarded")
 
 
 def _stream_until_closed(sock: socket.socket, limit: int) -> int:

@@ -173,3 +173,48 @@ def test_unfinished_spool_writes_are_removed_at_start(tmp_path):
         assert receiver.tracker.pending() == []  # a folder holding only temporaries is no series
     finally:
         receiver.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB filesystem for data_dir (tmpfs, mounted by root)."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
+        from conftest import missing
+
+        missing("permission to mount a small tmpfs (root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_answers_a700_leaves_nothing_half_written_and_recovers(small_disk, dicom_dir, caplog):
+    caplog.set_level(logging.ERROR, logger="pacsworker.scp")
+    settings = Settings(
+        scp={"host": "127.0.0.1", "port": free_port(), "series_quiet_seconds": 3600},
+        storage={"data_dir": str(small_disk / "data")},
+    )
+    rx = Receiver(settings, lambda record: None)
+    rx.start()
+    try:
+        files = sorted((dicom_dir / "ct02_philips_ingenuity_headphantom_5mm").glob("*.dcm"))[:10]  # 5 MB
+        report = replay(files, "127.0.0.1", settings.scp.port, "PACSWORKER", "SCU")
+        statuses = {reason for _, reason in report.failed}
+        assert report.sent >= 1 and report.failed, "the 3 MiB disk should take some instances, not all"
+        assert all("0xA700" in reason for reason in statuses), statuses
+        assert "No space left on device" in caplog.text
+        # every acknowledged instance is whole; nothing partial in the spool or incoming
+        stored = list(rx.layout.spool.glob("*/*.dcm"))
+        assert len(stored) == report.sent
+        for path in stored:
+            assert pydicom.dcmread(path).pixel_array.shape == (512, 512)
+        assert not list(rx.layout.spool.glob("*/.tmp-*")) and not list(rx.layout.incoming.iterdir())
+        # space comes back: service resumes by itself
+        for path in stored:
+            path.unlink()
+        again = replay(files[:3], "127.0.0.1", settings.scp.port, "PACSWORKER", "SCU")
+        assert again.sent == 3 and not again.failed
+    finally:
+        rx.stop()

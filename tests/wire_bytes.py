@@ -16,6 +16,7 @@ from pydicom.uid import generate_uid
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
 VERIFICATION = b"1.2.840.10008.1.1"
 IMPLICIT_LE = b"1.2.840.10008.1.2"
+EXPLICIT_LE = b"1.2.840.10008.1.2.1"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
@@ -146,3 +147,45 @@ def raw_store(port: int, payload: bytes, sop_uid: str, syntax: str, sop_class: s
     assoc._reactor_checkpoint.set()
     assoc.release()
     return int(response.Status) if response is not None else -1
+
+
+def pdv_pdu(control: int, data: bytes, context_id: int = 1) -> bytes:
+    """A P-DATA-TF holding one value: control 0x03 last command fragment, 0x00/0x02 dataset fragments."""
+    return pdu(0x04, struct.pack(">LBB", len(data) + 2, context_id, control) + data)
+
+
+def store_command(sop_uid: str, sop_class: str = CT_IMAGE) -> bytes:
+    """An encoded C-STORE-RQ command set announcing a dataset."""
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    request = C_STORE()
+    request.MessageID, request.Priority = 1, 2
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = sop_class, sop_uid
+    request.DataSet = BytesIO(b"\0")  # marks the command as carrying a dataset
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    return encode(message.command_set, True, True)
+
+
+def stream_store(port: int, dataset_head: bytes, tail_zeros: int, sop_uid: str, sop_class: str = CT_IMAGE,
+                 fragment: int = 65536) -> int:
+    """A C-STORE over a raw association whose dataset is ``dataset_head`` then ``tail_zeros`` zero
+    bytes, sent fragment by fragment without ever holding the dataset; returns the status."""
+    from pydicom.filereader import read_dataset
+
+    sock = associated(port, abstract=sop_class.encode(), syntax=EXPLICIT_LE)
+    sock.sendall(pdv_pdu(0x03, store_command(sop_uid, sop_class)))
+    sock.sendall(pdv_pdu(0x00, dataset_head))
+    zeros = bytes(fragment)
+    remaining = tail_zeros
+    while remaining:
+        step = min(remaining, fragment)
+        remaining -= step
+        sock.sendall(pdv_pdu(0x02 if not remaining else 0x00, zeros[:step]))
+    pdu_type, body = read_pdu(sock, timeout=120)
+    sock.close()
+    assert pdu_type == 0x04, f"no C-STORE response (PDU type {pdu_type})"
+    command = read_dataset(BytesIO(body[6:]), True, True)
+    return int(command.Status)

@@ -2,6 +2,7 @@
 
 Layout (all under ``storage.data_dir``)::
 
+    incoming/                                         datasets still arriving (renamed into spool/)
     spool/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   instances as received
     series/<SeriesInstanceUID>.json                   SeriesRecord
     jobs/<job_id>.json                                JobRecord
@@ -150,9 +151,10 @@ class DataLayout:
         self.jobs = self.root / "jobs"
         self.outbox = self.root / "outbox"
         self.broker = self.root / "broker"
+        self.incoming = self.root / "incoming"
 
     def create(self) -> "DataLayout":
-        for folder in (self.spool, self.series, self.jobs, self.outbox, self.broker):
+        for folder in (self.spool, self.incoming, self.series, self.jobs, self.outbox, self.broker):
             folder.mkdir(parents=True, exist_ok=True)
         return self
 

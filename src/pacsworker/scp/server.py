@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import threading
 from collections.abc import Callable
 from io import BytesIO
@@ -31,6 +32,7 @@ from pynetdicom.sop_class import Verification
 
 from ..config import Settings
 from ..records import DataLayout, SeriesRecord, is_valid_uid
+from .incoming import PREAMBLE, IncomingDataset
 from .integrity import IncompleteDataset, check_dataset
 from .spool import Spool
 from .tracker import InstanceMeta, SeriesTracker
@@ -53,8 +55,6 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     JPEG2000,
     RLELossless,
 ]
-
-PREAMBLE = b"\x00" * 128 + b"DICM"
 
 # C-STORE failure statuses (PS3.4 B.2.3)
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -147,17 +147,42 @@ class Receiver:
             network_timeout=cfg.network_timeout,
             max_pdu_length=cfg.max_pdu_length,
             dataset_start_timeout=cfg.dataset_start_timeout,
+            incoming_dir=self.layout.incoming,
         )
 
     # -- event handlers (thin: check, store, record, answer) -------------------------------
     def _handle_store(self, event) -> int:
-        dataset = event.request.DataSet.getbuffer()  # the bytes as received, not copied
-        try:
-            return self._check_and_store(event, dataset)
-        finally:
-            dataset.release()
+        incoming = getattr(event.request, "_dataset_file", None)
+        if not isinstance(incoming, IncomingDataset):  # kept in memory by pynetdicom
+            dataset = event.request.DataSet.getbuffer()
+            try:
+                return self._check_and_store(event, dataset, lambda meta: self._store_bytes(event, meta, dataset))
+            finally:
+                dataset.release()
+        incoming.flush()
+        if incoming.error is not None:  # the disk refused part of it while it arrived
+            return self._refuse_unstored(event, incoming.error)
+        with open(incoming.name, "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)  # pages in only what is walked
+            whole = memoryview(mapped)
+            dataset = whole[incoming.dataset_offset:]
+            try:
+                return self._check_and_store(
+                    event, dataset, lambda meta: self.spool.adopt(meta.series_uid, meta.sop_instance_uid, incoming)
+                )
+            finally:
+                for resource in (dataset, whole, mapped):
+                    try:
+                        resource.release() if isinstance(resource, memoryview) else resource.close()
+                    except BufferError:  # a view still referenced: the map closes when it is collected
+                        pass
 
-    def _check_and_store(self, event, dataset: memoryview) -> int:
+    def _store_bytes(self, event, meta: InstanceMeta, dataset: memoryview) -> None:
+        file_meta = BytesIO()
+        write_file_meta_info(file_meta, event.file_meta, enforce_standard=True)
+        self.spool.store(meta.series_uid, meta.sop_instance_uid, [PREAMBLE, file_meta.getvalue(), dataset])
+
+    def _check_and_store(self, event, dataset: memoryview, store: Callable[[InstanceMeta], object]) -> int:
         calling = printable(event.assoc.requestor.ae_title or "")
         announced = printable(str(event.request.AffectedSOPInstanceUID or ""))
         try:
@@ -166,7 +191,8 @@ class Receiver:
             )
             meta = read_instance_meta(header, calling)
         except (IncompleteDataset, ValueError) as exc:
-            log.warning("refused C-STORE %s from %s: %s", announced, calling, exc)
+            # the reason as text: the exception's frames hold views of the received bytes
+            log.warning("refused C-STORE %s from %s: %s", announced, calling, str(exc))
             return STATUS_CANNOT_UNDERSTAND
         if meta.sop_instance_uid != announced:
             log.warning(
@@ -174,16 +200,20 @@ class Receiver:
                 calling, meta.sop_instance_uid, announced,
             )
             return STATUS_DATASET_MISMATCH
-        file_meta = BytesIO()
-        write_file_meta_info(file_meta, event.file_meta, enforce_standard=True)
         try:
-            self.spool.store(meta.series_uid, meta.sop_instance_uid, [PREAMBLE, file_meta.getvalue(), dataset])
+            store(meta)
         except OSError as exc:
-            status = STATUS_OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 0xC001
-            log.error("could not store %s from %s: %s", meta.sop_instance_uid, calling, exc)
-            return status
+            return self._refuse_unstored(event, exc)
         self.tracker.observe(meta)
         return 0x0000
+
+    def _refuse_unstored(self, event, exc: OSError) -> int:
+        status = STATUS_OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 0xC001
+        log.error(
+            "could not store %s from %s: %s", printable(str(event.request.AffectedSOPInstanceUID or "")),
+            printable(event.assoc.requestor.ae_title or ""), exc.strerror or exc,
+        )
+        return status
 
     def _handle_echo(self, event) -> int:
         log.info("C-ECHO from %s", printable(event.assoc.requestor.ae_title or ""))

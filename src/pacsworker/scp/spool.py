@@ -20,12 +20,33 @@ class Spool:
     def remove_orphans(self) -> int:
         """Delete temporaries of writes a crash interrupted (never acknowledged); returns the count."""
         count = 0
-        for tmp in self.layout.spool.glob("*/.tmp-*"):
+        for tmp in [*self.layout.spool.glob("*/.tmp-*"), *self.layout.incoming.glob("in-*")]:
             tmp.unlink(missing_ok=True)
             count += 1
         if count:
             log.info("removed %d unfinished spool file(s) left by an interrupted receiver", count)
         return count
+
+    def adopt(self, series_uid: str, sop_instance_uid: str, incoming) -> Path:
+        """Make a dataset received into ``incoming/`` durable and move it into the spool; returns its path.
+
+        Raises
+        ------
+        OSError
+            If the disk refused the write (full, read-only); the incoming file is left to its owner.
+        """
+        if not is_valid_uid(sop_instance_uid):
+            raise ValueError(f"invalid SOP Instance UID {sop_instance_uid!r}")
+        folder = self.layout.series_dir(series_uid)
+        new_folder = not folder.is_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        incoming.sync()
+        final = folder / f"{sop_instance_uid}.dcm"
+        os.replace(incoming.name, final)
+        if new_folder:
+            _fsync_dir(self.layout.spool)
+        _fsync_dir(folder)
+        return final
 
     def store(self, series_uid: str, sop_instance_uid: str, parts: Sequence[bytes | memoryview]) -> Path:
         """Store the parts (preamble, file meta, dataset as received) as one file; returns its path.

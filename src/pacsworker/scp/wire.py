@@ -17,12 +17,15 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
+
+from .incoming import SpoolingDIMSE, dataset_started
 
 log = logging.getLogger("pacsworker.scp")
 
@@ -55,6 +58,9 @@ class WirePolicy:
         The largest release, abort or other PDU accepted (bytes).
     dataset_start_timeout:
         Seconds to wait for the first dataset fragment after a C-STORE command that announced one.
+    incoming_dir:
+        Where C-STORE datasets are written as they arrive (on the spool's filesystem); ``None``
+        keeps them in memory as pynetdicom does.
     """
 
     network_timeout: float = 60.0
@@ -62,6 +68,7 @@ class WirePolicy:
     max_associate_rq_length: int = 256 * 1024
     max_other_pdu_length: int = 64 * 1024
     dataset_start_timeout: float = 2.0
+    incoming_dir: Path | None = None
 
     def limit_for(self, pdu_type: int) -> int:
         if pdu_type == P_DATA_TF:
@@ -190,6 +197,13 @@ class GuardedDUL(DULServiceProvider):
         self.socket._is_connected = False
         self.event_queue.put("Evt17")
 
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            if isinstance(self.assoc.dimse, SpoolingDIMSE):
+                self.assoc.dimse.discard_partial()
+
     def _is_transport_event(self) -> bool:
         self._check_dataset_start()
         return super()._is_transport_event()
@@ -203,7 +217,7 @@ class GuardedDUL(DULServiceProvider):
 
     def _check_dataset_start(self) -> None:
         message = self.assoc.dimse.message
-        if not isinstance(message, C_STORE_RQ) or message._data_set_file or message.data_set.tell():
+        if not isinstance(message, C_STORE_RQ) or dataset_started(message):
             self._store_waiting = None
             return
         now = time.monotonic()
@@ -237,6 +251,8 @@ class GuardedRequestHandler(RequestHandler):
         guarded.event_queue = plain.event_queue  # holds the transport-open event already
         guarded.socket = plain.socket
         assoc.dul = guarded
+        if self.policy.incoming_dir is not None:
+            assoc.dimse = SpoolingDIMSE(assoc, self.policy.incoming_dir)
         # re-apply the timeouts so that they reach the new provider's timers
         assoc.acse_timeout = assoc.acse_timeout
         assoc.network_timeout = assoc.network_timeout
