@@ -78,7 +78,8 @@ class SeriesRecord(BaseModel):
     last_seen: float = Field(default_factory=time.time)
     state: SeriesState = SeriesState.RECEIVING
     reason: str = ""
-    jobs: list[str] = Field(default_factory=list)
+    jobs: list[str] = Field(default_factory=list, description="the jobs of the latest routing")
+    earlier_jobs: list[str] = Field(default_factory=list, description="jobs of earlier content of this series")
     content_digest: str = Field("", description="digest of the SOP Instance UIDs the series was routed with")
 
 

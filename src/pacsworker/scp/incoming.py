@@ -25,6 +25,8 @@ log = logging.getLogger("pacsworker.scp")
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
 PLACEHOLDER_UID = "0"  # for a command whose UIDs cannot go into a file meta: the instance is refused
+MAX_COMMAND_BYTES = 64 * 1024  # a DIMSE command set is a few hundred bytes
+MAX_IN_MEMORY_DATASET = 1 << 20  # datasets of anything but C-STORE (none this receiver serves)
 
 
 class IncomingDataset:
@@ -87,9 +89,8 @@ class IncomingDataset:
             Path(self.name).unlink(missing_ok=True)
 
 
-def _file_meta(message, assoc) -> bytes:
+def _file_meta(message, syntax: str) -> bytes:
     command = message.command_set
-    syntax = assoc._accepted_cx[message.context_id].transfer_syntax[0]
     meta = BytesIO()
     try:
         values = (UID(str(command.AffectedSOPClassUID)), UID(str(command.AffectedSOPInstanceUID)))
@@ -104,7 +105,9 @@ def _file_meta(message, assoc) -> bytes:
 
 
 class SpoolingDIMSE(DIMSEServiceProvider):
-    """pynetdicom's DIMSE provider that gives every C-STORE dataset an :class:`IncomingDataset`."""
+    """pynetdicom's DIMSE provider that gives every C-STORE dataset an :class:`IncomingDataset`
+    and aborts a message that would grow in memory (a huge command set, a dataset without a
+    command, a dataset of another service)."""
 
     def __init__(self, assoc, folder: Path):
         super().__init__(assoc)
@@ -117,17 +120,30 @@ class SpoolingDIMSE(DIMSEServiceProvider):
             single.presentation_data_value_list.append(value)
             super().receive_primitive(single)
             message = self.message
+            if message is None:
+                continue
             if isinstance(message, C_STORE_RQ) and message._data_set_file is None and not message.data_set.tell():
-                message._data_set_file = IncomingDataset(self.folder, _file_meta(message, self.assoc))
-                message._data_set_path = Path(message._data_set_file.name)
+                context = self.assoc._accepted_cx.get(message.context_id)
+                if context is not None:  # else pynetdicom refuses the message itself
+                    message._data_set_file = IncomingDataset(self.folder, _file_meta(message, context.transfer_syntax[0]))
+                    message._data_set_path = Path(message._data_set_file.name)
+            elif message.encoded_command_set.tell() > MAX_COMMAND_BYTES:
+                self.assoc.dul.abort_peer(f"a DIMSE command set of more than {MAX_COMMAND_BYTES} bytes")
+                return
+            elif message.data_set.tell() > MAX_IN_MEMORY_DATASET:
+                self.assoc.dul.abort_peer(
+                    f"more than {MAX_IN_MEMORY_DATASET} bytes of dataset without a C-STORE command"
+                )
+                return
 
-    def discard_partial(self) -> None:
-        """Delete the file of a dataset whose association ended before its last fragment."""
-        message = self.message
-        incoming = getattr(message, "_data_set_file", None)
-        if isinstance(incoming, IncomingDataset):
-            incoming.discard()
-            log.info("partial dataset of an ended association discarded (%d bytes received)", incoming.received)
+    def discard_unserved(self) -> None:
+        """Delete the files of datasets the association ended before serving (partial or queued)."""
+        pending = [self.message] + [item[1] for item in list(self.msg_queue.queue)]
+        for message in pending:
+            incoming = getattr(message, "_data_set_file", None)
+            if isinstance(incoming, IncomingDataset):
+                incoming.discard()
+                log.info("dataset of an ended association discarded (%d bytes received)", incoming.received)
 
 
 def dataset_started(message) -> bool:

@@ -73,7 +73,9 @@ class _InflatingSource:
 
     def __init__(self, data: bytes | memoryview, max_inflated: int, max_header: int):
         self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        self.pending = bytes(data) if not isinstance(data, bytes) else data
+        self.compressed = memoryview(data)
+        self.fed = 0  # compressed bytes handed to the inflater so far
+        self.pending = b""
         self.buffer = bytearray()
         self.pos = 0
         self.inflated = 0
@@ -83,6 +85,9 @@ class _InflatingSource:
 
     def _more(self) -> bytes:
         while not self.inflater.eof:
+            if not self.pending:  # feed the input a slice at a time: zlib copies what it leaves unconsumed
+                self.pending = self.compressed[self.fed:self.fed + INFLATE_CHUNK]
+                self.fed += len(self.pending)
             try:
                 out = self.inflater.decompress(self.pending, INFLATE_CHUNK)
             except zlib.error as exc:
@@ -93,7 +98,7 @@ class _InflatingSource:
                 if self.inflated > self.max_inflated:
                     raise IncompleteDataset(f"deflated dataset inflates to more than {self.max_inflated} bytes")
                 return out
-            if not self.pending:
+            if not self.pending and self.fed >= len(self.compressed):
                 break
         return b""
 
@@ -144,6 +149,8 @@ class _InflatingSource:
 class _Walker:
     """Element-by-element walk of an encoded dataset (PS3.5 section 7)."""
 
+    HEADER_LAST_TAG = 0x0028FFFF  # every element the receiver reads lies at or before this
+
     def __init__(self, source, implicit: bool, little: bool):
         self.src = source
         self.implicit = implicit
@@ -153,29 +160,29 @@ class _Walker:
         self.pixel_length: int | None = None
         self.fragments = 0
 
-    def _tag(self) -> int:
-        group, element = struct.unpack(self.order + "HH", self.src.read(4))
+    def _tag(self, order: str) -> int:
+        group, element = struct.unpack(order + "HH", self.src.read(4))
         return group << 16 | element
 
-    def _vr_and_length(self, implicit: bool) -> tuple[bytes, int]:
+    def _vr_and_length(self, implicit: bool, order: str) -> tuple[bytes, int]:
         if implicit:
-            return b"", struct.unpack(self.order + "L", self.src.read(4))[0]
+            return b"", struct.unpack(order + "L", self.src.read(4))[0]
         vr = bytes(self.src.read(2))
         if vr in LONG_VRS:
             self.src.skip(2)
-            return vr, struct.unpack(self.order + "L", self.src.read(4))[0]
-        return vr, struct.unpack(self.order + "H", self.src.read(2))[0]
+            return vr, struct.unpack(order + "L", self.src.read(4))[0]
+        return vr, struct.unpack(order + "H", self.src.read(2))[0]
 
     def walk(self) -> None:
-        self._dataset(self.implicit, depth=0)
+        self._dataset(self.implicit, self.order, depth=0)
         if self.header_end is None:
             self.header_end = self.src.pos
 
-    def _dataset(self, implicit: bool, depth: int) -> None:
+    def _dataset(self, implicit: bool, order: str, depth: int) -> None:
         """Walk elements to the end of the data (top level) or to an item delimiter (nested)."""
         while depth or not self.src.at_end():
             start = self.src.pos
-            tag = self._tag()
+            tag = self._tag(order)
             if tag == ITEM_END:
                 self.src.skip(4)
                 if depth:
@@ -183,46 +190,49 @@ class _Walker:
                 raise IncompleteDataset(f"item delimiter outside a sequence at byte {start}")
             if tag in (ITEM, SEQUENCE_END):
                 raise IncompleteDataset(f"item tag outside a sequence at byte {start}")
-            top_pixels = depth == 0 and tag in PIXEL_TAGS
-            if top_pixels and self.header_end is None:
+            if depth == 0 and tag > self.HEADER_LAST_TAG and self.header_end is None:
                 self.header_end = start
                 if hasattr(self.src, "keeping"):
                     self.src.keeping = False
-            vr, length = self._vr_and_length(implicit)
+            top_pixels = depth == 0 and tag in PIXEL_TAGS
+            vr, length = self._vr_and_length(implicit, order)
             if length != UNDEFINED:
                 self.src.skip(length)
                 if top_pixels:
                     self.pixel_tag, self.pixel_length = tag, length
                 continue
-            if top_pixels and tag == 0x7FE00010:
-                self.pixel_tag = tag
-                self.fragments = self._fragments()
-            elif implicit or vr in (b"SQ", b"UN"):
+            if tag == 0x7FE00010:  # encapsulated, at top level or in an icon image item
+                fragments = self._fragments(order)
+                if top_pixels:
+                    self.pixel_tag, self.fragments = tag, fragments
+            elif implicit or vr == b"SQ":
+                self._sequence(implicit, order, depth + 1, tag)
+            elif vr == b"UN":
                 # an undefined-length UN holds an implicit VR little endian sequence (PS3.5 6.2.2)
-                self._sequence(implicit or vr == b"UN", depth + 1, tag)
+                self._sequence(True, "<", depth + 1, tag)
             else:
                 raise IncompleteDataset(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) of VR {vr.decode('latin-1')} has undefined length")
 
-    def _sequence(self, implicit: bool, depth: int, tag: int) -> None:
+    def _sequence(self, implicit: bool, order: str, depth: int, tag: int) -> None:
         if depth > MAX_NESTING:
             raise IncompleteDataset(f"sequences nested deeper than {MAX_NESTING} levels")
         while True:
-            item = self._tag()
-            length = struct.unpack(self.order + "L", self.src.read(4))[0]
+            item = self._tag(order)
+            length = struct.unpack(order + "L", self.src.read(4))[0]
             if item == SEQUENCE_END:
                 return
             if item != ITEM:
                 raise IncompleteDataset(f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) holds a non-item element")
             if length == UNDEFINED:
-                self._dataset(implicit, depth)
+                self._dataset(implicit, order, depth)
             else:
                 self.src.skip(length)
 
-    def _fragments(self) -> int:
+    def _fragments(self, order: str) -> int:
         count = -1  # the first item is the Basic Offset Table
         while True:
-            item = self._tag()
-            length = struct.unpack(self.order + "L", self.src.read(4))[0]
+            item = self._tag(order)
+            length = struct.unpack(order + "L", self.src.read(4))[0]
             if item == SEQUENCE_END:
                 return max(count, 0)
             if item != ITEM or length == UNDEFINED:

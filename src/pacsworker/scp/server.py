@@ -60,6 +60,7 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_PROCESSING_FAILURE = 0xC001
 
 REJECT_REASONS = {
     (0x01, 0x01, 0x03): "calling AE title not in allowed_calling_aets",
@@ -152,6 +153,16 @@ class Receiver:
 
     # -- event handlers (thin: check, store, record, answer) -------------------------------
     def _handle_store(self, event) -> int:
+        try:
+            return self._store(event)
+        except Exception as exc:  # noqa: BLE001 - answer and keep serving; pynetdicom then deletes the file
+            log.error(
+                "C-STORE %s from %s failed: %s: %s", printable(str(event.request.AffectedSOPInstanceUID or "")),
+                printable(event.assoc.requestor.ae_title or ""), type(exc).__name__, str(exc),
+            )
+            return STATUS_PROCESSING_FAILURE
+
+    def _store(self, event) -> int:
         incoming = getattr(event.request, "_dataset_file", None)
         if not isinstance(incoming, IncomingDataset):  # kept in memory by pynetdicom
             dataset = event.request.DataSet.getbuffer()
@@ -208,7 +219,7 @@ class Receiver:
         return 0x0000
 
     def _refuse_unstored(self, event, exc: OSError) -> int:
-        status = STATUS_OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 0xC001
+        status = STATUS_OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else STATUS_PROCESSING_FAILURE
         log.error(
             "could not store %s from %s: %s", printable(str(event.request.AffectedSOPInstanceUID or "")),
             printable(event.assoc.requestor.ae_title or ""), exc.strerror or exc,

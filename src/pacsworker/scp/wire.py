@@ -197,12 +197,17 @@ class GuardedDUL(DULServiceProvider):
         self.socket._is_connected = False
         self.event_queue.put("Evt17")
 
+    def abort_peer(self, reason: str) -> None:
+        """Abort the association at once because of what the peer sent."""
+        self._drop(f"association from {self._peer()} aborted: {reason}", abort=True)
+
     def run_reactor(self) -> None:
         try:
             super().run_reactor()
         finally:
+            self._release_unassociated_slot()  # also when the reactor ended on an exception
             if isinstance(self.assoc.dimse, SpoolingDIMSE):
-                self.assoc.dimse.discard_partial()
+                self.assoc.dimse.discard_unserved()
 
     def _is_transport_event(self) -> bool:
         self._check_dataset_start()
@@ -210,6 +215,9 @@ class GuardedDUL(DULServiceProvider):
 
     def kill_dul(self) -> None:
         super().kill_dul()
+        self._release_unassociated_slot()
+
+    def _release_unassociated_slot(self) -> None:
         # The acceptor thread waits for an A-ASSOCIATE indication for acse_timeout seconds; a
         # connection that ended before sending one must not hold an association slot that long.
         if self.assoc.requestor.primitive is None and self.to_user_queue.empty():
@@ -219,6 +227,8 @@ class GuardedDUL(DULServiceProvider):
         message = self.assoc.dimse.message
         if not isinstance(message, C_STORE_RQ) or dataset_started(message):
             self._store_waiting = None
+            return
+        if not self.event_queue.empty() or self.socket.ready:  # something arrived: maybe the dataset
             return
         now = time.monotonic()
         if self._store_waiting is None or self._store_waiting[0] != id(message):

@@ -37,7 +37,7 @@ def submit_series(settings: Settings, record: SeriesRecord) -> None:
         record.state, record.reason = SeriesState.SKIPPED, reason
         log.info("series %s (%s, %d instances) skipped: %s", record.series_uid, record.modality, record.instances, reason)
         return
-    to_send = []
+    to_send, routed = [], []
     for name in models:
         job_id = job_id_for(name, record)
         job = read_json(layout.job_record(job_id), JobRecord)
@@ -56,8 +56,10 @@ def submit_series(settings: Settings, record: SeriesRecord) -> None:
             to_send.append(job)
         else:
             log.info("series %s received again with the same instances; job %s (%s) stands", record.series_uid, job_id, job.state.value)
-        if job_id not in record.jobs:
-            record.jobs.append(job_id)
+        routed.append(job_id)
+    # the series' state follows this routing's jobs; jobs of earlier content stay listed apart
+    record.earlier_jobs += [job_id for job_id in record.jobs if job_id not in routed and job_id not in record.earlier_jobs]
+    record.jobs = routed
     record.state, record.reason = SeriesState.QUEUED, ""
     for job in to_send:
         if not send_job(settings, layout, job):
@@ -65,21 +67,25 @@ def submit_series(settings: Settings, record: SeriesRecord) -> None:
 
 
 def send_job(settings: Settings, layout: DataLayout, job: JobRecord) -> bool:
-    """Offer a job to the broker once, with a short timeout; record when it was taken."""
+    """Offer a job to the broker once, with a short timeout; record that it was taken.
+
+    ``sent_at`` is written before the message exists (once it does, a worker owns the record), and
+    cleared again when the broker refused it.
+    """
     from .jobs import process_series
 
+    job.sent_at = time.time()
+    save_job(layout, job)
     try:
         process_series.apply_async(
             (job.job_id,), queue=model_queue(job.model), task_id=job.job_id, retry=False,
         )
     except Exception as exc:  # noqa: BLE001 - any broker error: the job waits on disk for the sweep
+        job.sent_at = 0.0
+        save_job(layout, job)
         log.warning("job %s not sent, the broker is unavailable (%s: %s); the recovery sweep will send it",
                     job.job_id, type(exc).__name__, exc)
         return False
-    current = read_json(layout.job_record(job.job_id), JobRecord) or job
-    if not current.sent_at:
-        current.sent_at = time.time()
-        save_job(layout, current)
     return True
 
 
@@ -102,8 +108,7 @@ def recover(settings: Settings, now: float | None = None) -> int:
             count += 1
         elif job.state == JobState.RUNNING and now - job.heartbeat > stale:
             log.warning("job %s: worker %s silent for %.0f s; re-queued", job.job_id, job.worker, now - job.heartbeat)
-            job.state, job.sent_at = JobState.QUEUED, 0.0
-            save_job(layout, job)
+            job.state = JobState.QUEUED
             if not send_job(settings, layout, job):
                 return count
             count += 1
