@@ -122,3 +122,29 @@ def test_broker_down_routing_does_not_block_and_the_sweep_sends_later(tmp_path, 
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+def test_new_content_supersedes_and_the_series_follows_its_latest_job(tmp_path):
+    from pacsworker.records import save_series, settle_series_of
+
+    settings = _embedded(tmp_path)
+    layout = DataLayout(settings.data_dir)
+    first = _record()
+    submit_series(settings, first)
+    save_series(layout, first)
+    [old_id] = first.jobs
+    old = read_json(layout.job_record(old_id), JobRecord)
+    old.state, old.reason = JobState.FAILED, "cut short"
+    save_job(layout, old)
+    # more instances arrived: a new routing, a new job; the failed one is history
+    grown = read_json(layout.series_record(SERIES), SeriesRecord)
+    grown.instances, grown.content_digest, grown.state = 20, "cccc", SeriesState.RECEIVING
+    submit_series(settings, grown)
+    save_series(layout, grown)
+    [new_id] = grown.jobs
+    assert new_id != old_id and grown.earlier_jobs == [old_id]
+    new = read_json(layout.job_record(new_id), JobRecord)
+    new.state = JobState.DONE
+    save_job(layout, new)
+    settle_series_of(layout, SERIES)
+    assert read_json(layout.series_record(SERIES), SeriesRecord).state == SeriesState.DONE

@@ -4,7 +4,9 @@ The encoded dataset is walked element by element to its last byte (sequences, it
 encapsulated fragments included), its header is parsed by pydicom, and uncompressed pixel data
 must have the length Rows x Columns x Samples x Bits Allocated x Frames implies. A deflated
 dataset is inflated as a stream in small chunks that are discarded once walked, so memory stays
-bounded whatever it inflates to; only its header (the elements before the pixel data) is kept.
+bounded whatever it inflates to. Only the few top-level elements the receiver reads (identity,
+modality, image size) are kept and parsed, so private or unusual elements elsewhere never stop a
+valid dataset.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import struct
 import zlib
 from io import BytesIO
 
-from pydicom.datadict import tag_for_keyword as keyword_for
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.pixels.utils import get_expected_length
@@ -31,6 +33,8 @@ HEADER_KEYWORDS = [
     "SamplesPerPixel", "PhotometricInterpretation", "NumberOfFrames", "Rows", "Columns", "BitsAllocated",
     "BitsStored", "PixelRepresentation",
 ]
+HEADER_TAGS = {tag_for_keyword(k) for k in HEADER_KEYWORDS}
+MAX_HEADER_VALUE = 64 * 1024
 
 
 class IncompleteDataset(ValueError):
@@ -64,14 +68,12 @@ class _BytesSource:
     def at_end(self) -> bool:
         return self.pos >= len(self.data)
 
-    def header(self, end: int) -> bytes:
-        return bytes(self.data[:end])
 
 
 class _InflatingSource:
-    """Walks a raw deflate stream, holding at most one chunk plus the header being kept."""
+    """Walks a raw deflate stream, holding at most one chunk of inflated data."""
 
-    def __init__(self, data: bytes | memoryview, max_inflated: int, max_header: int):
+    def __init__(self, data: bytes | memoryview, max_inflated: int):
         self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         self.compressed = memoryview(data)
         self.fed = 0  # compressed bytes handed to the inflater so far
@@ -79,9 +81,7 @@ class _InflatingSource:
         self.buffer = bytearray()
         self.pos = 0
         self.inflated = 0
-        self.max_inflated, self.max_header = max_inflated, max_header
-        self.kept = bytearray()
-        self.keeping = True
+        self.max_inflated = max_inflated
 
     def _more(self) -> bytes:
         while not self.inflater.eof:
@@ -110,10 +110,6 @@ class _InflatingSource:
             self.buffer += out
 
     def _consume(self, count: int) -> None:
-        if self.keeping:
-            if len(self.kept) + count > self.max_header:
-                raise IncompleteDataset(f"dataset header is larger than {self.max_header} bytes")
-            self.kept += self.buffer[:count]
         del self.buffer[:count]
         self.pos += count
 
@@ -142,20 +138,15 @@ class _InflatingSource:
             raise IncompleteDataset("deflated dataset ends before its deflate stream does")
         return True
 
-    def header(self, end: int) -> bytes:
-        return bytes(self.kept[:end])
-
 
 class _Walker:
     """Element-by-element walk of an encoded dataset (PS3.5 section 7)."""
-
-    HEADER_LAST_TAG = 0x0028FFFF  # every element the receiver reads lies at or before this
 
     def __init__(self, source, implicit: bool, little: bool):
         self.src = source
         self.implicit = implicit
         self.order = "<" if little else ">"
-        self.header_end: int | None = None
+        self.header = bytearray()  # the wanted top-level elements, re-framed in the same encoding
         self.pixel_tag = 0
         self.pixel_length: int | None = None
         self.fragments = 0
@@ -175,8 +166,6 @@ class _Walker:
 
     def walk(self) -> None:
         self._dataset(self.implicit, self.order, depth=0)
-        if self.header_end is None:
-            self.header_end = self.src.pos
 
     def _dataset(self, implicit: bool, order: str, depth: int) -> None:
         """Walk elements to the end of the data (top level) or to an item delimiter (nested)."""
@@ -190,12 +179,11 @@ class _Walker:
                 raise IncompleteDataset(f"item delimiter outside a sequence at byte {start}")
             if tag in (ITEM, SEQUENCE_END):
                 raise IncompleteDataset(f"item tag outside a sequence at byte {start}")
-            if depth == 0 and tag > self.HEADER_LAST_TAG and self.header_end is None:
-                self.header_end = start
-                if hasattr(self.src, "keeping"):
-                    self.src.keeping = False
             top_pixels = depth == 0 and tag in PIXEL_TAGS
             vr, length = self._vr_and_length(implicit, order)
+            if depth == 0 and tag in HEADER_TAGS and length != UNDEFINED:
+                self._keep(tag, vr, length, implicit, order)
+                continue
             if length != UNDEFINED:
                 self.src.skip(length)
                 if top_pixels:
@@ -212,6 +200,18 @@ class _Walker:
                 self._sequence(True, "<", depth + 1, tag)
             else:
                 raise IncompleteDataset(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) of VR {vr.decode('latin-1')} has undefined length")
+
+    def _keep(self, tag: int, vr: bytes, length: int, implicit: bool, order: str) -> None:
+        if length > MAX_HEADER_VALUE:
+            raise IncompleteDataset(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) is {length} bytes long")
+        value = bytes(self.src.read(length))
+        if implicit:
+            self.header += struct.pack(order + "HHL", tag >> 16, tag & 0xFFFF, length)
+        elif vr in LONG_VRS:
+            self.header += struct.pack(order + "HH2sHL", tag >> 16, tag & 0xFFFF, vr, 0, length)
+        else:
+            self.header += struct.pack(order + "HH2sH", tag >> 16, tag & 0xFFFF, vr, length)
+        self.header += value
 
     def _sequence(self, implicit: bool, order: str, depth: int, tag: int) -> None:
         if depth > MAX_NESTING:
@@ -245,7 +245,6 @@ def check_dataset(
     encoded: bytes | memoryview,
     transfer_syntax: str,
     max_inflated: int = 4 << 30,
-    max_header: int = 64 << 20,
 ) -> Dataset:
     """Check that an encoded dataset (no file meta) is whole; return its header as a Dataset.
 
@@ -257,8 +256,6 @@ def check_dataset(
         The presentation context's transfer syntax UID.
     max_inflated:
         A deflated dataset that inflates to more bytes than this is refused.
-    max_header:
-        The largest header (elements before the pixel data) kept of a deflated dataset, in bytes.
 
     Returns
     -------
@@ -275,7 +272,7 @@ def check_dataset(
     syntax = UID(transfer_syntax)
     implicit = syntax == ImplicitVRLittleEndian
     little = syntax != ExplicitVRBigEndian
-    source = _InflatingSource(encoded, max_inflated, max_header) if syntax.is_deflated else _BytesSource(encoded)
+    source = _InflatingSource(encoded, max_inflated) if syntax.is_deflated else _BytesSource(encoded)
     walker = _Walker(source, implicit, little)
     try:
         walker.walk()
@@ -284,9 +281,7 @@ def check_dataset(
     except struct.error:
         raise IncompleteDataset(f"the dataset ends inside an element header (after {source.pos} bytes)") from None
     try:
-        header = read_dataset(
-            BytesIO(source.header(walker.header_end)), implicit, little, specific_tags=[keyword_for(k) for k in HEADER_KEYWORDS]
-        )
+        header = read_dataset(BytesIO(bytes(walker.header)), implicit, little)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on garbage
         raise IncompleteDataset(f"the dataset header does not parse ({type(exc).__name__})") from None
     _check_pixels(header, walker, syntax)
@@ -295,6 +290,9 @@ def check_dataset(
 
 def _check_pixels(header: Dataset, walker: _Walker, syntax: UID) -> None:
     if not walker.pixel_tag:
+        if all(header.get(k) not in (None, "") for k in ("Rows", "Columns", "BitsAllocated")):
+            # an image header whose pixel data never came: cut at an element boundary
+            raise IncompleteDataset("the header describes an image but the dataset holds no pixel data")
         return
     name = PIXEL_TAGS[walker.pixel_tag]
     if walker.pixel_length is None:
