@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import select
 import socket
 import struct
 import threading
@@ -110,6 +111,12 @@ class GuardedDUL(DULServiceProvider):
         super().__init__(assoc)
         self.policy = policy
         self._store_waiting: tuple[int, float] | None = None
+        # pynetdicom's loop sleeps 1 ms when idle; waiting on the socket and on this pair instead
+        # wakes it the moment the peer sends or the association has something to send
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._run_loop_delay = 0
 
     # -- reading PDUs -------------------------------------------------------------------------
     def _recv_exact(self, count: int, deadline: float) -> bytes:
@@ -201,17 +208,44 @@ class GuardedDUL(DULServiceProvider):
         """Abort the association at once because of what the peer sent."""
         self._drop(f"association from {self._peer()} aborted: {reason}", abort=True)
 
+    def send_pdu(self, primitive) -> None:
+        super().send_pdu(primitive)
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # full (a wake-up is pending anyway) or closed
+            pass
+
+    def _wait_for_work(self, timeout: float = 0.001) -> None:
+        sock = self.socket.socket if self.socket is not None and self.socket._is_connected else None
+        if sock is None or not self.event_queue.empty() or not self.to_provider_queue.empty():
+            time.sleep(timeout if sock is None else 0)
+            return
+        try:
+            select.select([sock, self._wake_r], [], [], timeout)
+        except (OSError, ValueError):  # the socket closed meanwhile
+            time.sleep(timeout)
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
     def run_reactor(self) -> None:
         try:
             super().run_reactor()
         finally:
+            self._wake_r.close()
+            self._wake_w.close()
             self._release_unassociated_slot()  # also when the reactor ended on an exception
             if isinstance(self.assoc.dimse, SpoolingDIMSE):
                 self.assoc.dimse.discard_unserved()
 
     def _is_transport_event(self) -> bool:
         self._check_dataset_start()
-        return super()._is_transport_event()
+        if super()._is_transport_event():
+            return True
+        self._wait_for_work()
+        return False
 
     def kill_dul(self) -> None:
         super().kill_dul()
