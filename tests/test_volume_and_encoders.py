@@ -81,11 +81,11 @@ def test_other_series_give_other_uids(dicom_dir, ct02_outcome):
 def test_encoder_handles_tilted_and_multiframe_sources(dicom_dir, folder, tmp_path):
     volume = load_series(_files(dicom_dir / folder))
     from pacsworker.encoders import encode_results
-    from pacsworker.worker.ct_body import CtBodyModel
+    from pacsworker.worker.outputs import LabelMap, ModelIdentity, SegmentSpec
 
     labels = np.zeros(volume.pixels.shape, dtype=np.uint8)
     labels[:, 10:20, 10:30] = 1
-    results = encode_results(volume, labels, CtBodyModel(device="cpu"))
+    results = encode_results(volume, LabelMap(labels, (SegmentSpec(1, "Box"),)), ModelIdentity("test", "1"))
     path = tmp_path / "seg.dcm"
     results.seg.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []

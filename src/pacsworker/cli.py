@@ -219,13 +219,17 @@ def replay(
 def run(
     series_dir: Annotated[Path, typer.Argument(help="folder holding one series")],
     model: Annotated[str, typer.Option(help="model name from the configuration")] = "ct-body",
-    out: Annotated[Path, typer.Option(help="folder for the SEG and SR")] = Path("out"),
+    out: Annotated[Path, typer.Option(help="folder for the results")] = Path("out"),
     config: ConfigOption = None,
 ) -> None:
-    """Run a model over one series folder and write SEG + SR files; no queue, no network."""
+    """Run a model over one series folder: SEG + SR, the mask as NIfTI, a PNG overlay; no queue."""
     settings = _setup(config)
     from .replay import collect_files
-    from .worker.runtime import run_model
+    from .worker.adapters import ModelLoadError
+    from .worker.export import write_nifti, write_overlay_png
+    from .worker.outputs import ModelOutputError, ModelRunError
+    from .worker.runtime import run_model, write_values
+    from .worker.series import Series
     from .worker.volume import NotAVolumeError
 
     try:
@@ -238,15 +242,32 @@ def run(
     except NotAVolumeError as exc:
         console.print(f"[yellow]no result: {exc}[/yellow]")
         raise typer.Exit(3) from None
-    if outcome.seg is None:
-        console.print(f"[yellow]no result: {outcome.reason}[/yellow]")
-        raise typer.Exit(3)
+    except (ModelLoadError, ModelOutputError, ModelRunError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(4) from None
     out.mkdir(parents=True, exist_ok=True)
-    outcome.seg.save_as(out / "seg.dcm", enforce_file_format=True)
-    outcome.sr.save_as(out / "sr.dcm", enforce_file_format=True)
+    written = []
+    if outcome.label_map is not None:
+        series = Series(outcome.volume)
+        written += write_nifti(series, outcome.label_map.array, out)
+        written.append(write_overlay_png(series, outcome.label_map.array, out / "overlay.png"))
+    values = write_values(outcome, out)
+    if values:
+        written.append(values)
+        for key, value in outcome.values.items():
+            console.print(f"{key}: {json.dumps(value)}")
+    if outcome.seg is not None:
+        outcome.seg.save_as(out / "seg.dcm", enforce_file_format=True)
+        outcome.sr.save_as(out / "sr.dcm", enforce_file_format=True)
+        written += [out / "seg.dcm", out / "sr.dcm"]
     for stat in outcome.statistics:
         console.print(f"{stat.spec.name}: {stat.volume_ml:.1f} mL, mean {stat.mean_value:.1f}")
-    console.print(f"wrote {out / 'seg.dcm'} and {out / 'sr.dcm'} ({', '.join(f'{k} {v:.2f}s' for k, v in outcome.timings.items())})")
+    if written:
+        console.print(f"wrote {', '.join(p.name for p in written)} to {out} "
+                      f"({', '.join(f'{k} {v:.2f}s' for k, v in outcome.timings.items())})")
+    if outcome.seg is None and not values:
+        console.print(f"[yellow]no result: {outcome.reason}[/yellow]")
+        raise typer.Exit(3)
 
 
 @app.command()

@@ -97,11 +97,51 @@ class MatchRule(BaseModel):
     calling_aets: list[str] = Field(default_factory=list, description="empty: any sender")
 
 
+CodeTriple = Annotated[list[str], Field(min_length=3, max_length=3, description="[scheme, value, meaning]")]
+
+
+class SegmentConfig(BaseModel):
+    """One label of a label map (or one channel of probability maps) and its DICOM description."""
+
+    model_config = {"extra": "forbid", "populate_by_name": True}
+
+    label: int = Field(ge=1, le=255)
+    name: str = Field(min_length=1, max_length=64)
+    category: CodeTriple = Field(default_factory=lambda: ["SCT", "85756007", "Tissue"])
+    property_type: CodeTriple = Field(default_factory=lambda: ["SCT", "123037004", "Anatomical Structure"], alias="type")
+    description: str = ""
+
+
+class OutputConfig(BaseModel):
+    """What one named output of a model is: its kind, and its segments or coded name."""
+
+    model_config = {"extra": "forbid"}
+
+    kind: Literal["labelmap", "probabilities", "score", "classification"]
+    segments: list[SegmentConfig] = Field(default_factory=list)
+    name: CodeTriple | None = None
+    values: dict[str, CodeTriple] = Field(default_factory=dict, description="class value -> coded meaning")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "OutputConfig":
+        if self.kind in ("labelmap", "probabilities") and not self.segments:
+            raise ValueError(f"a {self.kind} output needs segments")
+        if self.kind in ("score", "classification") and self.name is None:
+            raise ValueError(f"a {self.kind} output needs a coded name [scheme, value, meaning]")
+        return self
+
+
 class ModelSettings(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    kind: Literal["builtin"] = "builtin"
-    source: str = Field("ct-body", description="for kind builtin: the built-in model's name")
+    kind: Literal["builtin", "python"] = "builtin"
+    source: str = Field(
+        "ct-body",
+        description="builtin: the model's name; python: 'package.module:Class' or '/path/file.py:Class'",
+    )
+    version: str = Field("", description="written into results; default: the class's `version` or 0")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model class")
+    outputs: dict[str, OutputConfig] = Field(default_factory=dict, description="output key -> what it is")
     match: MatchRule = Field(default_factory=MatchRule)
 
 

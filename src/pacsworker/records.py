@@ -99,6 +99,7 @@ class JobRecord(BaseModel):
     finished_at: float = 0.0
     timings: dict[str, float] = Field(default_factory=dict)
     outputs: dict[str, str] = Field(default_factory=dict)
+    values: dict = Field(default_factory=dict, description="scores, classes and other non-DICOM outputs")
     reason: str = ""
 
 

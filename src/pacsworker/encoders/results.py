@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from .. import __version__
-from ..worker.models import CodedTerm, SegmentationModel, SegmentSpec
+from ..worker.outputs import CodedTerm, LabelMap, ModelIdentity, SegmentSpec
 from ..worker.volume import Volume
 from .uids import result_uid
 
@@ -59,12 +59,12 @@ def _concept(term: CodedTerm) -> CodedConcept:
     return CodedConcept(term.value, term.scheme, term.meaning)
 
 
-def segment_statistics(volume: Volume, labels: np.ndarray, model: SegmentationModel) -> list[SegmentStatistics]:
-    """Statistics of the model's non-empty segments, numbered 1..N in the model's label order."""
+def segment_statistics(volume: Volume, labels: np.ndarray, segments: tuple[SegmentSpec, ...]) -> list[SegmentStatistics]:
+    """Statistics of the non-empty segments, numbered 1..N in the label map's segment order."""
     if labels.shape != volume.pixels.shape:
         raise ValueError(f"label map shape {labels.shape} differs from the volume's {volume.pixels.shape}")
     found = []
-    for spec in model.segments:
+    for spec in segments:
         mask = labels == spec.label
         voxels = int(mask.sum())
         if voxels:
@@ -118,7 +118,7 @@ def _geometry(volume: Volume) -> dict:
     }
 
 
-def encode_results(volume: Volume, labels: np.ndarray, model: SegmentationModel) -> EncodedResults | None:
+def encode_results(volume: Volume, label_map: LabelMap, model: ModelIdentity) -> EncodedResults | None:
     """Build the SEG and the SR for one model run; ``None`` when the model found no segment.
 
     Raises
@@ -128,7 +128,7 @@ def encode_results(volume: Volume, labels: np.ndarray, model: SegmentationModel)
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = _encode(volume, labels, model)
+        results = _encode(volume, label_map, model)
     if caught:
         # the texts may quote patient attributes: log only how many and of which kind
         kinds = sorted({w.category.__name__ for w in caught})
@@ -136,8 +136,9 @@ def encode_results(volume: Volume, labels: np.ndarray, model: SegmentationModel)
     return results
 
 
-def _encode(volume: Volume, labels: np.ndarray, model: SegmentationModel) -> EncodedResults | None:
-    stats = segment_statistics(volume, labels, model)
+def _encode(volume: Volume, label_map: LabelMap, model: ModelIdentity) -> EncodedResults | None:
+    labels = label_map.array
+    stats = segment_statistics(volume, labels, label_map.segments)
     if not stats:
         return None
     instance_uids = [str(ds.SOPInstanceUID) for ds in volume.source_datasets]
@@ -149,6 +150,9 @@ def _encode(volume: Volume, labels: np.ndarray, model: SegmentationModel) -> Enc
     for ds in sources:
         if "PerFrameFunctionalGroupsSequence" not in ds and not ds.get("SliceThickness"):
             ds.SliceThickness = volume.slice_spacing  # required in the SEG's pixel measures
+        if "ImageOrientationPatient" in ds:
+            # the loader accepted cosines equal within 1e-3; highdicom compares them exactly
+            ds.ImageOrientationPatient = list(volume.orientation)
     if any(not ds.get("FrameOfReferenceUID") for ds in sources):
         # the source breaks the standard (type 1 in its image plane module); one derived UID keeps
         # the SEG valid and all its frames in one frame of reference

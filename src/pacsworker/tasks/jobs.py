@@ -51,6 +51,8 @@ def process_series(self, job_id: str) -> str:
     log.info("job %s: series %s, model %s, attempt %d", job_id, job.series_uid, job.model, job.attempts)
 
     from ..scp.spool import series_files
+    from ..worker.adapters import ModelLoadError
+    from ..worker.outputs import ModelOutputError, ModelRunError
     from ..worker.runtime import run_model
     from ..worker.volume import NotAVolumeError
 
@@ -68,13 +70,19 @@ def process_series(self, job_id: str) -> str:
         job.state, job.reason = JobState.NO_RESULT, str(exc)
     except SoftTimeLimitExceeded:
         job.state, job.reason = JobState.FAILED, f"exceeded the soft time limit of {settings.queue.job_soft_time_limit} s"
+    except (ModelLoadError, ModelOutputError, ModelRunError) as exc:
+        job.state, job.reason = JobState.FAILED, str(exc)
     except Exception as exc:  # noqa: BLE001 - the job fails with its reason, the worker keeps serving
         log.exception("job %s raised", job_id)
         job.state, job.reason = JobState.FAILED, f"{type(exc).__name__}: {exc}"
     job = _merge(layout, job)
     if outcome is not None:
         job.timings.update(outcome.timings)
-        if outcome.seg is None:
+        job.values = outcome.values
+        if outcome.seg is None and outcome.values and outcome.label_map is None:
+            # scores and classes only: recorded in the job until DICOM encoders exist for them
+            job.state, job.reason = JobState.DONE, "values recorded in the job; no DICOM object for them yet"
+        elif outcome.seg is None:
             job.state, job.reason = JobState.NO_RESULT, outcome.reason
         else:
             _write_outbox(layout, job, outcome, settings)
@@ -106,6 +114,9 @@ def _write_outbox(layout: DataLayout, job: JobRecord, outcome, settings) -> None
         tmp.replace(final)
         files.append(final.name)
         job.outputs[role] = str(ds.SOPInstanceUID)
+    from ..worker.runtime import write_values
+
+    write_values(outcome, folder)  # a sidecar for the operator; only the .dcm files are delivered
     delivery = DeliveryRecord(
         job_id=job.job_id,
         files=files,

@@ -1,5 +1,8 @@
 """Built-in ``ct-body``: body, lungs and bone on CT from Hounsfield thresholds and connected components.
 
+It is written on the public ``kind: python`` API (a class with ``predict(series)`` returning a
+``LabelMap``), so it is also the smallest worked example of wrapping a model.
+
 Thresholds and masks are torch operations on the chosen device; connected-component labelling
 uses cuCIM on a GPU when it is installed, scikit-image otherwise. The label map is exclusive
 (no overlaps), so the SEG loads in viewers that reject overlapping segments.
@@ -10,11 +13,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .models import CodedTerm, SegmentSpec
-from .volume import Volume
-
-TISSUE = CodedTerm("85756007", "SCT", "Tissue")
-ANATOMICAL = CodedTerm("123037004", "SCT", "Anatomical Structure")
+from .outputs import ANATOMICAL_STRUCTURE as ANATOMICAL
+from .outputs import TISSUE, CodedTerm, LabelMap, SegmentSpec
+from .series import Series
 
 BODY, LUNGS, BONE = 1, 2, 3
 
@@ -22,12 +23,6 @@ AIR_HU = -400.0  # below: air (outside the body, lungs, bowel gas)
 BODY_HU = -500.0  # above: tissue of the body or the table
 BONE_HU = 300.0  # above: cortical and dense trabecular bone
 MIN_LUNG_ML = 10.0  # smaller internal air pockets are not lung
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _label(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -59,12 +54,14 @@ class CtBodyModel:
         SegmentSpec(BONE, "Bone", TISSUE, CodedTerm("3138006", "SCT", "Bone tissue")),
     )
 
-    def __init__(self, device: str = "auto"):
-        self.device = resolve_device(device)
+    def __init__(self, device: str = "cpu"):
+        self.device = torch.device(device)
 
-    @torch.inference_mode()
-    def predict(self, volume: Volume) -> np.ndarray:
-        hu = torch.from_numpy(volume.pixels).to(self.device, dtype=torch.float32)
+    def predict(self, series: Series) -> LabelMap:
+        return LabelMap(self.labels(series.pixels, series.volume.voxel_volume_ml), self.segments)
+
+    def labels(self, pixels: np.ndarray, voxel_ml: float) -> np.ndarray:
+        hu = torch.from_numpy(pixels).to(self.device, dtype=torch.float32)
         air = hu < AIR_HU
         # air connected to the in-plane border of any slice is outside the patient
         air_labels, _ = _label(air)
@@ -85,7 +82,7 @@ class CtBodyModel:
         lung_labels, _ = _label(inside_air & body)
         lung_counts = torch.bincount(lung_labels.flatten())
         lung_counts[0] = 0
-        min_voxels = MIN_LUNG_ML / volume.voxel_volume_ml
+        min_voxels = MIN_LUNG_ML / voxel_ml
         lung_ids = torch.nonzero(lung_counts >= min_voxels).flatten()
         lungs = torch.isin(lung_labels, lung_ids) if len(lung_ids) else torch.zeros_like(body)
 

@@ -1,40 +1,54 @@
-"""Runs one model over one spooled series: volume -> label map -> SEG + SR. No queue, no network."""
+"""The one place a series becomes results: volume -> model -> encoders. ``run``, the Celery task
+and the tests all call :func:`run_model`; no queue, no network here.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ModelSettings
-from .models import SegmentationModel, builtin_model
-from .volume import load_series
+from .adapters import LoadedModel, load_model
+from .outputs import LabelMap, ModelOutputError, ModelResult, ModelRunError
+from .series import Series
+from .volume import Volume, load_series
 
 log = logging.getLogger(__name__)
 
-_loaded: dict[tuple[str, str, str], SegmentationModel] = {}
+_loaded: dict[str, LoadedModel] = {}
 
 
-def get_model(settings: ModelSettings) -> SegmentationModel:
-    """The model for these settings, loaded once per process and kept warm."""
-    key = (settings.kind, settings.source, settings.device)
+def get_model(settings: ModelSettings) -> LoadedModel:
+    """The model for these settings, loaded once per process and kept warm.
+
+    Raises
+    ------
+    ModelLoadError
+        If it cannot be loaded (tried again on the next job).
+    """
+    key = settings.model_dump_json(exclude={"match"})
     if key not in _loaded:
         started = time.perf_counter()
-        _loaded[key] = builtin_model(settings.source, settings.device)
-        log.info("model %s loaded in %.2f s", settings.name, time.perf_counter() - started)
+        _loaded[key] = load_model(settings)
+        log.info("model %s loaded on %s in %.2f s", settings.name, _loaded[key].device, time.perf_counter() - started)
     return _loaded[key]
 
 
 @dataclass
 class RunOutcome:
-    """What a model run produced: result objects (or none, with the reason) and stage timings (s)."""
+    """What a model run produced: result objects (or none, with the reason), values, stage timings (s)."""
 
     seg: object | None = None
     sr: object | None = None
     reason: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     statistics: tuple = ()
+    values: dict = field(default_factory=dict)
+    volume: Volume | None = None
+    label_map: LabelMap | None = None
 
 
 def run_model(files: list[Path], settings: ModelSettings) -> RunOutcome:
@@ -44,22 +58,48 @@ def run_model(files: list[Path], settings: ModelSettings) -> RunOutcome:
     ------
     NotAVolumeError
         If the series is not one regularly sampled volume (the reason says why).
+    ModelLoadError, ModelRunError, ModelOutputError
+        If the model cannot be loaded, raised while running, or returned something its
+        configuration does not allow.
     """
     from ..encoders import encode_results
 
     outcome = RunOutcome()
     started = time.perf_counter()
-    volume = load_series(files)
+    outcome.volume = volume = load_series(files)
     outcome.timings["load_s"] = time.perf_counter() - started
     model = get_model(settings)
     started = time.perf_counter()
-    labels = model.predict(volume)
+    try:
+        result: ModelResult = model.run(Series(volume))
+    except ModelOutputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the researcher's code: its message becomes the job's reason
+        log.debug("model %s raised", settings.name, exc_info=True)
+        raise ModelRunError(f"model {settings.name} raised {type(exc).__name__}: {exc}") from exc
     outcome.timings["model_s"] = time.perf_counter() - started
+    outcome.values = result.values_json()
+    label_maps = result.label_maps
+    if len(label_maps) > 1:
+        log.info("model %s returned %d label maps; the first becomes the SEG", settings.name, len(label_maps))
+    if not label_maps:
+        outcome.reason = "the model returned no label map" + (" (its values are recorded)" if outcome.values else "")
+        return outcome
+    outcome.label_map = label_maps[0]
     started = time.perf_counter()
-    results = encode_results(volume, labels, model)
+    results = encode_results(volume, label_maps[0], model.identity)
     outcome.timings["encode_s"] = time.perf_counter() - started
     if results is None:
         outcome.reason = "the model found no segment"
         return outcome
     outcome.seg, outcome.sr, outcome.statistics = results.seg, results.sr, results.statistics
     return outcome
+
+
+def write_values(outcome: RunOutcome, folder: Path) -> Path | None:
+    """Outputs no DICOM encoder writes yet (scores, classes, probabilities) as ``outputs.json``."""
+    if not outcome.values:
+        return None
+    path = folder / "outputs.json"
+    path.write_text(json.dumps(outcome.values, indent=2))
+    return path

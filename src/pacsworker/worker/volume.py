@@ -37,6 +37,7 @@ class SliceSource:
     dataset: Dataset  # header only; pixel data dropped after decoding
     frame_number: int | None
     position: tuple[float, float, float]
+    rescale: tuple[float, float] = (1.0, 0.0)  # (slope, intercept) applied to this slice
 
 
 @dataclass
@@ -55,6 +56,10 @@ class Volume:
     slice_spacing: float
     slice_thickness: float | None
     outcome: VolumeOutcome
+
+    def rescale_of(self, index: int) -> tuple[float, float]:
+        """(slope, intercept) the loader applied to slice ``index``."""
+        return self.sources[index].rescale
 
     @property
     def voxel_volume_ml(self) -> float:
@@ -101,6 +106,7 @@ class _Plane:
     position: tuple[float, float, float]
     spacing: tuple[float, float]
     thickness: float | None
+    rescale: tuple[float, float]
 
 
 def _planes_of(ds: Dataset) -> list[_Plane]:
@@ -119,6 +125,7 @@ def _planes_of(ds: Dataset) -> list[_Plane]:
                 _floats(ds.get("ImagePositionPatient"), 3, "Image Position (Patient)"),
                 (spacing[0], spacing[1]),
                 float(thickness) if thickness not in (None, "") else None,
+                (slope, intercept),
             )
         ]
     shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
@@ -147,6 +154,7 @@ def _planes_of(ds: Dataset) -> list[_Plane]:
                 _floats(position.get("ImagePositionPatient"), 3, "Image Position (Patient)"),
                 (spacing[0], spacing[1]),
                 float(thickness) if thickness not in (None, "") else None,
+                (slope, intercept),
             )
         )
     return planes
@@ -209,7 +217,7 @@ def load_series(files: list[Path], *, spacing_tolerance: float = 0.01) -> Volume
     tilted = bool(np.max(np.linalg.norm(offsets, axis=1)) > 1e-2)
     return Volume(
         pixels=np.stack([p.frame for p in planes]),
-        sources=[SliceSource(p.dataset, p.frame_number, p.position) for p in planes],
+        sources=[SliceSource(p.dataset, p.frame_number, p.position, p.rescale) for p in planes],
         orientation=tuple(float(v) for v in orientation),
         row_spacing=planes[0].spacing[0],
         column_spacing=planes[0].spacing[1],

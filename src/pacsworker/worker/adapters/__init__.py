@@ -1,0 +1,52 @@
+"""One registry for every model kind: ``load_model(settings)`` returns a warm, callable model.
+
+Each kind is a small module here; they all return a ``LoadedModel``: its identity (written into
+the results) and ``run(series) -> ModelResult``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ...config import ModelSettings
+from ..outputs import ModelIdentity, ModelResult
+from ..series import Series
+
+BUILTIN = {"ct-body": "pacsworker.worker.ct_body:CtBodyModel"}
+
+
+class LoadedModel(Protocol):
+    identity: ModelIdentity
+    device: str
+
+    def run(self, series: Series) -> ModelResult:
+        ...
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; its jobs fail with this reason and the worker keeps serving."""
+
+
+def load_model(settings: ModelSettings) -> LoadedModel:
+    """Load a model as its ``kind`` says.
+
+    Raises
+    ------
+    ModelLoadError
+        With the reason (unknown built-in, import error, constructor error, missing method).
+    """
+    from .python_class import PythonModel
+
+    try:
+        if settings.kind == "builtin":
+            if settings.source not in BUILTIN:
+                raise ModelLoadError(f"no built-in model named {settings.source!r} (known: {', '.join(BUILTIN)})")
+            return PythonModel(settings, BUILTIN[settings.source])
+        if settings.kind == "python":
+            return PythonModel(settings, settings.source)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the researcher's code raised while loading
+        raise ModelLoadError(f"model {settings.name} ({settings.kind} {settings.source}) failed to load: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    raise ModelLoadError(f"model kind {settings.kind!r} is not supported")

@@ -1,0 +1,175 @@
+"""``kind: python``: a researcher's class, called through ``predict(series)`` or ``inference(...)``.
+
+``predict(series)`` gets a :class:`~pacsworker.worker.series.Series`; ``inference(...)`` gets only
+the named DICOM-derived inputs its signature asks for. Either returns an output object, a dict of
+named outputs (mapped by the model's ``outputs:`` configuration), or a bare array when the
+configuration names exactly one output.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...config import ModelSettings, OutputConfig
+from ..outputs import (
+    Classification,
+    CodedTerm,
+    LabelMap,
+    ModelIdentity,
+    ModelOutputError,
+    ModelResult,
+    ProbabilityMaps,
+    Score,
+    SegmentSpec,
+)
+from ..series import NAMED_INPUTS, Series
+
+log = logging.getLogger("pacsworker.worker")
+OUTPUT_TYPES = (LabelMap, ProbabilityMaps, Score, Classification)
+
+
+def import_class(source: str) -> type:
+    """``package.module:Class`` or ``/path/to/file.py:Class``."""
+    module_name, sep, class_name = source.rpartition(":")
+    if not sep or not module_name or not class_name:
+        raise ValueError(f"source {source!r} must be 'package.module:Class' or '/path/file.py:Class'")
+    if module_name.endswith(".py"):
+        path = Path(module_name).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"model file {path} does not exist")
+        unique = f"pacsworker_model_{abs(hash(str(path)))}"
+        spec = importlib.util.spec_from_file_location(unique, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[unique] = module
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    try:
+        return getattr(module, class_name)
+    except AttributeError:
+        raise AttributeError(f"{module_name} has no class {class_name}") from None
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def segments_of(config: OutputConfig) -> tuple[SegmentSpec, ...]:
+    return tuple(
+        SegmentSpec(s.label, s.name, CodedTerm.from_triple(s.category), CodedTerm.from_triple(s.property_type), s.description)
+        for s in config.segments
+    )
+
+
+class PythonModel:
+    """A model class loaded once; ``run`` calls whichever contract the class implements."""
+
+    def __init__(self, settings: ModelSettings, source: str):
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        cls = import_class(source)
+        kwargs = dict(settings.options)
+        parameters = inspect.signature(cls).parameters
+        if "device" in parameters or any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+            kwargs["device"] = self.device
+        self.instance = cls(**kwargs)
+        version = settings.version or str(getattr(self.instance, "version", "") or "0")
+        self.identity = ModelIdentity(settings.name, version)
+        if callable(getattr(self.instance, "predict", None)):
+            self.contract, self.wanted = "predict", ()
+        elif callable(getattr(self.instance, "inference", None)):
+            self.contract = "inference"
+            self.wanted = tuple(
+                name for name, p in inspect.signature(self.instance.inference).parameters.items()
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            )
+            unknown = [name for name in self.wanted if name not in NAMED_INPUTS]
+            if unknown:
+                raise TypeError(f"inference() asks for {unknown}, which pacsworker does not provide "
+                                f"(known inputs: {', '.join(NAMED_INPUTS)})")
+        else:
+            raise TypeError(f"{source} has neither predict(series) nor inference(...)")
+
+    def run(self, series: Series) -> ModelResult:
+        with torch.inference_mode():
+            if self.contract == "predict":
+                raw = self.instance.predict(series)
+            else:
+                raw = self.instance.inference(**series.named_inputs(self.wanted))
+        return to_result(raw, self.settings.outputs, series)
+
+
+def to_result(raw, outputs: dict[str, OutputConfig], series: Series) -> ModelResult:
+    """Check and type what a model returned, as its ``outputs:`` configuration says."""
+    if isinstance(raw, ModelResult):
+        return raw
+    if isinstance(raw, OUTPUT_TYPES):
+        return ModelResult({"output": raw})
+    if not isinstance(raw, dict):
+        if len(outputs) != 1:
+            raise ModelOutputError(
+                f"the model returned a {type(raw).__name__}; return a dict of named outputs, or configure exactly one output"
+            )
+        raw = {next(iter(outputs)): raw}
+    result = ModelResult()
+    for key, value in raw.items():
+        if isinstance(value, OUTPUT_TYPES):
+            result.outputs[key] = value
+        elif key in outputs:
+            result.outputs[key] = _typed(key, value, outputs[key], series)
+        else:
+            log.info("model output %r is not in the model's outputs configuration; ignored", key)
+    missing = [key for key in outputs if key not in result.outputs]
+    if missing:
+        raise ModelOutputError(f"output(s) {missing} configured but missing from what the model returned")
+    return result
+
+
+def _series_value(key: str, value, series: Series):
+    """Unwrap a value keyed by Series Instance UID (the named-input contract's convention)."""
+    if isinstance(value, dict):
+        if series.series_uid not in value:
+            raise ModelOutputError(f"output {key!r} is a dict without the series {series.series_uid}")
+        return value[series.series_uid]
+    return value
+
+
+def _typed(key: str, value, config: OutputConfig, series: Series):
+    value = _series_value(key, value, series)
+    if config.kind in ("labelmap", "probabilities"):
+        array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
+        shape = series.pixels.shape
+        if config.kind == "labelmap":
+            if array.shape != shape:
+                raise ModelOutputError(f"output {key!r}: label map of shape {array.shape}, the series is {shape}")
+            if array.dtype.kind == "f" and not np.all(np.mod(array, 1) == 0):
+                raise ModelOutputError(f"output {key!r}: a label map must hold whole numbers")
+            return LabelMap(array.astype(np.uint8), segments_of(config))
+        if array.shape == shape and len(config.segments) == 1:
+            array = array[np.newaxis]
+        if array.shape != (len(config.segments), *shape):
+            raise ModelOutputError(
+                f"output {key!r}: probabilities of shape {array.shape}, expected {(len(config.segments), *shape)}"
+            )
+        if array.size and (float(array.min()) < 0 or float(array.max()) > 1):
+            raise ModelOutputError(f"output {key!r}: probabilities must lie within 0..1")
+        return ProbabilityMaps(array.astype(np.float32), segments_of(config))
+    name = CodedTerm.from_triple(config.name)
+    if config.kind == "score":
+        try:
+            return Score(float(np.asarray(value).item()), name)
+        except (TypeError, ValueError):
+            raise ModelOutputError(f"output {key!r}: a score must be one number, got {type(value).__name__}") from None
+    plain = np.asarray(value).item() if isinstance(value, (np.ndarray, np.generic, torch.Tensor)) else value
+    meaning = config.values.get(str(plain))
+    return Classification(plain, name, CodedTerm.from_triple(meaning) if meaning else None)

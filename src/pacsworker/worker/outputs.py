@@ -1,0 +1,126 @@
+"""What a model returns, as plain typed objects; ``worker`` makes them and ``encoders`` writes them.
+
+Nothing here knows a model or a DICOM encoder: both import this module, never each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class ModelOutputError(ValueError):
+    """A model returned something its configuration does not allow; the message names the key."""
+
+
+class ModelRunError(RuntimeError):
+    """The model's own code raised while it ran; the message carries what it said."""
+
+
+@dataclass(frozen=True)
+class CodedTerm:
+    """A coded concept (value, scheme designator, meaning), e.g. SNOMED CT ``39607008`` Lung."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+    @classmethod
+    def from_triple(cls, triple) -> "CodedTerm":
+        """From the configuration's ``[scheme, value, meaning]``, e.g. ``[SCT, "39607008", Lung]``."""
+        scheme, value, meaning = (str(part) for part in triple)
+        return cls(value=value, scheme=scheme, meaning=meaning)
+
+    def as_json(self) -> list[str]:
+        return [self.scheme, self.value, self.meaning]
+
+
+TISSUE = CodedTerm("85756007", "SCT", "Tissue")
+ANATOMICAL_STRUCTURE = CodedTerm("123037004", "SCT", "Anatomical Structure")
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """One label of a model's output and how it is described in DICOM."""
+
+    label: int
+    name: str
+    category: CodedTerm = TISSUE
+    property_type: CodedTerm = ANATOMICAL_STRUCTURE
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Who made a result: written into every result object as algorithm name and version."""
+
+    name: str
+    version: str
+
+
+@dataclass
+class LabelMap:
+    """An exclusive label map of the volume's shape (slices, rows, columns): 0 = background."""
+
+    array: np.ndarray
+    segments: tuple[SegmentSpec, ...]
+
+
+@dataclass
+class ProbabilityMaps:
+    """Per-segment probabilities 0..1, shape (segments, slices, rows, columns), in ``segments`` order."""
+
+    array: np.ndarray
+    segments: tuple[SegmentSpec, ...]
+
+
+@dataclass
+class Score:
+    """One number about the series, e.g. DCM 111047 Probability of cancer."""
+
+    value: float
+    name: CodedTerm
+
+
+@dataclass
+class Classification:
+    """A class the model chose, with its coded meaning when the configuration gives one."""
+
+    value: int | str
+    name: CodedTerm
+    meaning: CodedTerm | None = None
+    score: float | None = None
+
+
+ModelOutput = LabelMap | ProbabilityMaps | Score | Classification
+
+
+@dataclass
+class ModelResult:
+    """Everything one run of a model returned, by output key."""
+
+    outputs: dict[str, ModelOutput] = field(default_factory=dict)
+
+    @property
+    def label_maps(self) -> list[LabelMap]:
+        return [o for o in self.outputs.values() if isinstance(o, LabelMap)]
+
+    def values_json(self) -> dict:
+        """The outputs no DICOM encoder writes yet, as JSON (probability maps summarised)."""
+        values: dict = {}
+        for key, output in self.outputs.items():
+            if isinstance(output, Score):
+                values[key] = {"kind": "score", "name": output.name.as_json(), "value": float(output.value)}
+            elif isinstance(output, Classification):
+                values[key] = {
+                    "kind": "classification", "name": output.name.as_json(), "value": output.value,
+                    "meaning": output.meaning.as_json() if output.meaning else None, "score": output.score,
+                }
+            elif isinstance(output, ProbabilityMaps):
+                values[key] = {
+                    "kind": "probabilities", "shape": list(output.array.shape),
+                    "segments": {s.name: float(output.array[i].max()) for i, s in enumerate(output.segments)},
+                    "note": "maximum probability per segment; the maps themselves are not written yet",
+                }
+        return values
