@@ -131,13 +131,38 @@ class OutputConfig(BaseModel):
         return self
 
 
+class TransformConfig(BaseModel):
+    """One MONAI transform by class name, with its arguments (dictionary transforms get ``keys``)."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class PipelineConfig(BaseModel):
+    """Pre-transforms, an inferer and post-transforms around a network (kind torchscript)."""
+
+    model_config = {"extra": "forbid"}
+
+    pre: list[TransformConfig] = Field(default_factory=list)
+    inferer: dict[str, Any] = Field(
+        default_factory=lambda: {"name": "simple"},
+        description="{name: simple} or {name: sliding_window, roi_size, overlap, sw_batch_size, mode}",
+    )
+    post: list[TransformConfig] = Field(default_factory=list)
+    amp: bool = Field(True, description="mixed precision on CUDA")
+
+
 class ModelSettings(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    kind: Literal["builtin", "python"] = "builtin"
+    kind: Literal["builtin", "python", "torchscript"] = "builtin"
     source: str = Field(
         "ct-body",
-        description="builtin: the model's name; python: 'package.module:Class' or '/path/file.py:Class'",
+        description="builtin: the model's name; python: 'package.module:Class' or '/path/file.py:Class'; "
+        "torchscript: the .ts/.pt file",
     )
+    pipeline: PipelineConfig | str | None = Field(None, description="torchscript: inline, or a YAML file")
     version: str = Field("", description="written into results; default: the class's `version` or 0")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model class")

@@ -101,6 +101,7 @@ class ModelResult:
     """Everything one run of a model returned, by output key."""
 
     outputs: dict[str, ModelOutput] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the runtime had to do (e.g. fell back to CPU)
 
     @property
     def label_maps(self) -> list[LabelMap]:
@@ -123,4 +124,6 @@ class ModelResult:
                     "segments": {s.name: float(output.array[i].max()) for i, s in enumerate(output.segments)},
                     "note": "maximum probability per segment; the maps themselves are not written yet",
                 }
+        if self.notes:
+            values["runtime_notes"] = list(self.notes)
         return values

@@ -44,6 +44,10 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             return PythonModel(settings, BUILTIN[settings.source])
         if settings.kind == "python":
             return PythonModel(settings, settings.source)
+        if settings.kind == "torchscript":
+            from .torchscript import TorchScriptModel
+
+            return TorchScriptModel(settings)
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the researcher's code raised while loading

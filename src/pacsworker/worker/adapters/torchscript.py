@@ -1,0 +1,151 @@
+"""``kind: torchscript``: a TorchScript file run through a MONAI pipeline named in the configuration.
+
+What NVIDIA's Clara base inference operator read from ``config_inference.json``: pre-transforms,
+an inferer (whole volume, or sliding window), post-transforms, by MONAI names and arguments.
+The image reaches the pipeline as MONAI's loaders give a NIfTI: a channel-first ``MetaTensor``
+(1, columns, rows, slices) in modality units with its RAS affine, under the key ``image``; the
+network's output goes back through the inverse of the pre-transforms (``Invertd``) before the
+post-transforms, so the label map lands on the series' own grid.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from ...config import ModelSettings, PipelineConfig, TransformConfig
+from ..export import nifti_affine
+from ..outputs import LabelMap, ModelIdentity, ModelOutputError, ModelResult, ProbabilityMaps
+from ..series import Series
+from .python_class import resolve_device, segments_of
+
+log = logging.getLogger("pacsworker.worker")
+
+
+def load_pipeline(settings: ModelSettings) -> PipelineConfig:
+    """The model's pipeline: inline, or a YAML file (relative to the model file)."""
+    pipeline = settings.pipeline
+    if isinstance(pipeline, str):
+        path = Path(pipeline)
+        if not path.is_absolute():
+            path = Path(settings.source).parent / path
+        pipeline = PipelineConfig.model_validate(yaml.safe_load(path.read_text()))
+    if pipeline is None:
+        raise ValueError("kind torchscript needs a pipeline (pre, inferer, post)")
+    return pipeline
+
+
+def build_transform(step: TransformConfig, key: str):
+    """A MONAI dictionary transform by name; ``keys`` defaults to the pipeline's key."""
+    import monai.transforms
+
+    cls = getattr(monai.transforms, step.name, None)
+    if cls is None:
+        raise ValueError(f"MONAI has no transform named {step.name!r}")
+    args = dict(step.args)
+    if "keys" in inspect.signature(cls).parameters and "keys" not in args:
+        args["keys"] = [key]
+    return cls(**args)
+
+
+def build_inferer(config: dict):
+    from monai.inferers import SimpleInferer, SlidingWindowInferer
+
+    args = dict(config)
+    name = args.pop("name", "simple")
+    if name == "simple":
+        return SimpleInferer()
+    if name == "sliding_window":
+        return SlidingWindowInferer(**args)
+    raise ValueError(f"inferer {name!r} is not supported (simple, sliding_window)")
+
+
+def image_for_pipeline(series: Series):
+    """The series as MONAI's NIfTI loading gives it: (1, columns, rows, slices) with a RAS affine."""
+    from monai.data import MetaTensor
+
+    array = np.ascontiguousarray(series.pixels.transpose(2, 1, 0))[np.newaxis]
+    return MetaTensor(torch.from_numpy(array.astype(np.float32)), affine=torch.as_tensor(nifti_affine(series)))
+
+
+class TorchScriptModel:
+    """A TorchScript network with its MONAI pipeline, loaded once and kept on its device."""
+
+    def __init__(self, settings: ModelSettings):
+        from monai.transforms import Compose, Invertd
+
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        path = Path(settings.source).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"TorchScript file {path} does not exist")
+        self.network = torch.jit.load(str(path), map_location=self.device).eval()
+        self.pipeline = load_pipeline(settings)
+        key = "image"
+        self.pre = Compose([build_transform(step, key) for step in self.pipeline.pre])
+        self.invert = Invertd(keys="pred", transform=self.pre, orig_keys=key, nearest_interp=False)
+        self.post = Compose([build_transform(step, "pred") for step in self.pipeline.post])
+        self.inferer = build_inferer(self.pipeline.inferer)
+        if len(settings.outputs) != 1:
+            raise ValueError("kind torchscript needs exactly one output (labelmap or probabilities) in outputs:")
+        self.output_key, self.output = next(iter(settings.outputs.items()))
+        self.identity = ModelIdentity(settings.name, settings.version or path.stem)
+        self.notes: list[str] = []
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """The inferer over a (1, C, ...) batch on the model's device, with AMP on CUDA if asked."""
+        batch = image.to(self.device)
+        autocast = self.device.startswith("cuda") and self.pipeline.amp
+        with torch.autocast("cuda", enabled=autocast):
+            return self.inferer(batch, self.network)
+
+    def _forward_with_fallback(self, image: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.forward(image)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if getattr(self.inferer, "sw_batch_size", 1) > 1:
+                self.inferer.sw_batch_size = 1
+                self.notes.append("CUDA out of memory: sliding-window batch reduced to 1")
+                try:
+                    return self.forward(image)
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+            self.notes.append("CUDA out of memory: ran on the CPU")
+            log.warning("model %s: CUDA out of memory; this job runs on the CPU", self.settings.name)
+            return self.inferer(image.cpu(), self.network.cpu()).to("cpu")
+
+    def run(self, series: Series) -> ModelResult:
+        with torch.inference_mode():
+            data = self.pre({"image": image_for_pipeline(series)})
+            prediction = self._forward_with_fallback(data["image"][None])[0].cpu()
+            data["pred"] = prediction
+            data = self.invert(data)
+            data = self.post(data)
+        pred = data["pred"]
+        array = np.asarray(pred.detach().cpu() if isinstance(pred, torch.Tensor) else pred)
+        volume_shape = series.pixels.shape
+        grid = (volume_shape[2], volume_shape[1], volume_shape[0])
+        if array.ndim != 4 or tuple(array.shape[1:]) != grid:
+            raise ModelOutputError(
+                f"output {self.output_key!r}: the pipeline gave {tuple(array.shape)}, expected (channels, *{grid}) "
+                "on the series' grid (does the pipeline end with a label or probability map?)"
+            )
+        array = array.transpose(0, 3, 2, 1)  # back to (channels, slices, rows, columns)
+        segments = segments_of(self.output)
+        if self.output.kind == "labelmap":
+            if array.shape[0] != 1:
+                raise ModelOutputError(f"output {self.output_key!r}: a label map needs one channel, got {array.shape[0]} "
+                                       "(add AsDiscreted with argmax to post)")
+            result = LabelMap(np.rint(array[0]).astype(np.uint8), segments)
+        else:
+            channels = array[[s.label for s in self.output.segments]] if array.shape[0] > len(segments) else array
+            result = ProbabilityMaps(np.clip(channels, 0, 1).astype(np.float32), segments)
+        outcome = ModelResult({self.output_key: result})
+        outcome.notes, self.notes = list(self.notes), []
+        return outcome
