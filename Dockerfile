@@ -7,7 +7,7 @@ WORKDIR /app
 RUN pip install --no-cache-dir ${TORCH_SPEC}
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install --no-cache-dir ".[monitor]"
+RUN pip install --no-cache-dir ".[monitor,brain]" && pip install --no-cache-dir --no-deps "deepbet==1.0.2"
 RUN useradd --system --uid 1000 pacsworker && mkdir -p /data && chown pacsworker /data
 USER pacsworker
 VOLUME ["/data"]

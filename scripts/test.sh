@@ -18,6 +18,6 @@ if [ ${#need[@]} -gt 0 ]; then
     exit 1
   fi
 fi
-bash scripts/setup.sh test
+bash scripts/setup.sh test,brain
 export PACSWORKER_REQUIRE_SERVERS=1
 exec .venv/bin/python -m pytest "$@"

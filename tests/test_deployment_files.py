@@ -31,6 +31,8 @@ def test_dockerfile_installs_the_package_and_runs_the_cli():
     for source in [s for sources in copies for s in sources]:
         assert (REPO / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
     assert json.loads(next(i["value"] for i in parser.structure if i["instruction"] == "ENTRYPOINT")) == ["pacsworker"]
+    runs = " ".join(i["value"] for i in parser.structure if i["instruction"] == "RUN")
+    assert "brain]" in runs and "--no-deps \"deepbet==1.0.2\"" in runs  # the built-in mr-brain, no GUI toolkit
 
 
 def test_compose_configuration_file_is_valid():

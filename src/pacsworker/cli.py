@@ -40,6 +40,13 @@ def _setup(config: Path | None) -> Settings:
     # pynetdicom's own INFO/DEBUG lines can dump dataset contents; keep them out of the log
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    if "models" not in settings.model_fields_set:
+        from .config import brain_extra_installed
+
+        names = ", ".join(m.name for m in settings.models)
+        extra = "" if brain_extra_installed() else (
+            "; mr-brain is not available: install the brain extra (scripts/setup.sh does)")
+        logging.getLogger("pacsworker").info("no models configured: the defaults run (%s)%s", names, extra)
     return settings
 
 
@@ -268,6 +275,60 @@ def run(
     if outcome.seg is None and not values:
         console.print(f"[yellow]no result: {outcome.reason}[/yellow]")
         raise typer.Exit(3)
+
+
+rules_app = typer.Typer(no_args_is_help=True, help="Routing rules: which series go to which model.")
+app.add_typer(rules_app, name="rules")
+
+
+@rules_app.command("test")
+def rules_test(
+    paths: Annotated[list[Path], typer.Argument(help="folders or files of DICOM series")],
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """For every series found: the model(s) it would go to, and for each other model the first rule it fails."""
+    settings = _setup(config)
+    import pydicom
+
+    from .records import SeriesRecord
+    from .replay import collect_files
+    from .scp.routing import match_reason, series_facts
+
+    series: dict[str, SeriesRecord] = {}
+    for path in collect_files(list(paths)):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            uid = str(ds.SeriesInstanceUID)
+        except Exception:  # noqa: BLE001 - not DICOM, or no series: not a routing question
+            continue
+        if uid not in series:
+            series[uid] = SeriesRecord(
+                series_uid=uid, study_uid=str(ds.get("StudyInstanceUID", "")), modality=str(ds.get("Modality", "")),
+                sop_class_uid=str(ds.get("SOPClassUID", "")), calling_aet="", **series_facts(ds),
+            )
+        series[uid].instances += 1
+    report = []
+    for record in series.values():
+        reasons = {model.name: match_reason(record, model) for model in settings.models}
+        report.append({
+            "series_uid": record.series_uid, "description": record.series_description, "modality": record.modality,
+            "instances": record.instances, "models": [name for name, reason in reasons.items() if not reason],
+            "not": {name: reason for name, reason in reasons.items() if reason},
+        })
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"routing of {len(report)} series")
+    for column in ("series", "modality", "instances", "goes to", "not to (first failed rule)"):
+        table.add_column(column)
+    for row in report:
+        table.add_row(
+            f"{row['series_uid']}\n{row['description']}", row["modality"], str(row["instances"]),
+            ", ".join(row["models"]) or "skipped",
+            "\n".join(f"{name}: {reason}" for name, reason in row["not"].items()),
+        )
+    Console().print(table)
 
 
 @app.command()

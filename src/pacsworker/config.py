@@ -93,8 +93,29 @@ class MatchRule(BaseModel):
     sop_class_uids: list[str] = Field(
         default_factory=lambda: ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"]
     )
+    body_parts: list[str] = Field(default_factory=list, description="Body Part Examined, upper case; empty: any")
+    mr_acquisition_types: list[str] = Field(default_factory=list, description="2D, 3D; empty: any")
+    image_type: list[str] = Field(default_factory=list, description="values Image Type must all contain")
+    series_description: str = Field("", description="regular expression the description must match")
+    series_description_exclude: str = Field("", description="regular expression the description must not match")
+    orientations: list[Literal["axial", "coronal", "sagittal", "oblique"]] = Field(default_factory=list)
     min_instances: int = Field(10, ge=1)
+    max_instances: int = Field(0, ge=0, description="0: no maximum")
     calling_aets: list[str] = Field(default_factory=list, description="empty: any sender")
+
+    @field_validator("series_description", "series_description_exclude")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from None
+        return value
+
+    @field_validator("body_parts", "mr_acquisition_types", "image_type")
+    @classmethod
+    def _upper(cls, value: list[str]) -> list[str]:
+        return [v.upper() for v in value]
 
 
 CodeTriple = Annotated[list[str], Field(min_length=3, max_length=3, description="[scheme, value, meaning]")]
@@ -170,6 +191,32 @@ class ModelSettings(BaseModel):
     match: MatchRule = Field(default_factory=MatchRule)
 
 
+MR_IMAGE_CLASSES = ["1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1"]  # MR, Enhanced MR
+
+
+def brain_extra_installed() -> bool:
+    """Whether the optional ``brain`` extra (deepbet) is importable, without importing it."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("deepbet", "cc3d", "fill_voids"))
+
+
+def default_models() -> list[ModelSettings]:
+    """ct-body, and mr-brain when its extra is installed: what runs with no ``models`` configured."""
+    models = [ModelSettings(name="ct-body")]
+    if brain_extra_installed():
+        models.append(ModelSettings(
+            name="mr-brain", kind="builtin", source="mr-brain",
+            match=MatchRule(
+                modalities=["MR"], sop_class_uids=MR_IMAGE_CLASSES, body_parts=["BRAIN", "HEAD"],
+                mr_acquisition_types=["3D"], image_type=["ORIGINAL"], min_instances=1,
+                # 3D T1-weighted only: other 3D contrasts of the head are left alone
+                series_description_exclude=r"(?i)flair|t2|dwi|diff|adc|swi|tof|angio|perf|space|cube",
+            ),
+        ))
+    return models
+
+
 class BasicAuth(BaseModel):
     kind: Literal["basic"] = "basic"
     username: str
@@ -207,7 +254,7 @@ class Settings(BaseSettings):
     scp: ScpSettings = Field(default_factory=ScpSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
-    models: list[ModelSettings] = Field(default_factory=lambda: [ModelSettings(name="ct-body")])
+    models: list[ModelSettings] = Field(default_factory=default_models)
     destinations: list[Destination] = Field(default_factory=list)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 

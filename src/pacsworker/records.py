@@ -73,6 +73,12 @@ class SeriesRecord(BaseModel):
     modality: str = ""
     sop_class_uid: str = ""
     calling_aet: str = ""
+    body_part: str = ""
+    series_description: str = ""
+    image_type: list[str] = Field(default_factory=list)
+    mr_acquisition_type: str = ""
+    scanning_sequence: list[str] = Field(default_factory=list)
+    orientation: str = Field("", description="axial, coronal, sagittal, oblique; empty when unknown")
     instances: int = 0
     first_seen: float = Field(default_factory=time.time)
     last_seen: float = Field(default_factory=time.time)

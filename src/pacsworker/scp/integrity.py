@@ -27,11 +27,14 @@ PIXEL_TAGS = {0x7FE00008: "Float Pixel Data", 0x7FE00009: "Double Float Pixel Da
 LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 MAX_NESTING = 32
 INFLATE_CHUNK = 1 << 16
-# what the receiver reads of a header: identity, routing, and what the pixel data length follows from
+# what the receiver reads of a header: identity, what the pixel data length follows from, routing facts
 HEADER_KEYWORDS = [
     "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
     "SamplesPerPixel", "PhotometricInterpretation", "NumberOfFrames", "Rows", "Columns", "BitsAllocated",
     "BitsStored", "PixelRepresentation",
+    # what routing rules look at
+    "SeriesDescription", "BodyPartExamined", "ImageType", "MRAcquisitionType", "ScanningSequence",
+    "ImageOrientationPatient",
 ]
 HEADER_TAGS = {tag_for_keyword(k) for k in HEADER_KEYWORDS}
 MAX_HEADER_VALUE = 64 * 1024

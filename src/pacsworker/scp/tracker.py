@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import pydicom
 
 from ..records import DataLayout, SeriesRecord, SeriesState, read_json, save_series
+from .routing import series_facts
 from .spool import series_files
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class InstanceMeta:
     sop_class_uid: str
     modality: str
     calling_aet: str
+    facts: dict = field(default_factory=dict)  # routing facts (SeriesRecord fields) from its header
 
 
 @dataclass
@@ -61,6 +63,7 @@ class SeriesTracker:
                         modality=meta.modality,
                         sop_class_uid=meta.sop_class_uid,
                         calling_aet=meta.calling_aet,
+                        **meta.facts,
                     )
                     existing = set()
                 else:
@@ -147,4 +150,5 @@ def _record_from_file(path) -> SeriesRecord | None:
         modality=str(ds.get("Modality", "")),
         sop_class_uid=str(ds.SOPClassUID),
         calling_aet="",
+        **series_facts(ds),
     )

@@ -12,7 +12,10 @@ from ...config import ModelSettings
 from ..outputs import ModelIdentity, ModelResult
 from ..series import Series
 
-BUILTIN = {"ct-body": "pacsworker.worker.ct_body:CtBodyModel"}
+BUILTIN = {
+    "ct-body": "pacsworker.worker.ct_body:CtBodyModel",
+    "mr-brain": "pacsworker.worker.mr_brain:MrBrainModel",
+}
 
 
 class LoadedModel(Protocol):

@@ -1,0 +1,57 @@
+"""Built-in ``mr-brain``: brain extraction on 3D T1-weighted head MR with deepbet (MIT).
+
+deepbet's TorchScript weights ship inside its wheel; nothing is downloaded. It is written on the
+public ``kind: python`` API: ``predict(series)`` returns a ``LabelMap`` with one segment, Brain.
+
+It has no rejection step of its own: give it only 3D T1-weighted images of the head (the default
+routing sends it 3D MR of the head or brain). On other contrasts, 2D stacks, or images without a
+head it still returns its best guess of a brain mask, which is then wrong.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .outputs import ANATOMICAL_STRUCTURE, CodedTerm, LabelMap, SegmentSpec
+from .series import Series
+
+BRAIN = SegmentSpec(1, "Brain", ANATOMICAL_STRUCTURE, CodedTerm("12738006", "SCT", "Brain"),
+                    "brain parenchyma and CSF inside the skull (deepbet)")
+
+
+def brain_extra_installed() -> bool:
+    """Whether the optional extra (``pacsworker[brain]``, deepbet) is installed."""
+    try:
+        import cc3d  # noqa: F401
+        import deepbet  # noqa: F401
+        import fill_voids  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class MrBrainModel:
+    """deepbet's brain extraction, on the series' own grid."""
+
+    name = "mr-brain"
+    version = "deepbet-1.0.2"
+    segments = (BRAIN,)
+
+    def __init__(self, device: str = "cpu", threshold: float = 0.5):
+        if not brain_extra_installed():
+            raise ImportError("mr-brain needs the brain extra: pip install 'pacsworker[brain]' "
+                              "and pip install --no-deps deepbet==1.0.2 (scripts/setup.sh does both)")
+        from deepbet import BrainExtraction
+
+        self.threshold = threshold
+        self.extraction = BrainExtraction(no_gpu=not device.startswith("cuda"))
+
+    def predict(self, series: Series) -> LabelMap:
+        import nibabel as nib
+
+        from .export import nifti_affine
+
+        image = nib.Nifti1Image(np.ascontiguousarray(series.pixels.transpose(2, 1, 0)), nifti_affine(series))
+        _, mask, _ = self.extraction.run(image, threshold=self.threshold)
+        labels = np.asarray(mask.dataobj).astype(np.uint8).transpose(2, 1, 0)
+        return LabelMap(np.ascontiguousarray(labels), self.segments)
