@@ -177,11 +177,11 @@ class PipelineConfig(BaseModel):
 
 class ModelSettings(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    kind: Literal["builtin", "python", "torchscript"] = "builtin"
+    kind: Literal["builtin", "python", "torchscript", "monai-bundle"] = "builtin"
     source: str = Field(
         "ct-body",
         description="builtin: the model's name; python: 'package.module:Class' or '/path/file.py:Class'; "
-        "torchscript: the .ts/.pt file",
+        "torchscript: the .ts/.pt file; monai-bundle: the bundle directory",
     )
     pipeline: PipelineConfig | str | None = Field(None, description="torchscript: inline, or a YAML file")
     version: str = Field("", description="written into results; default: the class's `version` or 0")

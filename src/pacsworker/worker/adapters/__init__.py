@@ -51,6 +51,10 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             from .torchscript import TorchScriptModel
 
             return TorchScriptModel(settings)
+        if settings.kind == "monai-bundle":
+            from .monai_bundle import MonaiBundleModel
+
+            return MonaiBundleModel(settings)
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the researcher's code raised while loading
