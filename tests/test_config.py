@@ -12,7 +12,7 @@ def test_defaults_run_without_redis(tmp_path, monkeypatch):
     settings = load_settings()
     assert (settings.scp.ae_title, settings.scp.port, settings.scp.series_quiet_seconds) == ("PACSWORKER", 11112, 10)
     assert settings.queue.broker_url == ""  # embedded broker
-    assert [m.name for m in settings.models] == ["ct-body"]
+    assert [m.name for m in settings.models] == ["ct-body", "mr-brain"]  # the brain extra is installed by the README commands
     assert settings.models[0].match.min_instances == 10
     [folder] = settings.effective_destinations()
     assert folder.kind == "folder" and folder.path == tmp_path / "data" / "results"
