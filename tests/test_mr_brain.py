@@ -119,3 +119,39 @@ def test_mr_brain_through_serve_into_orthanc(tmp_path, dicom_dir, orthanc):
             assert dciodvfy_errors(path) == []
     finally:
         serve.stop()
+
+
+def _brain_config(tmp_path, dicom_dir, **case) -> "Path":
+    return write_config(
+        tmp_path / "checked.yaml",
+        storage={"data_dir": str(tmp_path / "data")},
+        models=[{"name": "mr-brain", "kind": "builtin", "source": "mr-brain",
+                 "match": _brain_rule(), "tests": [{"input": str(dicom_dir / MR06), **case}]}],
+    )
+
+
+def test_models_test_checks_reference_cases_and_a_worker_refuses_a_failing_model(tmp_path, dicom_dir):
+    run = subprocess.run(
+        [sys.executable, "-m", "pacsworker", "run", str(dicom_dir / MR06), "--model", "mr-brain",
+         "--out", str(tmp_path / "ref"), "--config", str(write_config(tmp_path / "c.yaml", storage={"data_dir": str(tmp_path / "d")}))],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    good = _brain_config(tmp_path, dicom_dir, expected_mask=str(tmp_path / "ref" / "mask.nii.gz"), min_dice=0.98,
+                         expected_volume_ml={"Brain": 1573}, volume_tolerance=0.02)
+    passed = subprocess.run([sys.executable, "-m", "pacsworker", "models", "test", "mr-brain", str(dicom_dir / MR06),
+                             "--config", str(good)], capture_output=True, text=True, timeout=300)
+    assert passed.returncode == 0, passed.stdout + passed.stderr[-2000:]
+    text = " ".join(passed.stdout.split())
+    assert "pass: Dice 1.0000 (at least 0.98)" in text and "pass: Brain 15" in text
+    assert "first run on" in text and "second run on" in text and "model_s" in text
+    # a regression: the expected volume moved beyond the tolerance
+    bad = _brain_config(tmp_path, dicom_dir, expected_volume_ml={"Brain": 1200}, volume_tolerance=0.02)
+    failed = subprocess.run([sys.executable, "-m", "pacsworker", "models", "test", "mr-brain", "--config", str(bad)],
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1 and "FAIL: Brain" in " ".join(failed.stdout.split())
+    worker = subprocess.run([sys.executable, "-m", "pacsworker", "worker", "--check-models", "--queues", "model.mr-brain",
+                             "--config", str(bad)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    output = " ".join((worker.stdout + worker.stderr).split())
+    assert worker.returncode == 2
+    assert "model mr-brain failed its reference cases and is not served by this worker" in output

@@ -123,6 +123,7 @@ def worker(
     pool: Annotated[str, typer.Option(help="prefork (time limits enforced), threads or solo")] = "prefork",
     concurrency: Annotated[int, typer.Option(help="one per GPU is the rule for model queues")] = 1,
     name: Annotated[Optional[str], typer.Option(help="Celery node name")] = None,
+    check_models: Annotated[bool, typer.Option(help="check each model's reference cases first; serve only those that pass")] = False,
 ) -> None:
     """Run a queue worker: model jobs and/or deliveries."""
     settings = _setup(config)
@@ -135,14 +136,41 @@ def worker(
         console.print(f"[red]cannot use data_dir {layout.root}: {problem}[/red]")
         raise typer.Exit(2)
     celery_app = configure(settings)
+    queue_list = (queues or ",".join(_all_queues(settings))).split(",")
+    if check_models:
+        queue_list = _checked_queues(settings, queue_list)
     argv = [
-        "worker", "--queues", queues or ",".join(_all_queues(settings)), "--pool", pool,
+        "worker", "--queues", ",".join(queue_list), "--pool", pool,
         "--concurrency", str(concurrency), "--loglevel", settings.logging.level, "--without-mingle",
         "--without-gossip",
     ]
     if name:
         argv += ["--hostname", name]
     celery_app.worker_main(argv)
+
+
+def _checked_queues(settings: Settings, queue_list: list[str]) -> list[str]:
+    """The queues left after each model's reference cases ran: a model that fails is not served."""
+    from .tasks.app import model_queue
+    from .worker.checks import check_model
+
+    log = logging.getLogger("pacsworker.worker")
+    kept = list(queue_list)
+    for model in settings.models:
+        if model_queue(model.name) not in kept or not model.tests:
+            continue
+        results = check_model(model)
+        failures = [line for r in results for line in r.checks if not r.passed and line.startswith("FAIL")]
+        if any(not r.passed for r in results):
+            kept.remove(model_queue(model.name))
+            log.error("model %s failed its reference cases and is not served by this worker: %s",
+                      model.name, "; ".join(failures) or "did not run")
+        else:
+            log.info("model %s passed its %d reference case(s)", model.name, len(results))
+    if not kept:
+        console.print("[red]no queue left to serve: every model failed its reference cases[/red]")
+        raise typer.Exit(2)
+    return kept
 
 
 @app.command()
@@ -275,6 +303,76 @@ def run(
     if outcome.seg is None and not values:
         console.print(f"[yellow]no result: {outcome.reason}[/yellow]")
         raise typer.Exit(3)
+
+
+models_app = typer.Typer(no_args_is_help=True, help="The configured models: list them, test them.")
+app.add_typer(models_app, name="models")
+
+
+def _rule_summary(model) -> str:
+    rule = model.match
+    parts = [f"{k}={v}" for k, v in rule.model_dump().items()
+             if v not in ([], "", 0) and k not in ("sop_class_uids",)]
+    return ", ".join(parts)
+
+
+@models_app.command("list")
+def models_list(config: ConfigOption = None) -> None:
+    """Name, kind, version, device and routing rules of every configured model (nothing is loaded)."""
+    settings = _setup(config)
+    import torch
+
+    table = Table(title="models")
+    for column in ("name", "kind", "source", "version", "device", "routing", "reference cases"):
+        table.add_column(column)
+    for model in settings.models:
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if model.device == "auto" else model.device
+        table.add_row(model.name, model.kind, model.source, model.version or "(from the model)", device,
+                      _rule_summary(model), str(len(model.tests)))
+    Console().print(table)
+
+
+@models_app.command("test")
+def models_test(
+    name: Annotated[str, typer.Argument(help="model name from the configuration")],
+    folder: Annotated[Optional[Path], typer.Argument(help="a series to run it on (optional)")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Load a model, run it on FOLDER with timings, and check its reference cases (exit 1 on a failure)."""
+    settings = _setup(config)
+    from .replay import collect_files
+    from .worker.checks import check_model
+    from .worker.runtime import get_model, run_model
+
+    try:
+        model = settings.model(name)
+    except KeyError as exc:
+        console.print(f"[red]{exc.args[0]}[/red]")
+        raise typer.Exit(2) from None
+    started = time.perf_counter()
+    try:
+        loaded = get_model(model)
+    except RuntimeError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    out = Console()
+    out.print(f"{name}: loaded in {time.perf_counter() - started:.2f} s on {loaded.device}, version {loaded.identity.version}")
+    if folder is not None:
+        for run in ("first", "second"):
+            outcome = run_model(collect_files([folder]), model)
+            timings = ", ".join(f"{k} {v:.2f} s" for k, v in outcome.timings.items())
+            found = "; ".join(f"{s.spec.name} {s.volume_ml:.1f} mL" for s in outcome.statistics) or outcome.reason
+            out.print(f"{run} run on {folder}: {timings}; {found}")
+    failed = 0
+    for result in check_model(model):
+        failed += not result.passed
+        out.print(f"{'PASS' if result.passed else 'FAIL'} {result.case.input} ({result.seconds:.2f} s)")
+        for line in result.checks:
+            out.print(f"  {line}")
+    if not model.tests:
+        out.print("no reference cases configured (tests: in the model's configuration)")
+    if failed:
+        raise typer.Exit(1)
 
 
 rules_app = typer.Typer(no_args_is_help=True, help="Routing rules: which series go to which model.")

@@ -175,6 +175,26 @@ class PipelineConfig(BaseModel):
     amp: bool = Field(True, description="mixed precision on CUDA")
 
 
+class ReferenceCase(BaseModel):
+    """A series with a known answer: ``models test`` (and a worker asked to) checks the model on it."""
+
+    model_config = {"extra": "forbid"}
+
+    input: Path = Field(description="folder of one series")
+    expected_mask: Path | None = Field(None, description="NIfTI mask in the series' grid, as `pacsworker run` writes")
+    min_dice: float = Field(0.98, gt=0, le=1)
+    expected_volume_ml: dict[str, float] = Field(default_factory=dict, description="segment name -> mL")
+    volume_tolerance: float = Field(0.02, ge=0, description="relative, 0.02 = 2 %")
+    expected_values: dict[str, float] = Field(default_factory=dict, description="score output key -> value")
+    value_tolerance: float = Field(0.01, ge=0, description="absolute")
+
+    @model_validator(mode="after")
+    def _something_to_check(self) -> "ReferenceCase":
+        if self.expected_mask is None and not self.expected_volume_ml and not self.expected_values:
+            raise ValueError("a reference case needs expected_mask, expected_volume_ml or expected_values")
+        return self
+
+
 class ModelSettings(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     kind: Literal["builtin", "python", "torchscript", "monai-bundle"] = "builtin"
@@ -189,6 +209,7 @@ class ModelSettings(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model class")
     outputs: dict[str, OutputConfig] = Field(default_factory=dict, description="output key -> what it is")
     match: MatchRule = Field(default_factory=MatchRule)
+    tests: list[ReferenceCase] = Field(default_factory=list, description="reference cases with known answers")
 
 
 MR_IMAGE_CLASSES = ["1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1"]  # MR, Enhanced MR
