@@ -25,6 +25,9 @@ POST = [
     {"name": "KeepLargestConnectedComponentd", "args": {"applied_labels": [1]}},
 ]
 PIPELINES = {
+    # resampled to the network's spacing and back (the inverse of Spacingd lands on the series' grid)
+    "resampled": ([{"name": "Spacingd", "args": {"pixdim": [1.5, 1.5, 2.5], "mode": "bilinear"}}],
+                  {"name": "sliding_window", "roi_size": [96, 96, 48], "sw_batch_size": 2, "overlap": 0.25}),
     "whole-volume": ([{"name": "Resized", "args": {"spatial_size": [224, 224, 224]}}], {"name": "simple"}),
     "sliding-window": ([{"name": "Resized", "args": {"spatial_size": [160, 160, 128]}}],
                        {"name": "sliding_window", "roi_size": [96, 96, 96], "sw_batch_size": 2, "overlap": 0.25,

@@ -73,6 +73,15 @@ def image_for_pipeline(series: Series):
     return MetaTensor(torch.from_numpy(array.astype(np.float32)), affine=torch.as_tensor(nifti_affine(series)))
 
 
+def channels_innermost(tensor: torch.Tensor) -> torch.Tensor:
+    """The same (channels, ...) tensor with the channels adjacent in memory: per-voxel reductions
+    over channels (argmax, softmax) then read contiguous memory; torch's CPU argmax over a leading
+    dimension is several times slower."""
+    if not isinstance(tensor, torch.Tensor) or tensor.ndim < 2 or tensor.shape[0] < 2:
+        return tensor
+    return tensor.movedim(0, -1).contiguous().movedim(-1, 0)
+
+
 class TorchScriptModel:
     """A TorchScript network with its MONAI pipeline, loaded once and kept on its device."""
 
@@ -126,6 +135,7 @@ class TorchScriptModel:
             prediction = self._forward_with_fallback(data["image"][None])[0].cpu()
             data["pred"] = prediction
             data = self.invert(data)
+            data["pred"] = channels_innermost(data["pred"])
             data = self.post(data)
         pred = data["pred"]
         array = np.asarray(pred.detach().cpu() if isinstance(pred, torch.Tensor) else pred)
