@@ -69,8 +69,8 @@ def image_for_pipeline(series: Series):
     """The series as MONAI's NIfTI loading gives it: (1, columns, rows, slices) with a RAS affine."""
     from monai.data import MetaTensor
 
-    array = np.ascontiguousarray(series.pixels.transpose(2, 1, 0))[np.newaxis]
-    return MetaTensor(torch.from_numpy(array.astype(np.float32)), affine=torch.as_tensor(nifti_affine(series)))
+    array = np.ascontiguousarray(series.pixels.transpose(2, 1, 0), dtype=np.float32)[np.newaxis]
+    return MetaTensor(torch.from_numpy(array), affine=torch.as_tensor(nifti_affine(series)))
 
 
 def channels_innermost(tensor: torch.Tensor) -> torch.Tensor:
