@@ -170,3 +170,29 @@ def test_native_model_and_a_broken_one_through_serve(tmp_path, dicom_dir, orthan
         assert "Traceback" not in serve.output()
     finally:
         serve.stop()
+
+
+def test_models_list_names_every_model_without_loading_it(tmp_path):
+    config = write_config(
+        tmp_path / "c.yaml", storage={"data_dir": str(tmp_path / "data")},
+        models=[{"name": "ct-body"}, {"name": "probe", "kind": "python", "source": "/nowhere/x.py:Missing",
+                                      "version": "2.1", "match": {"modalities": ["MR"], "body_parts": ["KNEE"]}}],
+    )
+    result = subprocess.run([sys.executable, "-m", "pacsworker", "models", "list", "--config", str(config)],
+                            capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "COLUMNS": "250"})
+    assert result.returncode == 0, result.stderr  # listing never imports a model (this one does not exist)
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 5}
+    assert set(rows) >= {"ct-body", "probe"}
+    assert "2.1" in rows["probe"] and "body_parts=['KNEE']" in rows["probe"] and "python" in rows["probe"]
+
+
+def test_a_pipeline_may_live_in_its_own_yaml_file(tmp_path):
+    from pacsworker.config import ModelSettings
+    from pacsworker.worker.adapters.torchscript import load_pipeline
+
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text("pre: [{name: ScaleIntensityRanged, args: {a_min: -57, a_max: 164, b_min: 0, b_max: 1}}]\n"
+                        "inferer: {name: sliding_window, roi_size: [96, 96, 96]}\n")
+    settings = ModelSettings(name="m", kind="torchscript", source=str(tmp_path / "model.ts"), pipeline="pipeline.yaml")
+    loaded = load_pipeline(settings)  # relative to the model file
+    assert loaded.pre[0].name == "ScaleIntensityRanged" and loaded.inferer["roi_size"] == [96, 96, 96]
