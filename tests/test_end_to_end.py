@@ -111,7 +111,8 @@ def _sr_volumes(sr) -> dict[int, float]:
                     segment = int(child.ReferencedSOPSequence[0].ReferencedSegmentNumber)
                 elif code == "118565006":  # Volume
                     volume = float(child.MeasuredValueSequence[0].NumericValue)
-            volumes[segment] = volume
+            if volume is not None:  # planar (long axis) groups carry no volume
+                volumes[segment] = volume
     return volumes
 
 

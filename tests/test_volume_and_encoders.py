@@ -106,3 +106,48 @@ def test_run_command_writes_seg_and_sr(dicom_dir, tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert refused.returncode == 3 and "not-a-volume" in refused.stderr
+
+
+def test_results_carry_colours_names_and_measurements_highdicom_reads_back(dicom_dir, tmp_path):
+    import highdicom as hd
+
+    ct02 = _files(dicom_dir / "ct02_philips_ingenuity_headphantom_5mm")
+    outcome = run_model(ct02, ModelSettings(name="ct-body"))
+    other = run_model(_files(dicom_dir / "ct06_ge_lightspeed_liver_3slice"), ModelSettings(name="ct-body"))
+    seg, sr = outcome.seg, outcome.sr
+    source = pydicom.dcmread(ct02[0], stop_before_pixels=True)
+    # names say which model and which source series; numbers differ per source series
+    assert seg.SeriesDescription == f"ct-body SEG of {source.SeriesDescription} (series {source.SeriesNumber})"
+    assert sr.SeriesDescription.startswith(f"ct-body measurements of {source.SeriesDescription}")
+    assert int(sr.SeriesNumber) == int(seg.SeriesNumber) + 1 and int(seg.SeriesNumber) // 100 == int(source.SeriesNumber)
+    assert {int(seg.SeriesNumber), int(sr.SeriesNumber)}.isdisjoint({int(other.seg.SeriesNumber), int(other.sr.SeriesNumber)})
+    # every segment has a display colour, so viewers raise no colour warning
+    colours = [tuple(s.RecommendedDisplayCIELabValue) for s in seg.SegmentSequence]
+    assert len(colours) == len(set(colours)) == len(seg.SegmentSequence)
+    for name, ds in (("seg", seg), ("sr", sr)):
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == []
+    # the SR read back by highdicom: each measurement with its unit and references
+    report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(tmp_path / "sr.dcm"))
+    content = report.content
+    volumetric = content.get_volumetric_roi_measurement_groups()
+    planar = content.get_planar_roi_measurement_groups()
+    assert len(volumetric) == len(planar) == len(seg.SegmentSequence) >= 2
+    instances = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in ct02}
+    for group in volumetric:
+        assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+        units = {(m.name.meaning, m.unit.value, m.derivation.meaning if m.derivation else None) for m in group.get_measurements()}
+        assert ("Volume", "ml", None) in units
+        assert ("Attenuation Coefficient", "[hnsf'U]", "Mean") in units
+        assert ("Attenuation Coefficient", "[hnsf'U]", "Standard Deviation") in units
+    for group in planar:
+        [length] = group.get_measurements()
+        assert (length.name.value, length.unit.value) == ("103339001", "mm") and length.value > 0
+        region = group.roi
+        assert region.graphic_type.value == "POLYLINE" and len(region.value) == 2
+        image = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID  # SELECTED FROM
+        assert image in instances  # the source image the end points lie on
+        spacing = [float(v) for v in pydicom.dcmread(instances[image], stop_before_pixels=True).PixelSpacing]
+        (c1, r1), (c2, r2) = region.value
+        assert abs(np.hypot((r2 - r1) * spacing[0], (c2 - c1) * spacing[1]) - length.value) < 0.01

@@ -131,6 +131,7 @@ class SegmentConfig(BaseModel):
     category: CodeTriple = Field(default_factory=lambda: ["SCT", "85756007", "Tissue"])
     property_type: CodeTriple = Field(default_factory=lambda: ["SCT", "123037004", "Anatomical Structure"], alias="type")
     description: str = ""
+    color: list[int] | None = Field(None, min_length=3, max_length=3, description="[r, g, b] 0..255 for viewers")
 
 
 class OutputConfig(BaseModel):

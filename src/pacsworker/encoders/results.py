@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import re
 import warnings
@@ -17,13 +18,17 @@ from pydicom.sr.codedict import codes
 from .. import __version__
 from ..worker.outputs import CodedTerm, LabelMap, ModelIdentity, SegmentSpec
 from ..worker.volume import Volume
+from .measures import Diameter, longest_diameter
 from .uids import result_uid
 
 log = logging.getLogger(__name__)
 
-SEG_SERIES_NUMBER = 9901
-SR_SERIES_NUMBER = 9902
 MANUFACTURER = "pacsworker"
+LONG_AXIS = CodedConcept("103339001", "SCT", "Long axis")
+MILLIMETER = CodedConcept("mm", "UCUM", "millimeter")
+MR_SIGNAL = CodedConcept("110852", "DCM", "MR signal intensity")
+NO_UNITS = CodedConcept("1", "UCUM", "no units")
+STANDARD_DEVIATION = CodedConcept("386136009", "SCT", "Standard Deviation")
 
 MILLILITER = CodedConcept("ml", "UCUM", "milliliter")
 HOUNSFIELD_UNIT = CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")
@@ -44,6 +49,8 @@ class SegmentStatistics:
     voxels: int
     volume_ml: float
     mean_value: float
+    sd_value: float = 0.0
+    diameter: Diameter | None = None
 
 
 @dataclass(frozen=True)
@@ -68,12 +75,39 @@ def segment_statistics(volume: Volume, labels: np.ndarray, segments: tuple[Segme
         mask = labels == spec.label
         voxels = int(mask.sum())
         if voxels:
+            values = volume.pixels[mask]
             found.append(
                 SegmentStatistics(
-                    spec, len(found) + 1, voxels, voxels * volume.voxel_volume_ml, float(volume.pixels[mask].mean())
+                    spec, len(found) + 1, voxels, voxels * volume.voxel_volume_ml, float(values.mean()),
+                    float(values.std()), longest_diameter(mask, volume.row_spacing, volume.column_spacing),
                 )
             )
     return found
+
+
+def result_series(volume: Volume, model: ModelIdentity) -> tuple[int, int, str]:
+    """SEG and SR series numbers, and the source's name for descriptions.
+
+    Numbers derive from the source's Series Number and the model name, so two results of
+    different source series (or of two models on one series) never share a number, and a re-run
+    keeps its numbers: source N gives N * 100 + 2k + 1 (SEG) and + 2 (SR), k from the model name.
+    """
+    first = volume.sources[0].dataset
+    try:
+        number = int(first.get("SeriesNumber") or 0)
+    except (TypeError, ValueError):
+        number = 0
+    k = int.from_bytes(hashlib.sha256(model.name.encode()).digest()[:4], "big") % 49
+    seg_number = (number % 20_000_000) * 100 + 2 * k + 1
+    description = str(first.get("SeriesDescription", "") or "").strip()
+    source = f"{description} (series {number})" if description else f"series {number}"
+    return seg_number, seg_number + 1, source
+
+
+def _described(kind: str, model: ModelIdentity, source: str) -> str:
+    """``<model> <kind> of <source description> (series N)``, within the 64 characters of LO."""
+    text = f"{model.name} {kind} of {source}"
+    return text if len(text) <= 64 else text[:61] + "..."
 
 
 def _sanitized(source: Dataset) -> Dataset:
@@ -173,6 +207,7 @@ def _encode(volume: Volume, label_map: LabelMap, model: ModelIdentity) -> Encode
             algorithm_identification=algorithm,
             tracking_uid=uid(f"tracking-{s.spec.label}"),
             tracking_id=s.spec.name,
+            display_color=hd.color.CIELabColor.from_rgb(*s.spec.display_color()),
         )
         for s in stats
     ]
@@ -180,13 +215,14 @@ def _encode(volume: Volume, label_map: LabelMap, model: ModelIdentity) -> Encode
     for s in stats:
         numbered[labels == s.spec.label] = s.segment_number
     software = [__version__, f"{model.name} {model.version}"]
+    seg_number, sr_number, source_name = result_series(volume, model)
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=numbered,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=uid("seg-series"),
-        series_number=SEG_SERIES_NUMBER,
+        series_number=seg_number,
         sop_instance_uid=uid("seg-instance"),
         instance_number=1,
         manufacturer=MANUFACTURER,
@@ -198,9 +234,35 @@ def _encode(volume: Volume, label_map: LabelMap, model: ModelIdentity) -> Encode
         content_creator_name="pacsworker^" + model.name,
         **_geometry(volume),
     )
-    seg.SeriesDescription = f"{model.name} SEG"
+    seg.SeriesDescription = _described("SEG", model, source_name)
     sr = _measurement_report(volume, sources, seg, stats, model, uid, software)
+    sr.SeriesNumber = sr_number
+    sr.SeriesDescription = _described("measurements", model, source_name)
     return EncodedResults(seg=seg, sr=sr, statistics=tuple(stats))
+
+
+def _long_axis_group(volume: Volume, s: SegmentStatistics, algorithm, uid):
+    """The longest in-plane diameter as a length on the source image where it lies (TID 1410), so
+    viewers such as OHIF show it as a measurement."""
+    source = volume.sources[s.diameter.slice_index]
+    frames = [source.frame_number] if source.frame_number else None
+    image = hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=str(source.dataset.SOPClassUID),
+        referenced_sop_instance_uid=str(source.dataset.SOPInstanceUID),
+        referenced_frame_numbers=frames,
+    )
+    # image coordinates are (column, row), (0, 0) the outer corner of the first pixel
+    points = np.array([[s.diameter.start[1] + 0.5, s.diameter.start[0] + 0.5],
+                       [s.diameter.end[1] + 0.5, s.diameter.end[0] + 0.5]], dtype=np.float32)
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid(f"long-axis-{s.spec.label}"), identifier=f"{s.spec.name} long axis"),
+        referenced_region=hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=points, source_image=image),
+        finding_type=_concept(s.spec.property_type),
+        finding_category=_concept(s.spec.category),
+        algorithm_id=algorithm,
+        measurements=[hd.sr.Measurement(name=LONG_AXIS, value=round(s.diameter.length_mm, 3), unit=MILLIMETER,
+                                        algorithm_id=algorithm)],
+    )
 
 
 def _measurement_report(volume, sources, seg, stats, model, uid, software) -> Dataset:
@@ -213,15 +275,17 @@ def _measurement_report(volume, sources, seg, stats, model, uid, software) -> Da
     algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
     groups = []
     for s in stats:
+        intensity, unit = (ATTENUATION, HOUNSFIELD_UNIT) if volume.modality == "CT" else (MR_SIGNAL, NO_UNITS)
         measurements = [
             hd.sr.Measurement(name=codes.SCT.Volume, value=round(s.volume_ml, 6), unit=MILLILITER,
                               algorithm_id=algorithm),
+            hd.sr.Measurement(name=intensity, value=round(s.mean_value, 3), unit=unit,
+                              derivation=codes.SCT.Mean, algorithm_id=algorithm),
+            hd.sr.Measurement(name=intensity, value=round(s.sd_value, 3), unit=unit,
+                              derivation=STANDARD_DEVIATION, algorithm_id=algorithm),
         ]
-        if volume.modality == "CT":
-            measurements.append(
-                hd.sr.Measurement(name=ATTENUATION, value=round(s.mean_value, 3), unit=HOUNSFIELD_UNIT,
-                                  derivation=codes.SCT.Mean, algorithm_id=algorithm)
-            )
+        if volume.modality != "CT" and volume.modality != "MR":
+            measurements = measurements[:1]  # no agreed intensity concept for other modalities
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=uid(f"tracking-{s.spec.label}"), identifier=s.spec.name),
@@ -237,6 +301,8 @@ def _measurement_report(volume, sources, seg, stats, model, uid, software) -> Da
                 measurements=measurements,
             )
         )
+        if s.diameter is not None:
+            groups.append(_long_axis_group(volume, s, algorithm, uid))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=IMAGING_PROCEDURE,
@@ -246,7 +312,7 @@ def _measurement_report(volume, sources, seg, stats, model, uid, software) -> Da
         evidence=[seg, *sources],
         content=report[0],
         series_instance_uid=uid("sr-series"),
-        series_number=SR_SERIES_NUMBER,
+        series_number=1,  # set by the caller
         sop_instance_uid=uid("sr-instance"),
         instance_number=1,
         manufacturer=MANUFACTURER,
@@ -254,6 +320,5 @@ def _measurement_report(volume, sources, seg, stats, model, uid, software) -> Da
         is_final=False,
         is_verified=False,
     )
-    sr.SeriesDescription = f"{model.name} measurements"
     sr.SoftwareVersions = software
     return sr

@@ -8,13 +8,10 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
+from .outputs import PALETTE as PALETTE_RGB
 from .series import Series
 
-# distinct colours for labels 1..n (RGB)
-PALETTE = np.array([
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
-], dtype=np.float32)
+PALETTE = np.array(PALETTE_RGB, dtype=np.float32)
 
 
 def nifti_affine(series: Series) -> np.ndarray:

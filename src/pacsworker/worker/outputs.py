@@ -36,6 +36,12 @@ class CodedTerm:
         return [self.scheme, self.value, self.meaning]
 
 
+# distinct colours for labels 1..n (RGB), used when a segment names none
+PALETTE = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+)
+
 TISSUE = CodedTerm("85756007", "SCT", "Tissue")
 ANATOMICAL_STRUCTURE = CodedTerm("123037004", "SCT", "Anatomical Structure")
 
@@ -49,6 +55,10 @@ class SegmentSpec:
     category: CodedTerm = TISSUE
     property_type: CodedTerm = ANATOMICAL_STRUCTURE
     description: str = ""
+    color: tuple[int, int, int] | None = None  # RGB 0..255 for viewers; None: the fixed palette
+
+    def display_color(self) -> tuple[int, int, int]:
+        return self.color or PALETTE[(self.label - 1) % len(PALETTE)]
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,8 @@ def resolve_device(device: str) -> str:
 
 def segments_of(config: OutputConfig) -> tuple[SegmentSpec, ...]:
     return tuple(
-        SegmentSpec(s.label, s.name, CodedTerm.from_triple(s.category), CodedTerm.from_triple(s.property_type), s.description)
+        SegmentSpec(s.label, s.name, CodedTerm.from_triple(s.category), CodedTerm.from_triple(s.property_type),
+                    s.description, tuple(s.color) if s.color else None)
         for s in config.segments
     )
 
