@@ -196,3 +196,74 @@ def test_a_pipeline_may_live_in_its_own_yaml_file(tmp_path):
     settings = ModelSettings(name="m", kind="torchscript", source=str(tmp_path / "model.ts"), pipeline="pipeline.yaml")
     loaded = load_pipeline(settings)  # relative to the model file
     assert loaded.pre[0].name == "ScaleIntensityRanged" and loaded.inferer["roi_size"] == [96, 96, 96]
+
+
+PROBABILITIES = {"prob": {"kind": "probabilities", "segments": [
+    {"label": 1, "name": "Soft tissue", "type": ["SCT", "87784001", "Soft tissue"], "color": [200, 120, 80]},
+    {"label": 2, "name": "Bone", "type": ["SCT", "3138006", "Bone tissue"]}]}}
+
+
+def _soft_tissue(**seg):
+    from pacsworker.config import ModelSettings
+
+    return ModelSettings(name="soft", kind="python", source=f"{MODELS / 'soft_tissue.py'}:SoftTissue",
+                         outputs=PROBABILITIES, seg=seg)
+
+
+def test_probabilities_become_a_fractional_seg_highdicom_reads_back(dicom_dir, tmp_path):
+    import highdicom as hd
+    from scipy.special import expit
+
+    from pacsworker.worker.runtime import run_model
+
+    files = sorted((dicom_dir / "ct06_ge_lightspeed_liver_3slice").glob("*.dcm"))
+    outcome = run_model(files, _soft_tissue())
+    seg = outcome.seg
+    assert seg.SegmentationType == "FRACTIONAL" and seg.SegmentationFractionalType == "PROBABILITY"
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Soft tissue", "Bone"]
+    assert list(seg.SegmentSequence[0].RecommendedDisplayCIELabValue) == list(
+        hd.color.CIELabColor.from_rgb(200, 120, 80).value)
+    path = tmp_path / "fractional.dcm"
+    seg.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    read = hd.seg.Segmentation.from_dataset(pydicom.dcmread(path))
+    volume = outcome.volume
+    uids = [str(s.dataset.SOPInstanceUID) for s in volume.sources]
+    stored = read.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1, 2],
+                                                rescale_fractional=False)
+    hu = volume.pixels.astype(np.float32)
+    soft = expit(hu / 30) * expit(-(hu - 200) / 30)
+    bone = expit((hu - 250) / 40)
+    expected = np.rint(np.stack([soft, bone], axis=-1) * 255)
+    assert np.abs(stored.astype(np.int32) - expected).max() <= 1  # 8-bit probabilities, as written
+
+
+def test_binarized_probabilities_and_labelmap_seg(dicom_dir, tmp_path):
+    from pacsworker.config import ModelSettings
+    from pacsworker.worker.runtime import run_model
+
+    files = sorted((dicom_dir / "ct06_ge_lightspeed_liver_3slice").glob("*.dcm"))
+    binary = run_model(files, _soft_tissue(probabilities_as="binary", threshold=0.5)).seg
+    assert binary.SegmentationType == "BINARY"
+    pixels = binary.pixel_array.reshape(int(binary.NumberOfFrames), binary.Rows, binary.Columns)
+    # exclusive: no voxel in two segments (frames of different segments never overlap in position)
+    positions = {}
+    for frame, item in zip(pixels, binary.PerFrameFunctionalGroupsSequence):
+        key = tuple(item.PlanePositionSequence[0].ImagePositionPatient)
+        positions[key] = positions.get(key, 0) + frame.astype(int)
+    assert max(int(v.max()) for v in positions.values()) == 1
+    path = tmp_path / "binary.dcm"
+    binary.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    # LABELMAP (opt-in): the Label Map Segmentation IOD, newer than the dciodvfy Debian ships
+    import highdicom as hd
+
+    outcome = run_model(files, ModelSettings(name="ct-body", seg={"labelmap_as": "labelmap"}))
+    labelmap = outcome.seg
+    assert labelmap.SegmentationType == "LABELMAP" and labelmap.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
+    read = hd.seg.Segmentation.from_dataset(labelmap)
+    uids = [str(s.dataset.SOPInstanceUID) for s in outcome.volume.sources]
+    numbers = {s.spec.label: s.segment_number for s in outcome.statistics}
+    expected = np.vectorize(lambda v: numbers.get(int(v), 0))(outcome.label_map.array)
+    got = read.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True)
+    assert np.array_equal(got, expected)

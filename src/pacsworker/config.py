@@ -196,6 +196,18 @@ class ReferenceCase(BaseModel):
         return self
 
 
+class SegOptions(BaseModel):
+    """How a model's maps become a DICOM SEG."""
+
+    model_config = {"extra": "forbid"}
+
+    labelmap_as: Literal["binary", "labelmap"] = Field(
+        "binary", description="binary: what every viewer loads; labelmap: the compact LABELMAP SEG (opt-in)")
+    probabilities_as: Literal["fractional", "binary"] = Field(
+        "fractional", description="fractional: PROBABILITY SEG; binary: exclusive labels where >= threshold")
+    threshold: float = Field(0.5, gt=0, lt=1)
+
+
 class ModelSettings(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     kind: Literal["builtin", "python", "torchscript", "monai-bundle"] = "builtin"
@@ -211,6 +223,7 @@ class ModelSettings(BaseModel):
     outputs: dict[str, OutputConfig] = Field(default_factory=dict, description="output key -> what it is")
     match: MatchRule = Field(default_factory=MatchRule)
     tests: list[ReferenceCase] = Field(default_factory=list, description="reference cases with known answers")
+    seg: SegOptions = Field(default_factory=SegOptions)
 
 
 MR_IMAGE_CLASSES = ["1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1"]  # MR, Enhanced MR

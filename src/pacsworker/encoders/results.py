@@ -16,7 +16,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from .. import __version__
-from ..worker.outputs import CodedTerm, LabelMap, ModelIdentity, SegmentSpec
+from ..config import SegOptions
+from ..worker.outputs import CodedTerm, LabelMap, ModelIdentity, ProbabilityMaps, SegmentSpec
 from ..worker.volume import Volume
 from .measures import Diameter, longest_diameter
 from .uids import result_uid
@@ -152,17 +153,37 @@ def _geometry(volume: Volume) -> dict:
     }
 
 
-def encode_results(volume: Volume, label_map: LabelMap, model: ModelIdentity) -> EncodedResults | None:
+def exclusive_labels(maps: ProbabilityMaps, threshold: float) -> LabelMap:
+    """Probabilities as a label map viewers accept: where several segments pass the threshold, the
+    most probable one takes the voxel (no overlaps)."""
+    above = maps.array >= threshold
+    best = np.argmax(np.where(above, maps.array, -1.0), axis=0)
+    labels = np.zeros(maps.array.shape[1:], dtype=np.uint8)
+    anywhere = above.any(axis=0)
+    lookup = np.array([s.label for s in maps.segments], dtype=np.uint8)
+    labels[anywhere] = lookup[best[anywhere]]
+    return LabelMap(labels, maps.segments)
+
+
+def encode_results(volume: Volume, output: LabelMap | ProbabilityMaps, model: ModelIdentity,
+                   options: SegOptions | None = None) -> EncodedResults | None:
     """Build the SEG and the SR for one model run; ``None`` when the model found no segment.
+
+    A label map becomes a BINARY SEG (or LABELMAP when asked); probability maps a FRACTIONAL SEG
+    (PROBABILITY, 8 bits), or binarized at the threshold. The SR's statistics of probability maps
+    are of the voxels at or above the threshold.
 
     Raises
     ------
     ValueError
         If the label map does not fit the volume, or highdicom rejects the objects.
     """
+    options = options or SegOptions()
+    if isinstance(output, ProbabilityMaps) and options.probabilities_as == "binary":
+        output = exclusive_labels(output, options.threshold)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = _encode(volume, label_map, model)
+        results = _encode(volume, output, model, options)
     if caught:
         # the texts may quote patient attributes: log only how many and of which kind
         kinds = sorted({w.category.__name__ for w in caught})
@@ -170,9 +191,10 @@ def encode_results(volume: Volume, label_map: LabelMap, model: ModelIdentity) ->
     return results
 
 
-def _encode(volume: Volume, label_map: LabelMap, model: ModelIdentity) -> EncodedResults | None:
-    labels = label_map.array
-    stats = segment_statistics(volume, labels, label_map.segments)
+def _encode(volume: Volume, output: LabelMap | ProbabilityMaps, model: ModelIdentity, options: SegOptions) -> EncodedResults | None:
+    fractional = isinstance(output, ProbabilityMaps)
+    labels = exclusive_labels(output, options.threshold).array if fractional else output.array
+    stats = segment_statistics(volume, labels, output.segments)
     if not stats:
         return None
     instance_uids = [str(ds.SOPInstanceUID) for ds in volume.source_datasets]
@@ -211,15 +233,24 @@ def _encode(volume: Volume, label_map: LabelMap, model: ModelIdentity) -> Encode
         )
         for s in stats
     ]
-    numbered = np.zeros(labels.shape, dtype=np.uint8)
-    for s in stats:
-        numbered[labels == s.spec.label] = s.segment_number
+    if fractional:
+        index = {spec.label: i for i, spec in enumerate(output.segments)}
+        pixels = np.stack([output.array[index[s.spec.label]] for s in stats], axis=-1).astype(np.float32)
+        kind, extra = hd.seg.SegmentationTypeValues.FRACTIONAL, {
+            "fractional_type": hd.seg.SegmentationFractionalTypeValues.PROBABILITY, "max_fractional_value": 255}
+    else:
+        pixels = np.zeros(labels.shape, dtype=np.uint8)
+        for s in stats:
+            pixels[labels == s.spec.label] = s.segment_number
+        labelmap = options.labelmap_as == "labelmap"
+        kind, extra = (hd.seg.SegmentationTypeValues.LABELMAP if labelmap else hd.seg.SegmentationTypeValues.BINARY), {}
     software = [__version__, f"{model.name} {model.version}"]
     seg_number, sr_number, source_name = result_series(volume, model)
     seg = hd.seg.Segmentation(
         source_images=sources,
-        pixel_array=numbered,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        pixel_array=pixels,
+        segmentation_type=kind,
+        **extra,
         segment_descriptions=descriptions,
         series_instance_uid=uid("seg-series"),
         series_number=seg_number,

@@ -117,6 +117,10 @@ class ModelResult:
     def label_maps(self) -> list[LabelMap]:
         return [o for o in self.outputs.values() if isinstance(o, LabelMap)]
 
+    @property
+    def probability_maps(self) -> list[ProbabilityMaps]:
+        return [o for o in self.outputs.values() if isinstance(o, ProbabilityMaps)]
+
     def values_json(self) -> dict:
         """The outputs no DICOM encoder writes yet, as JSON (probability maps summarised)."""
         values: dict = {}

@@ -63,6 +63,7 @@ def run_model(files: list[Path], settings: ModelSettings) -> RunOutcome:
         configuration does not allow.
     """
     from ..encoders import encode_results
+    from ..encoders.results import exclusive_labels
 
     outcome = RunOutcome()
     started = time.perf_counter()
@@ -79,15 +80,17 @@ def run_model(files: list[Path], settings: ModelSettings) -> RunOutcome:
         raise ModelRunError(f"model {settings.name} raised {type(exc).__name__}: {exc}") from exc
     outcome.timings["model_s"] = time.perf_counter() - started
     outcome.values = result.values_json()
-    label_maps = result.label_maps
-    if len(label_maps) > 1:
-        log.info("model %s returned %d label maps; the first becomes the SEG", settings.name, len(label_maps))
-    if not label_maps:
-        outcome.reason = "the model returned no label map" + (" (its values are recorded)" if outcome.values else "")
+    maps = result.label_maps + result.probability_maps
+    if len(maps) > 1:
+        log.info("model %s returned %d maps; the first becomes the SEG", settings.name, len(maps))
+    if not maps:
+        outcome.reason = "the model returned no label or probability map" + (
+            " (its values are recorded)" if outcome.values else "")
         return outcome
-    outcome.label_map = label_maps[0]
+    chosen = maps[0]
+    outcome.label_map = chosen if isinstance(chosen, LabelMap) else exclusive_labels(chosen, settings.seg.threshold)
     started = time.perf_counter()
-    results = encode_results(volume, label_maps[0], model.identity)
+    results = encode_results(volume, chosen, model.identity, settings.seg)
     outcome.timings["encode_s"] = time.perf_counter() - started
     if results is None:
         outcome.reason = "the model found no segment"
