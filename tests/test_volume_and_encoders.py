@@ -151,3 +151,33 @@ def test_results_carry_colours_names_and_measurements_highdicom_reads_back(dicom
         spacing = [float(v) for v in pydicom.dcmread(instances[image], stop_before_pixels=True).PixelSpacing]
         (c1, r1), (c2, r2) = region.value
         assert abs(np.hypot((r2 - r1) * spacing[0], (c2 - c1) * spacing[1]) - length.value) < 0.01
+
+
+def test_validation_gate_finds_wrong_references_and_positions_and_quarantines(dicom_dir, tmp_path):
+    import copy
+
+    from pacsworker.encoders.validation import referential_problems, validate_results
+    from pacsworker.records import DataLayout, JobRecord, JobState
+    from pacsworker.tasks.jobs import _quarantine
+
+    outcome = run_model(_files(dicom_dir / "ct02_philips_ingenuity_headphantom_5mm"), ModelSettings(name="ct-body"))
+    assert outcome.problems == [] and validate_results(outcome.volume, outcome.seg, outcome.sr) == []
+    seg = copy.deepcopy(outcome.seg)
+    frames = seg.PerFrameFunctionalGroupsSequence
+    frames[0].DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID = "1.2.3.4.5"
+    frames[1].PlanePositionSequence[0].ImagePositionPatient = [0.0, 0.0, 999.0]
+    problems = referential_problems(outcome.volume, seg, outcome.sr)
+    assert any("SEG frame 1 derives from 1.2.3.4.5, which is not in the source series" in p for p in problems)
+    assert any(p.startswith("SEG frame 2 lies at [0.0, 0.0, 999.0]") for p in problems)
+    sr = copy.deepcopy(outcome.sr)
+    del sr.CurrentRequestedProcedureEvidenceSequence
+    assert "SR does not list the SEG among its evidence" in referential_problems(outcome.volume, outcome.seg, sr)
+    # a job whose results fail the gate: quarantined with the reason, failed, nothing in the outbox
+    layout = DataLayout(tmp_path / "data").create()
+    job = JobRecord(job_id="ct-body_x_1", series_uid="1.2", study_uid="1.2", model="ct-body", spool_dir=str(tmp_path))
+    outcome.problems = problems
+    _quarantine(layout, job, outcome)
+    assert job.state == JobState.FAILED and job.reason.startswith("results failed validation")
+    assert (layout.quarantine / job.job_id / "seg.dcm").is_file()
+    assert "derives from 1.2.3.4.5" in (layout.quarantine / job.job_id / "reason.txt").read_text()
+    assert not any(layout.outbox.iterdir())

@@ -303,6 +303,10 @@ def run(
     if outcome.seg is None and not values:
         console.print(f"[yellow]no result: {outcome.reason}[/yellow]")
         raise typer.Exit(3)
+    if outcome.problems:  # written for inspection; the queue would not deliver them
+        for problem in outcome.problems:
+            console.print(f"[red]validation: {problem}[/red]")
+        raise typer.Exit(5)
 
 
 models_app = typer.Typer(no_args_is_help=True, help="The configured models: list them, test them.")

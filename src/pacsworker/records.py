@@ -7,6 +7,7 @@ Layout (all under ``storage.data_dir``)::
     series/<SeriesInstanceUID>.json                   SeriesRecord
     jobs/<job_id>.json                                JobRecord
     outbox/<job_id>/*.dcm + delivery.json             results until every destination confirmed
+    quarantine/<job_id>/*.dcm + reason.txt            results that failed the validation gate
     results/                                          default folder destination
     broker/, celery-results.sqlite                    embedded queue
 """
@@ -160,6 +161,7 @@ class DataLayout:
         self.outbox = self.root / "outbox"
         self.broker = self.root / "broker"
         self.incoming = self.root / "incoming"
+        self.quarantine = self.root / "quarantine"
 
     def create(self) -> "DataLayout":
         for folder in (self.spool, self.incoming, self.series, self.jobs, self.outbox, self.broker):

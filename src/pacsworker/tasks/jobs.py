@@ -84,6 +84,8 @@ def process_series(self, job_id: str) -> str:
             job.state, job.reason = JobState.DONE, "values recorded in the job; no DICOM object for them yet"
         elif outcome.seg is None:
             job.state, job.reason = JobState.NO_RESULT, outcome.reason
+        elif outcome.problems:
+            _quarantine(layout, job, outcome)
         else:
             _write_outbox(layout, job, outcome, settings)
     job.finished_at = time.time()
@@ -101,6 +103,18 @@ def _merge(layout: DataLayout, job: JobRecord) -> JobRecord:
     if on_disk is not None:
         job.heartbeat = on_disk.heartbeat
     return job
+
+
+def _quarantine(layout: DataLayout, job: JobRecord, outcome) -> None:
+    """Results that failed the validation gate: kept for inspection with the reason, never sent."""
+    folder = layout.quarantine / job.job_id
+    folder.mkdir(parents=True, exist_ok=True)
+    outcome.seg.save_as(folder / "seg.dcm", enforce_file_format=True)
+    outcome.sr.save_as(folder / "sr.dcm", enforce_file_format=True)
+    (folder / "reason.txt").write_text("\n".join(outcome.problems) + "\n")
+    job.state = JobState.FAILED
+    job.reason = f"results failed validation (kept in {folder}): " + "; ".join(outcome.problems[:3])
+    log.error("job %s: results quarantined: %s", job.job_id, "; ".join(outcome.problems[:3]))
 
 
 def _write_outbox(layout: DataLayout, job: JobRecord, outcome, settings) -> None:

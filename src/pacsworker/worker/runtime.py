@@ -49,6 +49,7 @@ class RunOutcome:
     values: dict = field(default_factory=dict)
     volume: Volume | None = None
     label_map: LabelMap | None = None
+    problems: list[str] = field(default_factory=list)  # why the results must not be delivered
 
 
 def run_model(files: list[Path], settings: ModelSettings) -> RunOutcome:
@@ -64,6 +65,7 @@ def run_model(files: list[Path], settings: ModelSettings) -> RunOutcome:
     """
     from ..encoders import encode_results
     from ..encoders.results import exclusive_labels
+    from ..encoders.validation import validate_results
 
     outcome = RunOutcome()
     started = time.perf_counter()
@@ -96,6 +98,9 @@ def run_model(files: list[Path], settings: ModelSettings) -> RunOutcome:
         outcome.reason = "the model found no segment"
         return outcome
     outcome.seg, outcome.sr, outcome.statistics = results.seg, results.sr, results.statistics
+    started = time.perf_counter()
+    outcome.problems = validate_results(volume, results.seg, results.sr)
+    outcome.timings["validate_s"] = time.perf_counter() - started
     return outcome
 
 
