@@ -181,3 +181,16 @@ def test_validation_gate_finds_wrong_references_and_positions_and_quarantines(di
     assert (layout.quarantine / job.job_id / "seg.dcm").is_file()
     assert "derives from 1.2.3.4.5" in (layout.quarantine / job.job_id / "reason.txt").read_text()
     assert not any(layout.outbox.iterdir())
+
+
+def test_validation_gate_runs_the_iod_validator(dicom_dir):
+    import copy
+
+    from pacsworker.encoders.validation import iod_problems
+
+    outcome = run_model(_files(dicom_dir / "ct06_ge_lightspeed_liver_3slice"), ModelSettings(name="ct-body"))
+    assert iod_problems({"seg": outcome.seg, "sr": outcome.sr}) == []
+    broken = copy.deepcopy(outcome.seg)
+    del broken.SegmentSequence[0].SegmentLabel  # type 1 in the Segment Description macro
+    problems = iod_problems({"seg": broken})
+    assert problems and all(p.startswith("seg: Error") for p in problems)

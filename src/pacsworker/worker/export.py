@@ -7,6 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from PIL import Image
+from skimage.segmentation import find_boundaries
 
 from .outputs import PALETTE as PALETTE_RGB
 from .series import Series
@@ -36,7 +37,9 @@ def _plane(image: np.ndarray, labels: np.ndarray, low: float, high: float) -> np
         if label == 0:
             continue
         mask = labels == label
-        rgb[mask] = 0.55 * rgb[mask] + 0.45 * PALETTE[(int(label) - 1) % len(PALETTE)]
+        colour = PALETTE[(int(label) - 1) % len(PALETTE)]
+        rgb[mask] = 0.7 * rgb[mask] + 0.3 * colour
+        rgb[find_boundaries(mask, mode="inner")] = colour  # the outline in full colour
     return rgb.astype(np.uint8)
 
 
