@@ -148,3 +148,46 @@ def test_new_content_supersedes_and_the_series_follows_its_latest_job(tmp_path):
     save_job(layout, new)
     settle_series_of(layout, SERIES)
     assert read_json(layout.series_record(SERIES), SeriesRecord).state == SeriesState.DONE
+
+
+def test_a_newer_model_version_reruns_and_its_sr_names_the_earlier_one(tmp_path, dicom_dir):
+    import shutil
+
+    import pydicom
+    from conftest import dciodvfy_errors
+
+    from pacsworker.scp.tracker import content_digest
+    from pacsworker.tasks.jobs import process_series
+
+    source = sorted((dicom_dir / "ct06_ge_lightspeed_liver_3slice").glob("*.dcm"))
+    first = pydicom.dcmread(source[0], stop_before_pixels=True)
+    layout = DataLayout(tmp_path / "data").create()
+    spool = layout.series_dir(str(first.SeriesInstanceUID))
+    spool.mkdir(parents=True)
+    uids = set()
+    for path in source:
+        uids.add(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+        shutil.copy(path, spool / path.name)
+    record = SeriesRecord(series_uid=str(first.SeriesInstanceUID), study_uid=str(first.StudyInstanceUID), modality="CT",
+                          sop_class_uid=str(first.SOPClassUID), instances=len(source), content_digest=content_digest(uids))
+    jobs = []
+    for version in ("1.0.0", "2.0.0", "2.0.0"):
+        settings = Settings(storage={"data_dir": str(tmp_path / "data")},
+                            models=[{"name": "ct-body", "version": version, "match": {"min_instances": 1}}])
+        configure(settings)
+        routed = record.model_copy()
+        submit_series(settings, routed)
+        [job_id] = routed.jobs
+        if job_id not in jobs:
+            jobs.append(job_id)
+            assert process_series(job_id) == "delivering"
+    assert len(jobs) == 2, "a new version is a new job; the same version again is the same job"
+    old, new = (read_json(layout.job_record(job_id), JobRecord) for job_id in jobs)
+    assert old.outputs["sr"] != new.outputs["sr"] and old.outputs["seg"] != new.outputs["seg"]
+    sr = pydicom.dcmread(layout.job_outbox(new.job_id) / "sr.dcm")
+    [study] = sr.PredecessorDocumentsSequence
+    [series] = study.ReferencedSeriesSequence
+    assert (study.StudyInstanceUID, series.SeriesInstanceUID) == (str(first.StudyInstanceUID), old.outputs["sr_series"])
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == old.outputs["sr"]
+    assert dciodvfy_errors(layout.job_outbox(new.job_id) / "sr.dcm") == []
+    assert "PredecessorDocumentsSequence" not in pydicom.dcmread(layout.job_outbox(old.job_id) / "sr.dcm")

@@ -225,6 +225,14 @@ class ModelSettings(BaseModel):
     tests: list[ReferenceCase] = Field(default_factory=list, description="reference cases with known answers")
     seg: SegOptions = Field(default_factory=SegOptions)
 
+    def fingerprint(self) -> str:
+        """Names what the model computes (kind, source, version, options, outputs, pipeline): a new
+        version or other options make a new job for the same series, and so a re-run."""
+        import hashlib
+
+        text = self.model_dump_json(include={"kind", "source", "version", "options", "outputs", "pipeline", "seg"})
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+
 
 MR_IMAGE_CLASSES = ["1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1"]  # MR, Enhanced MR
 

@@ -165,13 +165,24 @@ def exclusive_labels(maps: ProbabilityMaps, threshold: float) -> LabelMap:
     return LabelMap(labels, maps.segments)
 
 
+@dataclass(frozen=True)
+class EarlierReport:
+    """The SR an earlier run of the same model wrote for the same series (its predecessor)."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
 def encode_results(volume: Volume, output: LabelMap | ProbabilityMaps, model: ModelIdentity,
-                   options: SegOptions | None = None) -> EncodedResults | None:
+                   options: SegOptions | None = None, predecessor: EarlierReport | None = None) -> EncodedResults | None:
     """Build the SEG and the SR for one model run; ``None`` when the model found no segment.
 
     A label map becomes a BINARY SEG (or LABELMAP when asked); probability maps a FRACTIONAL SEG
     (PROBABILITY, 8 bits), or binarized at the threshold. The SR's statistics of probability maps
-    are of the voxels at or above the threshold.
+    are of the voxels at or above the threshold. A ``predecessor`` (an earlier run's SR with other
+    UIDs) is named in the new SR's Predecessor Documents Sequence.
 
     Raises
     ------
@@ -184,6 +195,8 @@ def encode_results(volume: Volume, output: LabelMap | ProbabilityMaps, model: Mo
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         results = _encode(volume, output, model, options)
+    if results is not None and predecessor is not None and predecessor.sop_instance_uid != results.sr.SOPInstanceUID:
+        results.sr.PredecessorDocumentsSequence = [_hierarchical_reference(predecessor)]
     if caught:
         # the texts may quote patient attributes: log only how many and of which kind
         kinds = sorted({w.category.__name__ for w in caught})
@@ -270,6 +283,16 @@ def _encode(volume: Volume, output: LabelMap | ProbabilityMaps, model: ModelIden
     sr.SeriesNumber = sr_number
     sr.SeriesDescription = _described("measurements", model, source_name)
     return EncodedResults(seg=seg, sr=sr, statistics=tuple(stats))
+
+
+def _hierarchical_reference(report: EarlierReport) -> Dataset:
+    instance = Dataset()
+    instance.ReferencedSOPClassUID, instance.ReferencedSOPInstanceUID = report.sop_class_uid, report.sop_instance_uid
+    series = Dataset()
+    series.SeriesInstanceUID, series.ReferencedSOPSequence = report.series_uid, [instance]
+    study = Dataset()
+    study.StudyInstanceUID, study.ReferencedSeriesSequence = report.study_uid, [series]
+    return study
 
 
 def _long_axis_group(volume: Volume, s: SegmentStatistics, algorithm, uid):

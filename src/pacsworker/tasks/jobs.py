@@ -65,7 +65,7 @@ def process_series(self, job_id: str) -> str:
                     f"spool folder {spool} is not visible from this worker: data_dir must be shared storage"
                 )
             files = series_files(spool)
-            outcome = run_model(files, settings.model(job.model))
+            outcome = run_model(files, settings.model(job.model), earlier_report(layout, job))
     except NotAVolumeError as exc:
         job.state, job.reason = JobState.NO_RESULT, str(exc)
     except SoftTimeLimitExceeded:
@@ -105,6 +105,21 @@ def _merge(layout: DataLayout, job: JobRecord) -> JobRecord:
     return job
 
 
+def earlier_report(layout: DataLayout, job: JobRecord):
+    """The SR of the latest earlier job of the same model on the same series, if one was written."""
+    from ..encoders.results import EarlierReport
+
+    earlier = [
+        other for other in layout.iter_records(layout.jobs, JobRecord)
+        if other.series_uid == job.series_uid and other.model == job.model and other.job_id != job.job_id
+        and other.state in (JobState.DELIVERING, JobState.DONE) and "sr" in other.outputs and "sr_series" in other.outputs
+    ]
+    if not earlier:
+        return None
+    latest = max(earlier, key=lambda other: other.finished_at)
+    return EarlierReport(latest.study_uid, latest.outputs["sr_series"], latest.outputs["sr"])
+
+
 def _quarantine(layout: DataLayout, job: JobRecord, outcome) -> None:
     """Results that failed the validation gate: kept for inspection with the reason, never sent."""
     folder = layout.quarantine / job.job_id
@@ -128,6 +143,7 @@ def _write_outbox(layout: DataLayout, job: JobRecord, outcome, settings) -> None
         tmp.replace(final)
         files.append(final.name)
         job.outputs[role] = str(ds.SOPInstanceUID)
+        job.outputs[f"{role}_series"] = str(ds.SeriesInstanceUID)
     from ..worker.runtime import write_values
 
     write_values(outcome, folder)  # a sidecar for the operator; only the .dcm files are delivered

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from ..config import Settings
+from ..config import ModelSettings, Settings
 from ..records import DataLayout, JobRecord, JobState, SeriesRecord, SeriesState, read_json, write_json_atomic
 from ..scp.routing import route
 from .app import DELIVERY_QUEUE, model_queue
@@ -20,9 +20,9 @@ from .ledger import save_job
 log = logging.getLogger("pacsworker.tasks")
 
 
-def job_id_for(model: str, record: SeriesRecord) -> str:
-    """The same series content and model always name the same job."""
-    return f"{model}_{record.series_uid}_{record.content_digest or 'all'}"
+def job_id_for(model: ModelSettings, record: SeriesRecord) -> str:
+    """The same series content and the same model (version and settings) always name the same job."""
+    return f"{model.name}_{record.series_uid}_{record.content_digest or 'all'}_{model.fingerprint()}"
 
 
 def submit_series(settings: Settings, record: SeriesRecord) -> None:
@@ -39,7 +39,7 @@ def submit_series(settings: Settings, record: SeriesRecord) -> None:
         return
     to_send, routed = [], []
     for name in models:
-        job_id = job_id_for(name, record)
+        job_id = job_id_for(settings.model(name), record)
         job = read_json(layout.job_record(job_id), JobRecord)
         if job is None:
             job = JobRecord(

@@ -52,8 +52,11 @@ class RunOutcome:
     problems: list[str] = field(default_factory=list)  # why the results must not be delivered
 
 
-def run_model(files: list[Path], settings: ModelSettings) -> RunOutcome:
+def run_model(files: list[Path], settings: ModelSettings, predecessor=None) -> RunOutcome:
     """Load the series, run the model and encode the results.
+
+    ``predecessor`` (an ``EarlierReport``) is the SR an earlier run of the model wrote for this
+    series; the new SR names it as its predecessor.
 
     Raises
     ------
@@ -92,7 +95,7 @@ def run_model(files: list[Path], settings: ModelSettings) -> RunOutcome:
     chosen = maps[0]
     outcome.label_map = chosen if isinstance(chosen, LabelMap) else exclusive_labels(chosen, settings.seg.threshold)
     started = time.perf_counter()
-    results = encode_results(volume, chosen, model.identity, settings.seg)
+    results = encode_results(volume, chosen, model.identity, settings.seg, predecessor)
     outcome.timings["encode_s"] = time.perf_counter() - started
     if results is None:
         outcome.reason = "the model found no segment"
