@@ -64,7 +64,8 @@ def make_long_series(source: Path, target: Path, copies: int = 5) -> Path:
     files = sorted(source.glob("*.dcm"))
     series_uid = generate_uid()
     positions = [float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in files]
-    extent = max(positions) - min(positions) + abs(positions[1] - positions[0])
+    ordered = sorted(positions)
+    extent = ordered[-1] - ordered[0] + statistics.median(b - a for a, b in zip(ordered, ordered[1:]))
     for copy in range(copies):
         for index, path in enumerate(files):
             ds = pydicom.dcmread(path)
