@@ -194,3 +194,21 @@ def test_validation_gate_runs_the_iod_validator(dicom_dir):
     del broken.SegmentSequence[0].SegmentLabel  # type 1 in the Segment Description macro
     problems = iod_problems({"seg": broken})
     assert problems and all(p.startswith("seg: Error") for p in problems)
+
+
+def test_longest_diameter_equals_a_brute_force_search():
+    from pacsworker.encoders.measures import longest_diameter
+
+    rng = np.random.default_rng(7)
+    for _ in range(100):
+        mask = rng.random((2, 24, 20)) > 0.75
+        found = longest_diameter(mask, 1.3, 0.7)
+        best = 0.0
+        for plane in mask:
+            points = np.argwhere(plane) * np.array([1.3, 0.7])
+            if len(points) > 1:
+                best = max(best, float(np.linalg.norm(points[:, None] - points[None], axis=-1).max()))
+        assert abs(found.length_mm - best) < 1e-9
+        start, end = np.array(found.start), np.array(found.end)
+        assert abs(np.linalg.norm((end - start) * [1.3, 0.7]) - best) < 1e-9
+        assert mask[found.slice_index][tuple(start.astype(int))] and mask[found.slice_index][tuple(end.astype(int))]

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.spatial import ConvexHull, QhullError
-from skimage.segmentation import find_boundaries
 
 
 @dataclass(frozen=True)
@@ -40,16 +39,23 @@ def longest_diameter(mask: np.ndarray, row_mm: float, column_mm: float) -> Diame
     """The longest distance between two pixel centres of the mask within one slice, over all slices.
 
     ``mask`` is (slices, rows, columns); ``row_mm`` is the distance between rows (Pixel Spacing [0]).
+    The farthest pair lies on the convex hull, and the hull of a slice's mask is the hull of each
+    row's first and last mask pixel: only those are examined.
     """
+    mask = mask.astype(bool, copy=False)
+    in_row = mask.any(axis=2)  # (slices, rows)
+    columns = mask.shape[2]
+    first = np.argmax(mask, axis=2)
+    last = columns - 1 - np.argmax(mask[:, :, ::-1], axis=2)
     best: Diameter | None = None
-    for index in np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1)):
-        plane = mask[index]
-        edge = np.argwhere(find_boundaries(plane, mode="inner") & plane)
-        if len(edge) == 0:
-            edge = np.argwhere(plane)
-        if len(edge) == 1:
+    for index in np.flatnonzero(in_row.any(axis=1)):
+        rows = np.flatnonzero(in_row[index])
+        points = np.unique(np.concatenate([
+            np.stack([rows, first[index, rows]], axis=1), np.stack([rows, last[index, rows]], axis=1),
+        ]), axis=0)
+        if len(points) < 2:
             continue
-        i, j, length = _longest_chord(edge.astype(np.float64), row_mm, column_mm)
+        i, j, length = _longest_chord(points.astype(np.float64), row_mm, column_mm)
         if best is None or length > best.length_mm:
-            best = Diameter(int(index), tuple(map(float, edge[i])), tuple(map(float, edge[j])), length)
+            best = Diameter(int(index), tuple(map(float, points[i])), tuple(map(float, points[j])), length)
     return best
