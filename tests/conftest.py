@@ -216,6 +216,27 @@ class Pacsworker:
         return self.log.read_text(errors="replace")
 
 
+def echo_ok(port: int, aet: str = "SCU", aec: str = "PACSWORKER") -> bool:
+    """A C-ECHO with pynetdicom: True when the association was accepted and the echo succeeded."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=aec)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and status.Status == 0
+
+
+def pacsworker_run(folder: Path, out: Path, config: Path | None = None, model: str = "ct-body") -> subprocess.CompletedProcess:
+    """``pacsworker run FOLDER --model MODEL --out OUT [--config CONFIG]`` as a user types it."""
+    command = [sys.executable, "-m", "pacsworker", "run", str(folder), "--model", model, "--out", str(out)]
+    return subprocess.run(command + (["--config", str(config)] if config else []), capture_output=True, text=True, timeout=600)
+
+
 def write_config(path: Path, **sections) -> Path:
     path.write_text(yaml.safe_dump(sections))
     return path

@@ -14,7 +14,7 @@ from io import BytesIO
 
 import pydicom
 import pytest
-from conftest import Pacsworker, free_port, port_open, wait_until, write_config
+from conftest import Pacsworker, echo_ok, free_port, port_open, wait_until, write_config
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification
@@ -36,7 +36,6 @@ from wire_bytes import (
 
 from pacsworker.config import Settings
 from pacsworker.scp.server import Receiver
-from pacsworker.scp.spool import series_files
 from pacsworker.scp.wire import printable
 
 MB = 1 << 20
@@ -53,17 +52,6 @@ def memory(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             fields[key] = int(value.split()[0]) * 1024
     return fields
-
-
-def echo_ok(port: int, aet: str = "SCU", aec: str = "PACSWORKER") -> bool:
-    ae = AE(ae_title=aet)
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title=aec)
-    if not assoc.is_established:
-        return False
-    status = assoc.send_c_echo()
-    assoc.release()
-    return bool(status) and status.Status == 0
 
 
 @pytest.fixture(scope="module")

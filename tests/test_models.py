@@ -16,6 +16,7 @@ from conftest import (
     Pacsworker,
     dciodvfy_errors,
     free_port,
+    pacsworker_run,
     port_open,
     status_json,
     storescu,
@@ -33,13 +34,6 @@ from pacsworker.worker.volume import load_series
 MODELS = Path(__file__).parent / "models"
 CT02 = "ct02_philips_ingenuity_headphantom_5mm"
 PROBABILITY_OF_CANCER = ["DCM", "111047", "Probability of cancer"]
-
-
-def _run(config: Path, folder: Path, out: Path, model: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pacsworker", "run", str(folder), "--model", model, "--out", str(out), "--config", str(config)],
-        capture_output=True, text=True, timeout=300,
-    )
 
 
 def _probe_config(tmp_path: Path, folder: Path, **options) -> Path:
@@ -60,7 +54,7 @@ def _probe_config(tmp_path: Path, folder: Path, **options) -> Path:
 @pytest.mark.parametrize("folder", [CT02, "mr05_ge_signa_hdxt_prostate_adc"])
 def test_named_inputs_equal_what_the_headers_say(dicom_dir, tmp_path, folder):
     """The probe asserts every input against its own reading of the headers (signed MR, unsigned CT)."""
-    result = _run(_probe_config(tmp_path, dicom_dir / folder), dicom_dir / folder, tmp_path / "out", "probe")
+    result = pacsworker_run(dicom_dir / folder, tmp_path / "out", _probe_config(tmp_path, dicom_dir / folder), "probe")
     assert result.returncode == 0, result.stderr[-3000:]
     seg = pydicom.dcmread(tmp_path / "out" / "seg.dcm")
     assert seg.SegmentSequence[0].SegmentLabel == "Bright"
@@ -70,7 +64,8 @@ def test_named_inputs_equal_what_the_headers_say(dicom_dir, tmp_path, folder):
 
 
 def test_a_wrong_input_fails_the_run_with_the_models_words(dicom_dir, tmp_path):
-    result = _run(_probe_config(tmp_path, dicom_dir / CT02, expect_slope=2.0), dicom_dir / CT02, tmp_path / "out", "probe")
+    config = _probe_config(tmp_path, dicom_dir / CT02, expect_slope=2.0)
+    result = pacsworker_run(dicom_dir / CT02, tmp_path / "out", config, "probe")
     assert result.returncode == 4
     assert "model probe raised AssertionError: rescale_slope" in " ".join(result.stderr.split())
 
@@ -116,7 +111,7 @@ def test_output_mapping_names_the_key_that_is_wrong(ct06_series):
 
 def test_run_writes_nifti_and_an_overlay_for_researchers(dicom_dir, tmp_path):
     config = write_config(tmp_path / "c.yaml", storage={"data_dir": str(tmp_path / "data")})
-    result = _run(config, dicom_dir / CT02, tmp_path / "out", "ct-body")
+    result = pacsworker_run(dicom_dir / CT02, tmp_path / "out", config, "ct-body")
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "out"
     mask = nib.load(out / "mask.nii.gz")

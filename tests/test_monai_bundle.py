@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import dciodvfy_errors, write_config
+from conftest import dciodvfy_errors, pacsworker_run, write_config
 from test_torchscript import CT02, SPLEEN
 
 INFERENCE = {
@@ -74,11 +74,7 @@ def test_bundle_equals_monai_bundle_run(dicom_dir, tmp_path, bundle):
         models=[{"name": "spleen-bundle", "kind": "monai-bundle", "source": str(bundle), "device": "cpu"}],
     )
     out = tmp_path / "out"
-    ours = subprocess.run(
-        [sys.executable, "-m", "pacsworker", "run", str(dicom_dir / CT02), "--model", "spleen-bundle", "--out", str(out),
-         "--config", str(config)],
-        capture_output=True, text=True, timeout=600,
-    )
+    ours = pacsworker_run(dicom_dir / CT02, out, config, "spleen-bundle")
     assert ours.returncode == 0, ours.stderr[-3000:]
     dataset = tmp_path / "dataset"
     dataset.mkdir()

@@ -14,6 +14,7 @@ from conftest import (
     Pacsworker,
     dciodvfy_errors,
     free_port,
+    pacsworker_run,
     port_open,
     status_json,
     storescu,
@@ -121,7 +122,7 @@ def test_mr_brain_through_serve_into_orthanc(tmp_path, dicom_dir, orthanc):
         serve.stop()
 
 
-def _brain_config(tmp_path, dicom_dir, **case) -> "Path":
+def _brain_config(tmp_path, dicom_dir, **case):
     return write_config(
         tmp_path / "checked.yaml",
         storage={"data_dir": str(tmp_path / "data")},
@@ -131,11 +132,8 @@ def _brain_config(tmp_path, dicom_dir, **case) -> "Path":
 
 
 def test_models_test_checks_reference_cases_and_a_worker_refuses_a_failing_model(tmp_path, dicom_dir):
-    run = subprocess.run(
-        [sys.executable, "-m", "pacsworker", "run", str(dicom_dir / MR06), "--model", "mr-brain",
-         "--out", str(tmp_path / "ref"), "--config", str(write_config(tmp_path / "c.yaml", storage={"data_dir": str(tmp_path / "d")}))],
-        capture_output=True, text=True, timeout=300,
-    )
+    config = write_config(tmp_path / "c.yaml", storage={"data_dir": str(tmp_path / "d")})
+    run = pacsworker_run(dicom_dir / MR06, tmp_path / "ref", config, "mr-brain")
     assert run.returncode == 0, run.stderr[-2000:]
     good = _brain_config(tmp_path, dicom_dir, expected_mask=str(tmp_path / "ref" / "mask.nii.gz"), min_dice=0.98,
                          expected_volume_ml={"Brain": 1573}, volume_tolerance=0.02)

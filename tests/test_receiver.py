@@ -7,11 +7,11 @@ import time
 
 import pydicom
 import pytest
-from conftest import free_port, wait_until
+from conftest import echo_ok, free_port, wait_until
 from wire_bytes import raw_store
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.sop_class import CTImageStorage
 
 from pacsworker.config import Settings
 from pacsworker.replay import replay
@@ -42,17 +42,6 @@ def receiver(tmp_path):
     rx.start()
     yield rx
     rx.stop()
-
-
-def _echo_ok(port: int, aec: str = "PACSWORKER", aet: str = "SCU") -> bool:
-    ae = AE(ae_title=aet)
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title=aec)
-    if not assoc.is_established:
-        return False
-    status = assoc.send_c_echo()
-    assoc.release()
-    return status.Status == 0
 
 
 @pytest.mark.parametrize("name", COMPRESSED)
@@ -97,7 +86,7 @@ def test_bad_input_is_refused_and_the_receiver_keeps_serving(receiver, caplog):
     assert _raw_store(port, _ct_bytes(bad_uid, generate_uid()), "1.2.3.5") == 0xC000
     assert "SOPInstanceUID '1.2.840.abc/../../etc' is missing or not a valid UID" in caplog.text
     assert not any(receiver.layout.root.rglob("*etc*"))
-    assert _echo_ok(port)
+    assert echo_ok(port)
 
 
 def test_aborted_association_keeps_what_arrived(receiver):
@@ -112,7 +101,7 @@ def test_aborted_association_keeps_what_arrived(receiver):
     wait_until(lambda: any(r.series_uid == series for r in receiver.completed), 30, what="series completion")
     [record] = [r for r in receiver.completed if r.series_uid == series]
     assert record.instances == 3 and len(series_files(receiver.layout.series_dir(series))) == 3
-    assert _echo_ok(port)
+    assert echo_ok(port)
 
 
 def _store_in(assoc, series_uid: str) -> int:
@@ -128,9 +117,9 @@ def _store_in(assoc, series_uid: str) -> int:
 
 def test_wrong_ae_titles_are_rejected(receiver):
     port = receiver.settings.scp.port
-    assert not _echo_ok(port, aec="SOMEONE_ELSE")
-    assert not _echo_ok(port, aet="INTRUDER")
-    assert _echo_ok(port)
+    assert not echo_ok(port, aec="SOMEONE_ELSE")
+    assert not echo_ok(port, aet="INTRUDER")
+    assert echo_ok(port)
 
 
 def test_pending_series_survive_a_restart(tmp_path):

@@ -81,7 +81,7 @@ def test_series_record_says_how_it_ended(tmp_path):
         settle_series_of(layout, SERIES)
         ended = read_json(layout.series_record(SERIES), SeriesRecord)
         assert ended.state == expected and ended.jobs == [job.job_id]
-        assert (f"ct-body: a reason" in ended.reason) == (state != JobState.DONE)
+        assert ("ct-body: a reason" in ended.reason) == (state != JobState.DONE)
 
 
 @pytest.fixture

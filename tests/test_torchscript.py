@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -11,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from conftest import REPO, dciodvfy_errors, write_config
+from conftest import REPO, dciodvfy_errors, pacsworker_run, write_config
 
 SPLEEN = Path(REPO.parent / "shared" / "models" / "monai_spleen_unet_torchscript" / "model.ts")
 CT02 = "ct02_philips_ingenuity_headphantom_5mm"
@@ -72,11 +70,7 @@ def test_spleen_unet_equals_monai_run_directly(dicom_dir, tmp_path, variant):
         }],
     )
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "pacsworker", "run", str(dicom_dir / CT02), "--model", "spleen", "--out", str(out),
-         "--config", str(config)],
-        capture_output=True, text=True, timeout=600,
-    )
+    result = pacsworker_run(dicom_dir / CT02, out, config, "spleen")
     assert result.returncode == 0, result.stderr[-3000:]
     ours = np.asarray(nib.load(out / "mask.nii.gz").dataobj)
     direct = _direct(out / "image.nii.gz", resize, inferer)

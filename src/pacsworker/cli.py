@@ -250,6 +250,15 @@ def replay(
         raise typer.Exit(1)
 
 
+def _model_or_exit(settings: Settings, name: str):
+    """The configured model of that name, or exit 2 saying none is configured."""
+    try:
+        return settings.model(name)
+    except KeyError as exc:
+        console.print(f"[red]{exc.args[0]}[/red]")
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def run(
     series_dir: Annotated[Path, typer.Argument(help="folder holding one series")],
@@ -267,11 +276,7 @@ def run(
     from .worker.series import Series
     from .worker.volume import NotAVolumeError
 
-    try:
-        model_settings = settings.model(model)
-    except KeyError as exc:
-        console.print(f"[red]{exc.args[0]}[/red]")
-        raise typer.Exit(2) from None
+    model_settings = _model_or_exit(settings, model)
     try:
         outcome = run_model(collect_files([series_dir]), model_settings)
     except NotAVolumeError as exc:
@@ -348,11 +353,7 @@ def models_test(
     from .worker.checks import check_model
     from .worker.runtime import get_model, run_model
 
-    try:
-        model = settings.model(name)
-    except KeyError as exc:
-        console.print(f"[red]{exc.args[0]}[/red]")
-        raise typer.Exit(2) from None
+    model = _model_or_exit(settings, name)
     started = time.perf_counter()
     try:
         loaded = get_model(model)

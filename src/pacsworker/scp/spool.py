@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..records import DataLayout, is_valid_uid
@@ -35,18 +35,12 @@ class Spool:
         OSError
             If the disk refused the write (full, read-only); the incoming file is left to its owner.
         """
-        if not is_valid_uid(sop_instance_uid):
-            raise ValueError(f"invalid SOP Instance UID {sop_instance_uid!r}")
-        folder = self.layout.series_dir(series_uid)
-        new_folder = not folder.is_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        incoming.sync()
-        final = folder / f"{sop_instance_uid}.dcm"
-        os.replace(incoming.name, final)
-        if new_folder:
-            _fsync_dir(self.layout.spool)
-        _fsync_dir(folder)
-        return final
+
+        def durable(folder: Path) -> str:
+            incoming.sync()
+            return incoming.name
+
+        return self._place(series_uid, sop_instance_uid, durable)
 
     def store(self, series_uid: str, sop_instance_uid: str, parts: Sequence[bytes | memoryview]) -> Path:
         """Store the parts (preamble, file meta, dataset as received) as one file; returns its path.
@@ -58,27 +52,34 @@ class Spool:
         OSError
             If the disk refused the write (full, read-only); nothing partial is left behind.
         """
+
+        def durable(folder: Path) -> Path:
+            tmp = folder / f".tmp-{sop_instance_uid}.{os.getpid()}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+            try:
+                for part in parts:
+                    view = memoryview(part)
+                    while view:
+                        view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                tmp.unlink(missing_ok=True)
+                raise
+            os.close(fd)
+            return tmp
+
+        return self._place(series_uid, sop_instance_uid, durable)
+
+    def _place(self, series_uid: str, sop_instance_uid: str, durable: Callable[[Path], Path | str]) -> Path:
+        """Rename the file ``durable(folder)`` wrote and fsynced to its spool path, then fsync the folders."""
         if not is_valid_uid(sop_instance_uid):
             raise ValueError(f"invalid SOP Instance UID {sop_instance_uid!r}")
         folder = self.layout.series_dir(series_uid)
         new_folder = not folder.is_dir()
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / f"{sop_instance_uid}.dcm"
-        tmp = folder / f".tmp-{sop_instance_uid}.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        try:
-            for part in parts:
-                view = memoryview(part)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, final)
+        os.replace(durable(folder), final)
         if new_folder:
             _fsync_dir(self.layout.spool)
         _fsync_dir(folder)

@@ -12,22 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config import brain_extra_installed
 from .outputs import ANATOMICAL_STRUCTURE, CodedTerm, LabelMap, SegmentSpec
 from .series import Series
 
 BRAIN = SegmentSpec(1, "Brain", ANATOMICAL_STRUCTURE, CodedTerm("12738006", "SCT", "Brain"),
                     "brain parenchyma and CSF inside the skull (deepbet)")
-
-
-def brain_extra_installed() -> bool:
-    """Whether the optional extra (``pacsworker[brain]``, deepbet) is installed."""
-    try:
-        import cc3d  # noqa: F401
-        import deepbet  # noqa: F401
-        import fill_voids  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class MrBrainModel:
