@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import (
+    COMPREHENSIVE_3D_SR_CLASS,
     SEG_CLASS,
     Pacsworker,
     dciodvfy_errors,
@@ -129,7 +130,8 @@ def test_run_writes_nifti_and_an_overlay_for_researchers(dicom_dir, tmp_path):
 
 
 def test_native_model_and_a_broken_one_through_serve(tmp_path, dicom_dir, orthanc):
-    """A 15-line predict() model delivers to the PACS; a model that cannot load fails only its jobs."""
+    """A 15-line predict() model delivers to the PACS; a detector's SR alone arrives too; a model
+    that cannot load fails only its jobs."""
     port = free_port()
     config = write_config(
         tmp_path / "pacsworker.yaml",
@@ -140,6 +142,8 @@ def test_native_model_and_a_broken_one_through_serve(tmp_path, dicom_dir, orthan
             {"name": "dense", "kind": "python", "source": f"{MODELS / 'bright_native.py'}:BrightTissue",
              "options": {"threshold": 200}},
             {"name": "broken", "kind": "python", "source": f"{MODELS / 'no_such_file.py'}:Nothing"},
+            {"name": "bones", "kind": "python", "source": f"{MODELS / 'bone_detector.py'}:BoneDetector",
+             "outputs": {"boxes": {"kind": "boxes"}}},
         ],
         destinations=[{"kind": "dicomweb", "name": "orthanc", "url": orthanc.dicomweb_url}],
     )
@@ -147,8 +151,8 @@ def test_native_model_and_a_broken_one_through_serve(tmp_path, dicom_dir, orthan
     try:
         wait_until(lambda: port_open(port), 60, what="the receiver to listen")
         assert storescu(port, dicom_dir / CT02).returncode == 0
-        wait_until(lambda: status_json(config)["jobs"].get("done") and status_json(config)["jobs"].get("failed"),
-                   180, what="one job done, one failed")
+        wait_until(lambda: status_json(config)["jobs"].get("done", 0) >= 2 and status_json(config)["jobs"].get("failed"),
+                   180, what="two jobs done, one failed")
         state = status_json(config)
         [reason] = state["failed_jobs"].values()
         assert "model broken (python" in reason and "failed to load" in reason and "does not exist" in reason
@@ -162,6 +166,10 @@ def test_native_model_and_a_broken_one_through_serve(tmp_path, dicom_dir, orthan
         path = tmp_path / "dense-seg.dcm"
         seg.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == []
+        srs = [i for i in orthanc.instances_of_class(study, COMPREHENSIVE_3D_SR_CLASS)
+               if "bones findings" in json.dumps(i.get("0008103E", {}))]
+        assert len(srs) == 1, "the detector's SR must be in the PACS"
+        assert not [i for i in orthanc.instances_of_class(study, SEG_CLASS) if "bones" in json.dumps(i.get("0008103E", {}))]
         assert "Traceback" not in serve.output()
     finally:
         serve.stop()

@@ -265,6 +265,7 @@ def run(
     model: Annotated[str, typer.Option(help="model name from the configuration")] = "ct-body",
     out: Annotated[Path, typer.Option(help="folder for the results")] = Path("out"),
     config: ConfigOption = None,
+    png: Annotated[bool, typer.Option("--png/--no-png", help="write overlay.png (mask outlines and boxes)")] = True,
 ) -> None:
     """Run a model over one series folder: SEG + SR, the mask as NIfTI, a PNG overlay; no queue."""
     settings = _setup(config)
@@ -287,25 +288,28 @@ def run(
         raise typer.Exit(4) from None
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    if outcome.label_map is not None:
+    if outcome.label_map is not None or outcome.boxes:
         series = Series(outcome.volume)
-        written += write_nifti(series, outcome.label_map.array, out)
-        written.append(write_overlay_png(series, outcome.label_map.array, out / "overlay.png"))
+        labels = outcome.label_map.array if outcome.label_map is not None else None
+        if labels is not None:
+            written += write_nifti(series, labels, out)
+        if png:
+            written.append(write_overlay_png(series, labels, out / "overlay.png", outcome.boxes))
     values = write_values(outcome, out)
     if values:
         written.append(values)
         for key, value in outcome.values.items():
             console.print(f"{key}: {json.dumps(value)}")
-    if outcome.seg is not None:
-        outcome.seg.save_as(out / "seg.dcm", enforce_file_format=True)
-        outcome.sr.save_as(out / "sr.dcm", enforce_file_format=True)
-        written += [out / "seg.dcm", out / "sr.dcm"]
+    for role, ds in (("seg", outcome.seg), ("sr", outcome.sr)):
+        if ds is not None:
+            ds.save_as(out / f"{role}.dcm", enforce_file_format=True)
+            written.append(out / f"{role}.dcm")
     for stat in outcome.statistics:
         console.print(f"{stat.spec.name}: {stat.volume_ml:.1f} mL, mean {stat.mean_value:.1f}")
     if written:
         console.print(f"wrote {', '.join(p.name for p in written)} to {out} "
                       f"({', '.join(f'{k} {v:.2f}s' for k, v in outcome.timings.items())})")
-    if outcome.seg is None and not values:
+    if outcome.sr is None:
         console.print(f"[yellow]no result: {outcome.reason}[/yellow]")
         raise typer.Exit(3)
     if outcome.problems:  # written for inspection; the queue would not deliver them

@@ -139,10 +139,12 @@ class OutputConfig(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    kind: Literal["labelmap", "probabilities", "score", "classification"]
+    kind: Literal["labelmap", "probabilities", "score", "classification", "boxes"]
     segments: list[SegmentConfig] = Field(default_factory=list)
     name: CodeTriple | None = None
-    values: dict[str, CodeTriple] = Field(default_factory=dict, description="class value -> coded meaning")
+    values: dict[str, CodeTriple] = Field(
+        default_factory=dict, description="class value (classification) or box label (boxes) -> coded meaning"
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> "OutputConfig":

@@ -1,4 +1,9 @@
-"""A label map over a volume becomes one DICOM SEG (BINARY) and one Comprehensive 3D SR (TID 1500)."""
+"""A model's outputs over a volume become one DICOM SEG and one Comprehensive 3D SR (TID 1500).
+
+The first label map or probability map becomes the SEG; the SR reports each segment's volume,
+intensity and longest diameter, every score and classification (TID 1501 groups), and every 2D
+box as a planar ROI on its image. Without a map, the SR alone carries the findings.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,19 @@ from pydicom.sr.codedict import codes
 
 from .. import __version__
 from ..config import SegOptions
-from ..worker.outputs import CodedTerm, LabelMap, ModelIdentity, ProbabilityMaps, SegmentSpec
+from ..worker.outputs import (
+    Box,
+    Boxes,
+    Classification,
+    CodedTerm,
+    LabelMap,
+    ModelIdentity,
+    ModelOutput,
+    ModelResult,
+    ProbabilityMaps,
+    Score,
+    SegmentSpec,
+)
 from ..worker.volume import Volume
 from .measures import Diameter, longest_diameter
 from .uids import result_uid
@@ -39,6 +56,9 @@ TYPE2_ATTRIBUTES = (
     "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
 )
 IMAGING_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")
+PROBABILITY = CodedConcept("122157", "DCM", "Probability")
+FINDING = CodedConcept("404684003", "SCT", "Finding")
+PRIVATE_SCHEME = "99PACSWORKER"  # a private coding scheme (PS3.16 8.2) for labels a model's configuration leaves uncoded
 
 
 @dataclass(frozen=True)
@@ -56,15 +76,21 @@ class SegmentStatistics:
 
 @dataclass(frozen=True)
 class EncodedResults:
-    """The two result objects of one job, and the statistics they carry."""
+    """The result objects of one job (no SEG when the model returned no map), and the statistics."""
 
-    seg: Dataset
+    seg: Dataset | None
     sr: Dataset
     statistics: tuple[SegmentStatistics, ...]
 
 
 def _concept(term: CodedTerm) -> CodedConcept:
     return CodedConcept(term.value, term.scheme, term.meaning)
+
+
+def _private_concept(text: str) -> CodedConcept:
+    """A label or class value the configuration gives no code for, in the private scheme."""
+    text = str(text).strip() or "unnamed"
+    return CodedConcept(text.replace("\\", "/")[:64], PRIVATE_SCHEME, text[:64])
 
 
 def segment_statistics(volume: Volume, labels: np.ndarray, segments: tuple[SegmentSpec, ...]) -> list[SegmentStatistics]:
@@ -175,26 +201,35 @@ class EarlierReport:
     sop_class_uid: str = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
-def encode_results(volume: Volume, output: LabelMap | ProbabilityMaps, model: ModelIdentity,
+def encode_results(volume: Volume, outputs: ModelResult | ModelOutput | list[ModelOutput], model: ModelIdentity,
                    options: SegOptions | None = None, predecessor: EarlierReport | None = None) -> EncodedResults | None:
-    """Build the SEG and the SR for one model run; ``None`` when the model found no segment.
+    """Build the SEG and the SR for one model run; ``None`` when there is nothing to report (no
+    segment found, and no score, class or box).
 
     A label map becomes a BINARY SEG (or LABELMAP when asked); probability maps a FRACTIONAL SEG
     (PROBABILITY, 8 bits), or binarized at the threshold. The SR's statistics of probability maps
-    are of the voxels at or above the threshold. A ``predecessor`` (an earlier run's SR with other
-    UIDs) is named in the new SR's Predecessor Documents Sequence.
+    are of the voxels at or above the threshold. Scores, classifications and boxes are reported in
+    the SR. A ``predecessor`` (an earlier run's SR with other UIDs) is named in the new SR's
+    Predecessor Documents Sequence.
 
     Raises
     ------
     ValueError
-        If the label map does not fit the volume, or highdicom rejects the objects.
+        If a map or a box does not fit the volume, or highdicom rejects the objects.
     """
     options = options or SegOptions()
+    if isinstance(outputs, ModelResult):
+        outputs = list(outputs.outputs.values())
+    elif not isinstance(outputs, (list, tuple)):
+        outputs = [outputs]
+    maps = [o for o in outputs if isinstance(o, (LabelMap, ProbabilityMaps))]
+    findings = [o for o in outputs if isinstance(o, (Score, Classification, Boxes))]
+    output = maps[0] if maps else None
     if isinstance(output, ProbabilityMaps) and options.probabilities_as == "binary":
         output = exclusive_labels(output, options.threshold)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = _encode(volume, output, model, options)
+        results = _encode(volume, output, findings, model, options)
     if results is not None and predecessor is not None and predecessor.sop_instance_uid != results.sr.SOPInstanceUID:
         results.sr.PredecessorDocumentsSequence = [_hierarchical_reference(predecessor)]
     if caught:
@@ -204,12 +239,23 @@ def encode_results(volume: Volume, output: LabelMap | ProbabilityMaps, model: Mo
     return results
 
 
-def _encode(volume: Volume, output: LabelMap | ProbabilityMaps, model: ModelIdentity, options: SegOptions) -> EncodedResults | None:
-    fractional = isinstance(output, ProbabilityMaps)
-    labels = exclusive_labels(output, options.threshold).array if fractional else output.array
-    stats = segment_statistics(volume, labels, output.segments)
-    if not stats:
+def _has_content(finding) -> bool:
+    return not isinstance(finding, Boxes) or bool(finding.boxes)
+
+
+def _encode(volume: Volume, output: LabelMap | ProbabilityMaps | None, findings: list, model: ModelIdentity,
+            options: SegOptions) -> EncodedResults | None:
+    stats: list[SegmentStatistics] = []
+    if output is not None:
+        fractional = isinstance(output, ProbabilityMaps)
+        labels = exclusive_labels(output, options.threshold).array if fractional else output.array
+        stats = segment_statistics(volume, labels, output.segments)
+    findings = [f for f in findings if _has_content(f)]
+    if not stats and not findings:
         return None
+    for finding in findings:
+        if isinstance(finding, Boxes):
+            finding.check(volume.pixels.shape)
     instance_uids = [str(ds.SOPInstanceUID) for ds in volume.source_datasets]
 
     def uid(role: str) -> str:
@@ -228,7 +274,20 @@ def _encode(volume: Volume, output: LabelMap | ProbabilityMaps, model: ModelIden
         log.warning("series %s has no Frame of Reference UID; a derived one is used", volume.series_uid)
         for ds in sources:
             ds.FrameOfReferenceUID = uid("frame-of-reference")
+    software = [__version__, f"{model.name} {model.version}"]
+    seg_number, sr_number, source_name = result_series(volume, model)
+    seg = None
+    if stats:
+        seg = _segmentation(volume, sources, output, labels, stats, model, options, uid, software)
+        seg.SeriesNumber = seg_number
+        seg.SeriesDescription = _described("SEG", model, source_name)
+    sr = _measurement_report(volume, sources, seg, stats, findings, model, uid, software)
+    sr.SeriesNumber = sr_number
+    sr.SeriesDescription = _described("measurements" if stats else "findings", model, source_name)
+    return EncodedResults(seg=seg, sr=sr, statistics=tuple(stats))
 
+
+def _segmentation(volume, sources, output, labels, stats, model, options, uid, software) -> Dataset:
     algorithm = hd.AlgorithmIdentificationSequence(
         name=model.name, family=codes.cid7162.ArtificialIntelligence, version=model.version
     )
@@ -246,7 +305,7 @@ def _encode(volume: Volume, output: LabelMap | ProbabilityMaps, model: ModelIden
         )
         for s in stats
     ]
-    if fractional:
+    if isinstance(output, ProbabilityMaps):
         index = {spec.label: i for i, spec in enumerate(output.segments)}
         pixels = np.stack([output.array[index[s.spec.label]] for s in stats], axis=-1).astype(np.float32)
         kind, extra = hd.seg.SegmentationTypeValues.FRACTIONAL, {
@@ -257,16 +316,14 @@ def _encode(volume: Volume, output: LabelMap | ProbabilityMaps, model: ModelIden
             pixels[labels == s.spec.label] = s.segment_number
         labelmap = options.labelmap_as == "labelmap"
         kind, extra = (hd.seg.SegmentationTypeValues.LABELMAP if labelmap else hd.seg.SegmentationTypeValues.BINARY), {}
-    software = [__version__, f"{model.name} {model.version}"]
-    seg_number, sr_number, source_name = result_series(volume, model)
-    seg = hd.seg.Segmentation(
+    return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=pixels,
         segmentation_type=kind,
         **extra,
         segment_descriptions=descriptions,
         series_instance_uid=uid("seg-series"),
-        series_number=seg_number,
+        series_number=1,  # set by the caller
         sop_instance_uid=uid("seg-instance"),
         instance_number=1,
         manufacturer=MANUFACTURER,
@@ -278,11 +335,6 @@ def _encode(volume: Volume, output: LabelMap | ProbabilityMaps, model: ModelIden
         content_creator_name="pacsworker^" + model.name,
         **_geometry(volume),
     )
-    seg.SeriesDescription = _described("SEG", model, source_name)
-    sr = _measurement_report(volume, sources, seg, stats, model, uid, software)
-    sr.SeriesNumber = sr_number
-    sr.SeriesDescription = _described("measurements", model, source_name)
-    return EncodedResults(seg=seg, sr=sr, statistics=tuple(stats))
 
 
 def _hierarchical_reference(report: EarlierReport) -> Dataset:
@@ -298,13 +350,7 @@ def _hierarchical_reference(report: EarlierReport) -> Dataset:
 def _long_axis_group(volume: Volume, s: SegmentStatistics, algorithm, uid):
     """The longest in-plane diameter as a length on the source image where it lies (TID 1410), so
     viewers such as OHIF show it as a measurement."""
-    source = volume.sources[s.diameter.slice_index]
-    frames = [source.frame_number] if source.frame_number else None
-    image = hd.sr.SourceImageForRegion(
-        referenced_sop_class_uid=str(source.dataset.SOPClassUID),
-        referenced_sop_instance_uid=str(source.dataset.SOPInstanceUID),
-        referenced_frame_numbers=frames,
-    )
+    image = _source_image(volume, s.diameter.slice_index)
     # image coordinates are (column, row), (0, 0) the outer corner of the first pixel
     points = np.array([[s.diameter.start[1] + 0.5, s.diameter.start[0] + 0.5],
                        [s.diameter.end[1] + 0.5, s.diameter.end[0] + 0.5]], dtype=np.float32)
@@ -319,7 +365,63 @@ def _long_axis_group(volume: Volume, s: SegmentStatistics, algorithm, uid):
     )
 
 
-def _measurement_report(volume, sources, seg, stats, model, uid, software) -> Dataset:
+def _source_image(volume: Volume, slice_index: int) -> hd.sr.SourceImageForRegion:
+    source = volume.sources[slice_index]
+    return hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=str(source.dataset.SOPClassUID),
+        referenced_sop_instance_uid=str(source.dataset.SOPInstanceUID),
+        referenced_frame_numbers=[source.frame_number] if source.frame_number else None,
+    )
+
+
+def _probability(value: float, algorithm) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=PROBABILITY, value=round(float(value), 6), unit=NO_UNITS, algorithm_id=algorithm)
+
+
+def _box_group(volume: Volume, box: Box, number: int, algorithm, uid):
+    """A box as a planar ROI: a closed POLYLINE rectangle on its image, its label as finding type
+    and tracking identifier, its score as a probability."""
+    (c0, r0), (c1, r1) = box.top_left, box.bottom_right
+    corners = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=np.float32)
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid(f"box-{number}"), identifier=f"{box.label} {number}"),
+        referenced_region=hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=corners,
+                                            source_image=_source_image(volume, box.slice_index)),
+        finding_type=_concept(box.finding) if box.finding else _private_concept(box.label),
+        finding_category=FINDING,
+        algorithm_id=algorithm,
+        measurements=[_probability(box.score, algorithm)] if box.score is not None else None,
+    )
+
+
+def _finding_groups(volume: Volume, findings: list, algorithm, uid) -> list:
+    groups, boxes = [], 0
+    for index, finding in enumerate(findings):
+        if isinstance(finding, Boxes):
+            for box in finding.boxes:
+                boxes += 1
+                groups.append(_box_group(volume, box, boxes, algorithm, uid))
+        elif isinstance(finding, Classification):
+            value = _concept(finding.meaning) if finding.meaning else _private_concept(str(finding.value))
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=uid(f"class-{index}"),
+                                                             identifier=finding.name.meaning),
+                algorithm_id=algorithm,
+                qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=_concept(finding.name), value=value)],
+                measurements=[_probability(finding.score, algorithm)] if finding.score is not None else None,
+            ))
+        elif isinstance(finding, Score):
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=uid(f"score-{index}"),
+                                                             identifier=finding.name.meaning),
+                algorithm_id=algorithm,
+                measurements=[hd.sr.Measurement(name=_concept(finding.name), value=round(float(finding.value), 6),
+                                                unit=NO_UNITS, algorithm_id=algorithm)],
+            ))
+    return groups
+
+
+def _measurement_report(volume, sources, seg, stats, findings, model, uid, software) -> Dataset:
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -357,13 +459,14 @@ def _measurement_report(volume, sources, seg, stats, model, uid, software) -> Da
         )
         if s.diameter is not None:
             groups.append(_long_axis_group(volume, s, algorithm, uid))
+    groups += _finding_groups(volume, findings, algorithm, uid)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=IMAGING_PROCEDURE,
         imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[seg, *sources],
+        evidence=[seg, *sources] if seg is not None else sources,
         content=report[0],
         series_instance_uid=uid("sr-series"),
         series_number=1,  # set by the caller

@@ -33,13 +33,16 @@ def _referenced_instances(ds: Dataset) -> set[str]:
     return found
 
 
-def referential_problems(volume: Volume, seg: Dataset, sr: Dataset) -> list[str]:
+def referential_problems(volume: Volume, seg: Dataset | None, sr: Dataset) -> list[str]:
     """What the SEG and SR reference that the source series does not hold, or holds elsewhere."""
-    problems = []
     positions: dict[tuple[str, int | None], tuple[float, float, float]] = {
         (str(s.dataset.SOPInstanceUID), s.frame_number): s.position for s in volume.sources
     }
     source_uids = {uid for uid, _ in positions}
+    if seg is None:
+        foreign = _referenced_instances(sr) - source_uids
+        return [f"SR references {len(foreign)} instance(s) not in the source series"] if foreign else []
+    problems = []
     foreign = _referenced_instances(seg) - source_uids
     if foreign:
         problems.append(f"SEG references {len(foreign)} instance(s) not in the source series, e.g. {sorted(foreign)[0]}")
@@ -83,6 +86,7 @@ def iod_problems(objects: dict[str, Dataset]) -> list[str]:
     return problems
 
 
-def validate_results(volume: Volume, seg: Dataset, sr: Dataset) -> list[str]:
-    """Every reason the SEG and SR must not be delivered; empty when they may."""
-    return referential_problems(volume, seg, sr) + iod_problems({"seg": seg, "sr": sr})
+def validate_results(volume: Volume, seg: Dataset | None, sr: Dataset) -> list[str]:
+    """Every reason the SEG (if any) and SR must not be delivered; empty when they may."""
+    objects = {"seg": seg, "sr": sr} if seg is not None else {"sr": sr}
+    return referential_problems(volume, seg, sr) + iod_problems(objects)

@@ -79,10 +79,7 @@ def process_series(self, job_id: str) -> str:
     if outcome is not None:
         job.timings.update(outcome.timings)
         job.values = outcome.values
-        if outcome.seg is None and outcome.values and outcome.label_map is None:
-            # scores and classes only: recorded in the job until DICOM encoders exist for them
-            job.state, job.reason = JobState.DONE, "values recorded in the job; no DICOM object for them yet"
-        elif outcome.seg is None:
+        if outcome.sr is None:
             job.state, job.reason = JobState.NO_RESULT, outcome.reason
         elif outcome.problems:
             _quarantine(layout, job, outcome)
@@ -124,8 +121,9 @@ def _quarantine(layout: DataLayout, job: JobRecord, outcome) -> None:
     """Results that failed the validation gate: kept for inspection with the reason, never sent."""
     folder = layout.quarantine / job.job_id
     folder.mkdir(parents=True, exist_ok=True)
-    outcome.seg.save_as(folder / "seg.dcm", enforce_file_format=True)
-    outcome.sr.save_as(folder / "sr.dcm", enforce_file_format=True)
+    for role, ds in (("seg", outcome.seg), ("sr", outcome.sr)):
+        if ds is not None:
+            ds.save_as(folder / f"{role}.dcm", enforce_file_format=True)
     (folder / "reason.txt").write_text("\n".join(outcome.problems) + "\n")
     job.state = JobState.FAILED
     job.reason = f"results failed validation (kept in {folder}): " + "; ".join(outcome.problems[:3])
@@ -137,6 +135,8 @@ def _write_outbox(layout: DataLayout, job: JobRecord, outcome, settings) -> None
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for role, ds in (("seg", outcome.seg), ("sr", outcome.sr)):
+        if ds is None:
+            continue  # scores, classes and boxes only: the SR alone
         final = folder / f"{role}.dcm"
         tmp = folder / f".tmp-{role}.dcm"
         ds.save_as(tmp, enforce_file_format=True)

@@ -103,7 +103,44 @@ class Classification:
     score: float | None = None
 
 
-ModelOutput = LabelMap | ProbabilityMaps | Score | Classification
+@dataclass(frozen=True)
+class Box:
+    """A rectangle on one image of the series, in image coordinates (column, row): (0, 0) is the
+    outer corner of the first pixel and (columns, rows) the far corner of the last, so a box
+    around pixel (c, r) alone runs from (c, r) to (c + 1, r + 1), as detectors such as torchvision's
+    report edges. ``slice_index`` is the image's position in the series' slice order."""
+
+    slice_index: int
+    top_left: tuple[float, float]
+    bottom_right: tuple[float, float]
+    label: str
+    score: float | None = None
+    finding: CodedTerm | None = None  # the label's coded meaning, when the configuration gives one
+
+
+@dataclass
+class Boxes:
+    """2D boxes a detector found, each on the image it belongs to."""
+
+    boxes: tuple[Box, ...]
+
+    def check(self, shape: tuple[int, int, int], key: str = "boxes") -> None:
+        """Raise :class:`ModelOutputError` for a box off the series' images or with no area."""
+        slices, rows, columns = shape
+        for number, box in enumerate(self.boxes, start=1):
+            (c0, r0), (c1, r1) = box.top_left, box.bottom_right
+            if not 0 <= box.slice_index < slices:
+                raise ModelOutputError(f"output {key!r}: box {number} is on slice {box.slice_index}; the series has {slices}")
+            if not (0 <= c0 < c1 <= columns and 0 <= r0 < r1 <= rows):
+                raise ModelOutputError(
+                    f"output {key!r}: box {number} from {box.top_left} to {box.bottom_right} is not a rectangle "
+                    f"within the {columns} x {rows} image (column, row)"
+                )
+            if box.score is not None and not 0 <= box.score <= 1:
+                raise ModelOutputError(f"output {key!r}: box {number} has score {box.score}, outside 0..1")
+
+
+ModelOutput = LabelMap | ProbabilityMaps | Score | Classification | Boxes
 
 
 @dataclass
@@ -121,8 +158,14 @@ class ModelResult:
     def probability_maps(self) -> list[ProbabilityMaps]:
         return [o for o in self.outputs.values() if isinstance(o, ProbabilityMaps)]
 
+    @property
+    def findings(self) -> list[Score | Classification | Boxes]:
+        """The outputs reported in the SR only: scores, classes and boxes."""
+        return [o for o in self.outputs.values() if isinstance(o, (Score, Classification, Boxes))]
+
     def values_json(self) -> dict:
-        """The outputs no DICOM encoder writes yet, as JSON (probability maps summarised)."""
+        """Scores, classes, boxes and a summary of probability maps as JSON, for the job record and
+        the operator (label maps are in the results themselves)."""
         values: dict = {}
         for key, output in self.outputs.items():
             if isinstance(output, Score):
@@ -136,8 +179,12 @@ class ModelResult:
                 values[key] = {
                     "kind": "probabilities", "shape": list(output.array.shape),
                     "segments": {s.name: float(output.array[i].max()) for i, s in enumerate(output.segments)},
-                    "note": "maximum probability per segment; the maps themselves are not written yet",
+                    "note": "maximum probability per segment",
                 }
+            elif isinstance(output, Boxes):
+                values[key] = {"kind": "boxes", "boxes": [
+                    {"slice": b.slice_index, "top_left": list(b.top_left), "bottom_right": list(b.bottom_right),
+                     "label": b.label, "score": b.score} for b in output.boxes]}
         if self.notes:
             values["runtime_notes"] = list(self.notes)
         return values

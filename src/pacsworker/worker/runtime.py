@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import ModelSettings
 from .adapters import LoadedModel, load_model
-from .outputs import LabelMap, ModelOutputError, ModelResult, ModelRunError
+from .outputs import Box, Boxes, LabelMap, ModelOutputError, ModelResult, ModelRunError
 from .series import Series
 from .volume import Volume, load_series
 
@@ -49,6 +49,7 @@ class RunOutcome:
     values: dict = field(default_factory=dict)
     volume: Volume | None = None
     label_map: LabelMap | None = None
+    boxes: list[Box] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # why the results must not be delivered
 
 
@@ -88,17 +89,21 @@ def run_model(files: list[Path], settings: ModelSettings, predecessor=None) -> R
     maps = result.label_maps + result.probability_maps
     if len(maps) > 1:
         log.info("model %s returned %d maps; the first becomes the SEG", settings.name, len(maps))
-    if not maps:
-        outcome.reason = "the model returned no label or probability map" + (
-            " (its values are recorded)" if outcome.values else "")
+    if maps:
+        chosen = maps[0]
+        outcome.label_map = chosen if isinstance(chosen, LabelMap) else exclusive_labels(chosen, settings.seg.threshold)
+    outcome.boxes = [box for found in result.findings if isinstance(found, Boxes) for box in found.boxes]
+    if not maps and not result.findings:
+        outcome.reason = "the model returned no map, score, class or box"
         return outcome
-    chosen = maps[0]
-    outcome.label_map = chosen if isinstance(chosen, LabelMap) else exclusive_labels(chosen, settings.seg.threshold)
     started = time.perf_counter()
-    results = encode_results(volume, chosen, model.identity, settings.seg, predecessor)
+    results = encode_results(volume, maps[:1] + result.findings, model.identity, settings.seg, predecessor)
     outcome.timings["encode_s"] = time.perf_counter() - started
     if results is None:
-        outcome.reason = "the model found no segment"
+        # only empty maps and empty box lists reach here: scores and classes always make an SR
+        outcome.reason = "the model found no segment" if maps else "the model found no box"
+        if maps and any(isinstance(found, Boxes) for found in result.findings):
+            outcome.reason = "the model found no segment and no box"
         return outcome
     outcome.seg, outcome.sr, outcome.statistics = results.seg, results.sr, results.statistics
     started = time.perf_counter()
@@ -108,7 +113,7 @@ def run_model(files: list[Path], settings: ModelSettings, predecessor=None) -> R
 
 
 def write_values(outcome: RunOutcome, folder: Path) -> Path | None:
-    """Outputs no DICOM encoder writes yet (scores, classes, probabilities) as ``outputs.json``."""
+    """Scores, classes, boxes and probability summaries as ``outputs.json``, for people to read."""
     if not outcome.values:
         return None
     path = folder / "outputs.json"

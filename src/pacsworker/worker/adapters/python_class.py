@@ -20,6 +20,8 @@ import torch
 
 from ...config import ModelSettings, OutputConfig
 from ..outputs import (
+    Box,
+    Boxes,
     Classification,
     CodedTerm,
     LabelMap,
@@ -33,7 +35,7 @@ from ..outputs import (
 from ..series import NAMED_INPUTS, Series
 
 log = logging.getLogger("pacsworker.worker")
-OUTPUT_TYPES = (LabelMap, ProbabilityMaps, Score, Classification)
+OUTPUT_TYPES = (LabelMap, ProbabilityMaps, Score, Classification, Boxes)
 
 
 def import_class(source: str) -> type:
@@ -126,6 +128,8 @@ def to_result(raw, outputs: dict[str, OutputConfig], series: Series) -> ModelRes
     for key, value in raw.items():
         if isinstance(value, OUTPUT_TYPES):
             result.outputs[key] = value
+            if isinstance(value, Boxes):
+                value.check(series.pixels.shape, key)
         elif key in outputs:
             result.outputs[key] = _typed(key, value, outputs[key], series)
         else:
@@ -139,9 +143,11 @@ def to_result(raw, outputs: dict[str, OutputConfig], series: Series) -> ModelRes
 def _series_value(key: str, value, series: Series):
     """Unwrap a value keyed by Series Instance UID (the named-input contract's convention)."""
     if isinstance(value, dict):
-        if series.series_uid not in value:
-            raise ModelOutputError(f"output {key!r} is a dict without the series {series.series_uid}")
-        return value[series.series_uid]
+        if series.series_uid in value:
+            return value[series.series_uid]
+        if "value" in value:
+            return value  # a classification with its score
+        raise ModelOutputError(f"output {key!r} is a dict without the series {series.series_uid}")
     return value
 
 
@@ -165,12 +171,64 @@ def _typed(key: str, value, config: OutputConfig, series: Series):
         if array.size and (float(array.min()) < 0 or float(array.max()) > 1):
             raise ModelOutputError(f"output {key!r}: probabilities must lie within 0..1")
         return ProbabilityMaps(array.astype(np.float32), segments_of(config))
+    if config.kind == "boxes":
+        return _boxes(key, value, config, series)
     name = CodedTerm.from_triple(config.name)
     if config.kind == "score":
         try:
             return Score(float(np.asarray(value).item()), name)
         except (TypeError, ValueError):
             raise ModelOutputError(f"output {key!r}: a score must be one number, got {type(value).__name__}") from None
+    score = None
+    if isinstance(value, dict):  # {"value": class, "score": 0.93}
+        if "value" not in value:
+            raise ModelOutputError(f"output {key!r}: a classification given as a dict needs 'value' (and may give 'score')")
+        value, score = value["value"], value.get("score")
+        try:
+            score = None if score is None else float(np.asarray(score).item())
+        except (TypeError, ValueError):
+            raise ModelOutputError(f"output {key!r}: a classification's score must be one number") from None
     plain = np.asarray(value).item() if isinstance(value, (np.ndarray, np.generic, torch.Tensor)) else value
+    if not isinstance(plain, (int, str, float)):
+        raise ModelOutputError(f"output {key!r}: a class must be a number or a string, got {type(plain).__name__}")
     meaning = config.values.get(str(plain))
-    return Classification(plain, name, CodedTerm.from_triple(meaning) if meaning else None)
+    return Classification(plain, name, CodedTerm.from_triple(meaning) if meaning else None, score)
+
+
+def _boxes(key: str, value, config: OutputConfig, series: Series) -> Boxes:
+    """A list of ``{"slice", "top_left": [column, row], "bottom_right": [column, row], "label",
+    "score"}`` (or :class:`Box` objects) as checked :class:`Boxes`; a label the configuration's
+    ``values`` maps gets that coded meaning."""
+    if isinstance(value, Boxes):
+        value.check(series.pixels.shape, key)
+        return value
+    if not isinstance(value, (list, tuple)):
+        raise ModelOutputError(f"output {key!r}: boxes must be a list, got {type(value).__name__}")
+    boxes = []
+    for number, item in enumerate(value, start=1):
+        if isinstance(item, Box):
+            boxes.append(item)
+            continue
+        if not isinstance(item, dict):
+            raise ModelOutputError(f"output {key!r}: box {number} is a {type(item).__name__}, not a dict")
+        try:
+            label = str(item.get("label", "finding"))
+            meaning = config.values.get(label)
+            score = item.get("score")
+            boxes.append(Box(
+                slice_index=int(item["slice"]),
+                top_left=tuple(float(v) for v in item["top_left"]),
+                bottom_right=tuple(float(v) for v in item["bottom_right"]),
+                label=label,
+                score=None if score is None else float(score),
+                finding=CodedTerm.from_triple(meaning) if meaning else None,
+            ))
+        except KeyError as exc:
+            raise ModelOutputError(f"output {key!r}: box {number} lacks {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ModelOutputError(f"output {key!r}: box {number} is malformed ({exc})") from None
+        if len(boxes[-1].top_left) != 2 or len(boxes[-1].bottom_right) != 2:
+            raise ModelOutputError(f"output {key!r}: box {number} corners must be [column, row]")
+    result = Boxes(tuple(boxes))
+    result.check(series.pixels.shape, key)
+    return result
