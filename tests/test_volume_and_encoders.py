@@ -201,7 +201,9 @@ def test_longest_diameter_equals_a_brute_force_search():
 
     rng = np.random.default_rng(7)
     for _ in range(100):
-        mask = rng.random((2, 24, 20)) > 0.75
+        # slices of different fill (down to one pixel or none), so the search's pruning is exercised
+        mask = rng.random((6, 24, 20)) > rng.uniform(0.6, 1.0, size=(6, 1, 1))
+        mask[0, 3, 4] = True
         found = longest_diameter(mask, 1.3, 0.7)
         best = 0.0
         for plane in mask:

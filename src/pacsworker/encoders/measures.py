@@ -35,24 +35,53 @@ def _longest_chord(points: np.ndarray, row_mm: float, column_mm: float) -> tuple
     return int(candidates[i]), int(candidates[j]), float(distances[i, j])
 
 
+DIRECTIONS = 32
+# a set's diameter D has some sampled direction within 90 / DIRECTIONS degrees of it, where the
+# set's width is at least D * cos(that angle): so D <= (largest sampled width) / cos(90 / DIRECTIONS)
+BOUND_FACTOR = 1.0 / np.cos(np.pi / (2 * DIRECTIONS)) + 1e-9
+
+
+def _diameter_bounds(first: np.ndarray, last: np.ndarray, in_row: np.ndarray, row_mm: float, column_mm: float) -> np.ndarray:
+    """Per slice, an upper bound (mm) of the longest chord between its row extremes: the largest
+    width over DIRECTIONS evenly spaced directions, over the cosine of half their spacing."""
+    rows = np.arange(first.shape[1], dtype=np.float64)[None, :] * row_mm
+    widest = np.zeros(first.shape[0])
+    for angle in np.arange(DIRECTIONS) * np.pi / DIRECTIONS:
+        along_rows, along_columns = np.cos(angle), np.sin(angle)
+        a = rows * along_rows + first * column_mm * along_columns
+        b = rows * along_rows + last * column_mm * along_columns
+        high = np.where(in_row, np.maximum(a, b), -np.inf).max(axis=1)
+        low = np.where(in_row, np.minimum(a, b), np.inf).min(axis=1)
+        widest = np.maximum(widest, high - low)
+    return widest * BOUND_FACTOR
+
+
 def longest_diameter(mask: np.ndarray, row_mm: float, column_mm: float) -> Diameter | None:
     """The longest distance between two pixel centres of the mask within one slice, over all slices.
 
     ``mask`` is (slices, rows, columns); ``row_mm`` is the distance between rows (Pixel Spacing [0]).
     The farthest pair lies on the convex hull, and the hull of a slice's mask is the hull of each
-    row's first and last mask pixel: only those are examined.
+    row's first and last mask pixel: only those are examined. Slices are visited from the largest
+    upper bound of their diameter down; once a slice's bound cannot beat the best length found,
+    the rest cannot either.
     """
     mask = mask.astype(bool, copy=False)
     in_row = mask.any(axis=2)  # (slices, rows)
+    in_column = mask.any(axis=1)  # (slices, columns)
     columns = mask.shape[2]
     first = np.argmax(mask, axis=2)
     last = columns - 1 - np.argmax(mask[:, :, ::-1], axis=2)
+    occupied = np.flatnonzero(in_row.any(axis=1))
+    bounds = _diameter_bounds(first[occupied], last[occupied], in_row[occupied], row_mm, column_mm)
     best: Diameter | None = None
-    for index in np.flatnonzero(in_row.any(axis=1)):
+    for order in np.argsort(bounds)[::-1]:
+        index = occupied[order]
+        if best is not None and bounds[order] <= best.length_mm:
+            break
         rows = np.flatnonzero(in_row[index])
-        points = np.unique(np.concatenate([
-            np.stack([rows, first[index, rows]], axis=1), np.stack([rows, last[index, rows]], axis=1),
-        ]), axis=0)
+        starts, ends = first[index, rows], last[index, rows]
+        wide = ends != starts  # a row with one pixel contributes one point
+        points = np.concatenate([np.stack([rows, starts], axis=1), np.stack([rows[wide], ends[wide]], axis=1)])
         if len(points) < 2:
             continue
         i, j, length = _longest_chord(points.astype(np.float64), row_mm, column_mm)

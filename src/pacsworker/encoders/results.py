@@ -11,8 +11,10 @@ import copy
 import hashlib
 import logging
 import re
+import time
 import warnings
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import highdicom as hd
 import numpy as np
@@ -81,6 +83,7 @@ class EncodedResults:
     seg: Dataset | None
     sr: Dataset
     statistics: tuple[SegmentStatistics, ...]
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: statistics_s, seg_s, sr_s
 
 
 def _concept(term: CodedTerm) -> CodedConcept:
@@ -91,6 +94,17 @@ def _private_concept(text: str) -> CodedConcept:
     """A label or class value the configuration gives no code for, in the private scheme."""
     text = str(text).strip() or "unnamed"
     return CodedConcept(text.replace("\\", "/")[:64], PRIVATE_SCHEME, text[:64])
+
+
+def present_segments(labels: np.ndarray, segments: tuple[SegmentSpec, ...]) -> list[tuple[SegmentSpec, int]]:
+    """The segments that have voxels, with their SEG segment numbers 1..N in the map's segment order."""
+    if labels.dtype.kind in "ui" and labels.size and int(labels.min()) >= 0:
+        counts = np.bincount(labels.ravel())
+        found = [spec for spec in segments if spec.label < len(counts) and counts[spec.label]]
+    else:
+        values = set(np.unique(labels).tolist())
+        found = [spec for spec in segments if spec.label in values]
+    return [(spec, number) for number, spec in enumerate(found, start=1)]
 
 
 def segment_statistics(volume: Volume, labels: np.ndarray, segments: tuple[SegmentSpec, ...]) -> list[SegmentStatistics]:
@@ -245,13 +259,15 @@ def _has_content(finding) -> bool:
 
 def _encode(volume: Volume, output: LabelMap | ProbabilityMaps | None, findings: list, model: ModelIdentity,
             options: SegOptions) -> EncodedResults | None:
-    stats: list[SegmentStatistics] = []
+    segments: list[tuple[SegmentSpec, int]] = []
     if output is not None:
         fractional = isinstance(output, ProbabilityMaps)
         labels = exclusive_labels(output, options.threshold).array if fractional else output.array
-        stats = segment_statistics(volume, labels, output.segments)
+        if labels.shape != volume.pixels.shape:
+            raise ValueError(f"label map shape {labels.shape} differs from the volume's {volume.pixels.shape}")
+        segments = present_segments(labels, output.segments)
     findings = [f for f in findings if _has_content(f)]
-    if not stats and not findings:
+    if not segments and not findings:
         return None
     for finding in findings:
         if isinstance(finding, Boxes):
@@ -276,44 +292,65 @@ def _encode(volume: Volume, output: LabelMap | ProbabilityMaps | None, findings:
             ds.FrameOfReferenceUID = uid("frame-of-reference")
     software = [__version__, f"{model.name} {model.version}"]
     seg_number, sr_number, source_name = result_series(volume, model)
-    seg = None
-    if stats:
-        seg = _segmentation(volume, sources, output, labels, stats, model, options, uid, software)
-        seg.SeriesNumber = seg_number
-        seg.SeriesDescription = _described("SEG", model, source_name)
+    seg, stats, timings = None, [], {}
+    if segments:
+        # the statistics are numpy work that releases the GIL: they run beside the SEG's
+        # construction, which is Python work
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="statistics") as pool:
+            computing = pool.submit(_timed, segment_statistics, volume, labels, output.segments)
+            started = time.perf_counter()
+            seg = _segmentation(volume, sources, output, labels, segments, model, options, uid, software)
+            seg.SeriesNumber = seg_number
+            seg.SeriesDescription = _described("SEG", model, source_name)
+            timings["seg_s"] = time.perf_counter() - started
+            stats, timings["statistics_s"] = computing.result()
+        if [(s.spec, s.segment_number) for s in stats] != segments:
+            raise ValueError("segment statistics and SEG segments disagree")  # a defect, never expected
+    started = time.perf_counter()
     sr = _measurement_report(volume, sources, seg, stats, findings, model, uid, software)
     sr.SeriesNumber = sr_number
     sr.SeriesDescription = _described("measurements" if stats else "findings", model, source_name)
-    return EncodedResults(seg=seg, sr=sr, statistics=tuple(stats))
+    timings["sr_s"] = time.perf_counter() - started
+    return EncodedResults(seg=seg, sr=sr, statistics=tuple(stats), timings=timings)
 
 
-def _segmentation(volume, sources, output, labels, stats, model, options, uid, software) -> Dataset:
+def _timed(function, *args):
+    started = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - started
+
+
+def _segmentation(volume, sources, output, labels, segments, model, options, uid, software) -> Dataset:
     algorithm = hd.AlgorithmIdentificationSequence(
         name=model.name, family=codes.cid7162.ArtificialIntelligence, version=model.version
     )
     descriptions = [
         hd.seg.SegmentDescription(
-            segment_number=s.segment_number,
-            segment_label=s.spec.name,
-            segmented_property_category=_concept(s.spec.category),
-            segmented_property_type=_concept(s.spec.property_type),
+            segment_number=number,
+            segment_label=spec.name,
+            segmented_property_category=_concept(spec.category),
+            segmented_property_type=_concept(spec.property_type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            tracking_uid=uid(f"tracking-{s.spec.label}"),
-            tracking_id=s.spec.name,
-            display_color=hd.color.CIELabColor.from_rgb(*s.spec.display_color()),
+            tracking_uid=uid(f"tracking-{spec.label}"),
+            tracking_id=spec.name,
+            display_color=hd.color.CIELabColor.from_rgb(*spec.display_color()),
         )
-        for s in stats
+        for spec, number in segments
     ]
     if isinstance(output, ProbabilityMaps):
         index = {spec.label: i for i, spec in enumerate(output.segments)}
-        pixels = np.stack([output.array[index[s.spec.label]] for s in stats], axis=-1).astype(np.float32)
+        pixels = np.stack([output.array[index[spec.label]] for spec, _ in segments], axis=-1).astype(np.float32)
         kind, extra = hd.seg.SegmentationTypeValues.FRACTIONAL, {
             "fractional_type": hd.seg.SegmentationFractionalTypeValues.PROBABILITY, "max_fractional_value": 255}
     else:
-        pixels = np.zeros(labels.shape, dtype=np.uint8)
-        for s in stats:
-            pixels[labels == s.spec.label] = s.segment_number
+        if all(spec.label == number for spec, number in segments) and labels.dtype == np.uint8 and int(labels.max()) <= len(segments):
+            pixels = labels  # already numbered as the SEG's segments
+        else:
+            lookup = np.zeros(max(int(labels.max()), max(spec.label for spec, _ in segments)) + 1, dtype=np.uint8)
+            for spec, number in segments:
+                lookup[spec.label] = number
+            pixels = lookup[labels]
         labelmap = options.labelmap_as == "labelmap"
         kind, extra = (hd.seg.SegmentationTypeValues.LABELMAP if labelmap else hd.seg.SegmentationTypeValues.BINARY), {}
     return hd.seg.Segmentation(
