@@ -21,6 +21,7 @@ from conftest import (
     wait_until,
     write_config,
 )
+from phantom import write_cylinder_series
 from test_end_to_end import _sr_volumes
 
 from pacsworker.config import MatchRule, ModelSettings, brain_extra_installed
@@ -86,6 +87,7 @@ def _brain_rule() -> dict:
 
 
 def test_mr_brain_through_serve_into_orthanc(tmp_path, dicom_dir, orthanc):
+    """mr06's brain reaches the PACS; a cylinder phantom whose headers say BRAIN is withheld."""
     if not brain_extra_installed():
         pytest.fail("the brain extra (deepbet) is part of the README's commands and must be installed")
     port = free_port()
@@ -99,9 +101,16 @@ def test_mr_brain_through_serve_into_orthanc(tmp_path, dicom_dir, orthanc):
     try:
         wait_until(lambda: port_open(port), 60, what="the receiver to listen")
         assert "the defaults run (ct-body, mr-brain)" in serve.output()
-        assert storescu(port, dicom_dir / MR06, dicom_dir / MR05).returncode == 0
-        wait_until(lambda: status_json(config)["jobs"].get("done"), 240, what="the mr-brain job")
+        phantom = write_cylinder_series(tmp_path / "phantom")
+        assert storescu(port, dicom_dir / MR06, dicom_dir / MR05, phantom).returncode == 0
+        wait_until(lambda: status_json(config)["jobs"].get("done") and status_json(config)["jobs"].get("implausible"),
+                   240, what="the mr-brain jobs: mr06 done, the phantom withheld")
         state = status_json(config)
+        [reason] = state["implausible_jobs"].values()
+        assert reason.startswith("implausible input: head_like: the foreground's intensity varies by 0.0"), reason
+        phantom_header = pydicom.dcmread(next(phantom.glob("*.dcm")), stop_before_pixels=True)
+        assert state["series_jobs"][str(phantom_header.SeriesInstanceUID)]["state"] == "implausible"
+        assert orthanc.study_instances(str(phantom_header.StudyInstanceUID)) == [], "nothing of the phantom's may reach the PACS"
         mr05 = str(pydicom.dcmread(next((dicom_dir / MR05).glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID)
         assert "mr-brain: body part PROSTATE not in ['BRAIN', 'HEAD']" in state["skipped_series"][mr05]
         study = str(pydicom.dcmread(next((dicom_dir / MR06).glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)

@@ -309,6 +309,11 @@ def run(
     if written:
         console.print(f"wrote {', '.join(p.name for p in written)} to {out} "
                       f"({', '.join(f'{k} {v:.2f}s' for k, v in outcome.timings.items())})")
+    if outcome.withheld:
+        console.print(f"[red]withheld: {outcome.reason}[/red]")
+        raise typer.Exit(6)
+    for failure in outcome.implausible:
+        console.print(f"[yellow]flagged (on_fail: flag): {failure}[/yellow]")
     if outcome.sr is None:
         console.print(f"[yellow]no result: {outcome.reason}[/yellow]")
         raise typer.Exit(3)
@@ -371,6 +376,8 @@ def models_test(
             outcome = run_model(collect_files([folder]), model)
             timings = ", ".join(f"{k} {v:.2f} s" for k, v in outcome.timings.items())
             found = "; ".join(f"{s.spec.name} {s.volume_ml:.1f} mL" for s in outcome.statistics) or outcome.reason
+            if outcome.implausible and not outcome.withheld:
+                found += "; flagged: " + "; ".join(outcome.implausible)
             out.print(f"{run} run on {folder}: {timings}; {found}")
     failed = 0
     for result in check_model(model):
@@ -458,6 +465,9 @@ def status(
         "skipped_series": {s.series_uid: s.reason for s in series if s.state == SeriesState.SKIPPED},
         "jobs": dict(Counter(j.state.value for j in jobs)),
         "failed_jobs": {j.job_id: j.reason for j in jobs if j.state.value in ("failed", "no-result")},
+        "implausible_jobs": {j.job_id: j.reason for j in jobs if j.state.value == "implausible"},
+        "flagged_jobs": {j.job_id: "delivered flagged: " + "; ".join(j.implausible)
+                         for j in jobs if j.implausible and j.state.value != "implausible"},
         "pending_deliveries": {
             d.job_id: {name: o.last_error for name, o in d.destinations.items() if o.state.value != "delivered"}
             for d in deliveries
@@ -479,4 +489,8 @@ def status(
         table.add_row(f"skipped {uid}", reason)
     for job_id, reason in report["failed_jobs"].items():
         table.add_row(f"no result {job_id}", reason)
+    for job_id, reason in report["implausible_jobs"].items():
+        table.add_row(f"withheld {job_id}", reason)
+    for job_id, reason in report["flagged_jobs"].items():
+        table.add_row(f"flagged {job_id}", reason)
     out.print(table)

@@ -190,11 +190,12 @@ class ReferenceCase(BaseModel):
     volume_tolerance: float = Field(0.02, ge=0, description="relative, 0.02 = 2 %")
     expected_values: dict[str, float] = Field(default_factory=dict, description="score output key -> value")
     value_tolerance: float = Field(0.01, ge=0, description="absolute")
+    implausible: bool = Field(False, description="the case must fail the model's plausibility checks (a phantom)")
 
     @model_validator(mode="after")
     def _something_to_check(self) -> "ReferenceCase":
-        if self.expected_mask is None and not self.expected_volume_ml and not self.expected_values:
-            raise ValueError("a reference case needs expected_mask, expected_volume_ml or expected_values")
+        if self.expected_mask is None and not self.expected_volume_ml and not self.expected_values and not self.implausible:
+            raise ValueError("a reference case needs expected_mask, expected_volume_ml, expected_values or implausible")
         return self
 
 
@@ -208,6 +209,106 @@ class SegOptions(BaseModel):
     probabilities_as: Literal["fractional", "binary"] = Field(
         "fractional", description="fractional: PROBABILITY SEG; binary: exclusive labels where >= threshold")
     threshold: float = Field(0.5, gt=0, lt=1)
+
+
+class Range(BaseModel):
+    """An inclusive range; either end may be open."""
+
+    model_config = {"extra": "forbid"}
+
+    min: float | None = None
+    max: float | None = None
+
+    def holds(self, value: float) -> bool:
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+
+class CheckCondition(BaseModel):
+    """Study-level facts a check applies to; a check with conditions applies only when the facts
+    are known and match (an unknown age matches no age range)."""
+
+    model_config = {"extra": "forbid"}
+
+    age_months: Range | None = None
+    sex: list[Literal["M", "F", "O"]] | None = None
+
+
+class ResultCheck(BaseModel):
+    """A bound on one measured fact of a model's result: a segment's ``volume_ml``, its number of
+    connected ``components`` (26-connected), the ``fov_fraction`` of the volume it fills, or a
+    score output's ``value``."""
+
+    model_config = {"extra": "forbid"}
+
+    segment: str | None = Field(None, description="segment name (volume_ml, components, fov_fraction)")
+    output: str | None = Field(None, description="score output key (value)")
+    measure: Literal["volume_ml", "components", "fov_fraction", "value"]
+    min: float | None = None
+    max: float | None = None
+    when: CheckCondition | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ResultCheck":
+        if (self.segment is None) == (self.output is None):
+            raise ValueError("a check names either a segment or a score output")
+        if (self.measure == "value") != (self.output is not None):
+            raise ValueError("'value' bounds a score output; volume_ml, components and fov_fraction bound a segment")
+        if self.min is None and self.max is None:
+            raise ValueError("a check needs min, max or both")
+        return self
+
+    def describe(self) -> str:
+        subject = self.segment or self.output
+        return f"{subject} {self.measure}"
+
+
+class InputCheck(BaseModel):
+    """A check on the input before the model runs. ``head_like``: the image's foreground (above an
+    Otsu threshold) varies in intensity as tissues do (coefficient of variation at least
+    ``min_variation``; a phantom's fill is uniform) and spans a head's size (largest extent,
+    1st to 99th percentile of the foreground along each axis, within ``extent_mm``)."""
+
+    model_config = {"extra": "forbid"}
+
+    kind: Literal["head_like"]
+    min_variation: float = Field(0.2, ge=0)
+    extent_mm: Range = Field(default_factory=lambda: Range(min=100, max=320))
+
+
+class PlausibilityChecks(BaseModel):
+    """What must hold for a result to be delivered as it is, and what happens when it does not:
+    ``withhold`` (nothing goes to the PACS; the job ends as implausible with the reasons) or
+    ``flag`` (delivered, marked as failing the checks in the SR and the series descriptions)."""
+
+    model_config = {"extra": "forbid"}
+
+    on_fail: Literal["withhold", "flag"] = "withhold"
+    inputs: list[InputCheck] = Field(default_factory=list)
+    results: list[ResultCheck] = Field(default_factory=list)
+
+
+# sensible defaults of the built-in models; a model's own ``checks:`` replaces them
+BUILTIN_CHECKS = {
+    "mr-brain": PlausibilityChecks(
+        inputs=[InputCheck(kind="head_like")],
+        results=[
+            # adult brains (with the CSF inside the skull) are about 1.0-1.8 L; children's are
+            # smaller: above 2 years of age at least 0.8 L, from birth at least 0.25 L
+            ResultCheck(segment="Brain", measure="volume_ml", min=250, max=2100),
+            ResultCheck(segment="Brain", measure="volume_ml", min=800, when=CheckCondition(age_months=Range(min=24))),
+            ResultCheck(segment="Brain", measure="volume_ml", max=1600, when=CheckCondition(age_months=Range(max=12))),
+            ResultCheck(segment="Brain", measure="components", max=3),
+            ResultCheck(segment="Brain", measure="fov_fraction", max=0.6),
+        ],
+    ),
+    "ct-body": PlausibilityChecks(
+        results=[
+            ResultCheck(segment="Body", measure="fov_fraction", max=0.95),  # all of the field: not a body
+            ResultCheck(segment="Bone", measure="fov_fraction", max=0.5),
+            ResultCheck(segment="Lungs", measure="volume_ml", max=12000),  # adult total lung capacity is 4-8 L
+        ],
+    ),
+}
 
 
 class ModelSettings(BaseModel):
@@ -226,6 +327,17 @@ class ModelSettings(BaseModel):
     match: MatchRule = Field(default_factory=MatchRule)
     tests: list[ReferenceCase] = Field(default_factory=list, description="reference cases with known answers")
     seg: SegOptions = Field(default_factory=SegOptions)
+    checks: PlausibilityChecks | None = Field(
+        None, description="plausibility checks; default: the built-in model's own, else none"
+    )
+
+    def effective_checks(self) -> PlausibilityChecks:
+        """The configured checks, else the built-in model's defaults, else none."""
+        if self.checks is not None:
+            return self.checks
+        if self.kind == "builtin":
+            return BUILTIN_CHECKS.get(self.source, PlausibilityChecks())
+        return PlausibilityChecks()
 
     def fingerprint(self) -> str:
         """Names what the model computes (kind, source, version, options, outputs, pipeline): a new

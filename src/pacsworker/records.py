@@ -47,6 +47,7 @@ class SeriesState(str, enum.Enum):
     DONE = "done"
     FAILED = "failed"
     NO_RESULT = "no-result"
+    IMPLAUSIBLE = "implausible"
 
 
 class JobState(str, enum.Enum):
@@ -58,6 +59,7 @@ class JobState(str, enum.Enum):
     DONE = "done"
     FAILED = "failed"
     NO_RESULT = "no-result"
+    IMPLAUSIBLE = "implausible"  # failed a plausibility check; its results were withheld
 
 
 class DeliveryState(str, enum.Enum):
@@ -107,6 +109,7 @@ class JobRecord(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     outputs: dict[str, str] = Field(default_factory=dict)
     values: dict = Field(default_factory=dict, description="scores, classes and other non-DICOM outputs")
+    implausible: list[str] = Field(default_factory=list, description="failed plausibility checks (withheld or flagged)")
     reason: str = ""
 
 
@@ -202,7 +205,7 @@ def _read_all(paths: list[Path], kind: type[T]):
             yield record
 
 
-JOB_ENDINGS = {JobState.DONE, JobState.FAILED, JobState.NO_RESULT}
+JOB_ENDINGS = {JobState.DONE, JobState.FAILED, JobState.NO_RESULT, JobState.IMPLAUSIBLE}
 
 
 @contextmanager
@@ -220,10 +223,12 @@ def series_lock(layout: DataLayout, series_uid: str) -> Iterator[None]:
 def settle_series(layout: DataLayout, record: SeriesRecord) -> SeriesRecord:
     """Set a routed series' state from its jobs: queued while any runs, else how they ended.
 
-    Any failed job makes the series failed; else any delivered result makes it done; else no-result.
-    A series receiving again or skipped is left as it is.
+    Any failed job makes the series failed; else any withheld implausible result makes it
+    implausible; else any delivered result makes it done; else no-result. A series receiving again
+    or skipped is left as it is.
     """
-    if record.state not in (SeriesState.QUEUED, SeriesState.DONE, SeriesState.FAILED, SeriesState.NO_RESULT):
+    if record.state not in (SeriesState.QUEUED, SeriesState.DONE, SeriesState.FAILED, SeriesState.NO_RESULT,
+                            SeriesState.IMPLAUSIBLE):
         return record
     jobs = [read_json(layout.job_record(job_id), JobRecord) for job_id in record.jobs]
     states = [job.state for job in jobs if job is not None]
@@ -232,6 +237,8 @@ def settle_series(layout: DataLayout, record: SeriesRecord) -> SeriesRecord:
         return record
     if JobState.FAILED in states:
         record.state = SeriesState.FAILED
+    elif JobState.IMPLAUSIBLE in states:
+        record.state = SeriesState.IMPLAUSIBLE
     elif JobState.DONE in states:
         record.state = SeriesState.DONE
     else:

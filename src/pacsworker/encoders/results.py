@@ -60,7 +60,10 @@ TYPE2_ATTRIBUTES = (
 IMAGING_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")
 PROBABILITY = CodedConcept("122157", "DCM", "Probability")
 FINDING = CodedConcept("404684003", "SCT", "Finding")
-PRIVATE_SCHEME = "99PACSWORKER"  # a private coding scheme (PS3.16 8.2) for labels a model's configuration leaves uncoded
+# a private coding scheme (PS3.16 8.2) for labels a model's configuration leaves uncoded, and for
+# the outcome of pacsworker's own plausibility checks
+PRIVATE_SCHEME = "99PACSWORKER"
+PLAUSIBILITY_CHECK = CodedConcept("PLAUSIBILITY", PRIVATE_SCHEME, "Plausibility check")
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,8 @@ class EarlierReport:
 
 
 def encode_results(volume: Volume, outputs: ModelResult | ModelOutput | list[ModelOutput], model: ModelIdentity,
-                   options: SegOptions | None = None, predecessor: EarlierReport | None = None) -> EncodedResults | None:
+                   options: SegOptions | None = None, predecessor: EarlierReport | None = None,
+                   flags: list[str] | None = None) -> EncodedResults | None:
     """Build the SEG and the SR for one model run; ``None`` when there is nothing to report (no
     segment found, and no score, class or box).
 
@@ -224,7 +228,8 @@ def encode_results(volume: Volume, outputs: ModelResult | ModelOutput | list[Mod
     (PROBABILITY, 8 bits), or binarized at the threshold. The SR's statistics of probability maps
     are of the voxels at or above the threshold. Scores, classifications and boxes are reported in
     the SR. A ``predecessor`` (an earlier run's SR with other UIDs) is named in the new SR's
-    Predecessor Documents Sequence.
+    Predecessor Documents Sequence. ``flags`` are failed plausibility checks of a result delivered
+    anyway: the SR states each as a qualitative evaluation, and both series descriptions say so.
 
     Raises
     ------
@@ -243,7 +248,7 @@ def encode_results(volume: Volume, outputs: ModelResult | ModelOutput | list[Mod
         output = exclusive_labels(output, options.threshold)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = _encode(volume, output, findings, model, options)
+        results = _encode(volume, output, findings, model, options, list(flags or []))
     if results is not None and predecessor is not None and predecessor.sop_instance_uid != results.sr.SOPInstanceUID:
         results.sr.PredecessorDocumentsSequence = [_hierarchical_reference(predecessor)]
     if caught:
@@ -258,7 +263,7 @@ def _has_content(finding) -> bool:
 
 
 def _encode(volume: Volume, output: LabelMap | ProbabilityMaps | None, findings: list, model: ModelIdentity,
-            options: SegOptions) -> EncodedResults | None:
+            options: SegOptions, flags: list[str]) -> EncodedResults | None:
     segments: list[tuple[SegmentSpec, int]] = []
     if output is not None:
         fractional = isinstance(output, ProbabilityMaps)
@@ -301,15 +306,16 @@ def _encode(volume: Volume, output: LabelMap | ProbabilityMaps | None, findings:
             started = time.perf_counter()
             seg = _segmentation(volume, sources, output, labels, segments, model, options, uid, software)
             seg.SeriesNumber = seg_number
-            seg.SeriesDescription = _described("SEG", model, source_name)
+            seg.SeriesDescription = _described("SEG" + (" [implausible]" if flags else ""), model, source_name)
             timings["seg_s"] = time.perf_counter() - started
             stats, timings["statistics_s"] = computing.result()
         if [(s.spec, s.segment_number) for s in stats] != segments:
             raise ValueError("segment statistics and SEG segments disagree")  # a defect, never expected
     started = time.perf_counter()
-    sr = _measurement_report(volume, sources, seg, stats, findings, model, uid, software)
+    sr = _measurement_report(volume, sources, seg, stats, findings, model, uid, software, flags)
     sr.SeriesNumber = sr_number
-    sr.SeriesDescription = _described("measurements" if stats else "findings", model, source_name)
+    kind = "measurements" if stats else "findings"
+    sr.SeriesDescription = _described(kind + (" [implausible]" if flags else ""), model, source_name)
     timings["sr_s"] = time.perf_counter() - started
     return EncodedResults(seg=seg, sr=sr, statistics=tuple(stats), timings=timings)
 
@@ -458,7 +464,24 @@ def _finding_groups(volume: Volume, findings: list, algorithm, uid) -> list:
     return groups
 
 
-def _measurement_report(volume, sources, seg, stats, findings, model, uid, software) -> Dataset:
+def _plausibility_group(flags: list[str], algorithm, uid):
+    """Failed plausibility checks, stated where every reader of the SR sees them: one qualitative
+    evaluation per failed check, its meaning the check's sentence (within LO's 64 characters)."""
+    evaluations = [
+        hd.sr.QualitativeEvaluation(
+            name=PLAUSIBILITY_CHECK,
+            value=CodedConcept(f"FAILED-{number}", PRIVATE_SCHEME, ("Failed: " + text)[:64]),
+        )
+        for number, text in enumerate(flags, start=1)
+    ]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid("plausibility"), identifier="Plausibility checks"),
+        algorithm_id=algorithm,
+        qualitative_evaluations=evaluations,
+    )
+
+
+def _measurement_report(volume, sources, seg, stats, findings, model, uid, software, flags=()) -> Dataset:
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -497,6 +520,8 @@ def _measurement_report(volume, sources, seg, stats, findings, model, uid, softw
         if s.diameter is not None:
             groups.append(_long_axis_group(volume, s, algorithm, uid))
     groups += _finding_groups(volume, findings, algorithm, uid)
+    if flags:
+        groups.append(_plausibility_group(list(flags), algorithm, uid))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=IMAGING_PROCEDURE,

@@ -24,7 +24,7 @@ from .ledger import Heartbeat, load_job, save_job, worker_identity
 
 log = logging.getLogger("pacsworker.tasks")
 
-FINISHED = {JobState.DELIVERING, JobState.DONE, JobState.FAILED, JobState.NO_RESULT}
+FINISHED = {JobState.DELIVERING, JobState.DONE, JobState.FAILED, JobState.NO_RESULT, JobState.IMPLAUSIBLE}
 
 
 @app.task(name="pacsworker.process_series", bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -79,7 +79,11 @@ def process_series(self, job_id: str) -> str:
     if outcome is not None:
         job.timings.update(outcome.timings)
         job.values = outcome.values
-        if outcome.sr is None:
+        job.implausible = list(outcome.implausible)
+        if outcome.withheld:
+            job.state, job.reason = JobState.IMPLAUSIBLE, outcome.reason
+            log.warning("job %s: results withheld: %s", job_id, outcome.reason)
+        elif outcome.sr is None:
             job.state, job.reason = JobState.NO_RESULT, outcome.reason
         elif outcome.problems:
             _quarantine(layout, job, outcome)

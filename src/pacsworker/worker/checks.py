@@ -1,7 +1,8 @@
 """Reference cases: a model is checked on series with known answers (mask, volumes, values).
 
 What model vendors are asked to hand over with their model: ``pacsworker models test`` runs the
-checks, and a worker started with ``--check-models`` refuses to serve a model that fails them.
+checks (the model's plausibility checks too), and a worker started with ``--check-models``
+refuses to serve a model that fails them.
 """
 
 from __future__ import annotations
@@ -48,6 +49,14 @@ def check_case(settings: ModelSettings, case: ReferenceCase) -> CaseResult:
         result.passed &= ok
         result.checks.append(("pass: " if ok else "FAIL: ") + text)
 
+    if case.implausible:
+        record(bool(outcome.implausible), "fails the plausibility checks, as expected: " + (
+            "; ".join(outcome.implausible) or "it passed them"))
+    else:
+        for failure in outcome.implausible:
+            record(False, f"plausibility: {failure}")
+        if not outcome.implausible and settings.effective_checks().results + settings.effective_checks().inputs:
+            record(True, "plausibility checks")
     labels = outcome.label_map.array if outcome.label_map is not None else None
     if case.expected_mask is not None:
         if labels is None:

@@ -3,9 +3,10 @@
 deepbet's TorchScript weights ship inside its wheel; nothing is downloaded. It is written on the
 public ``kind: python`` API: ``predict(series)`` returns a ``LabelMap`` with one segment, Brain.
 
-It has no rejection step of its own: give it only 3D T1-weighted images of the head (the default
-routing sends it 3D MR of the head or brain). On other contrasts, 2D stacks, or images without a
-head it still returns its best guess of a brain mask, which is then wrong.
+deepbet has no rejection step of its own: on other contrasts, 2D stacks, or images without a head
+it still returns its best guess of a brain mask, which is then wrong. The default routing sends it
+3D T1 MR of the head or brain, and its default plausibility checks (``config.BUILTIN_CHECKS``)
+withhold results on inputs that do not look like a head or brains of implausible size.
 """
 
 from __future__ import annotations

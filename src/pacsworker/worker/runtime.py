@@ -13,6 +13,7 @@ from pathlib import Path
 from ..config import ModelSettings
 from .adapters import LoadedModel, load_model
 from .outputs import Box, Boxes, LabelMap, ModelOutputError, ModelResult, ModelRunError
+from .plausibility import input_failures, result_failures
 from .series import Series
 from .volume import Volume, load_series
 
@@ -50,6 +51,13 @@ class RunOutcome:
     volume: Volume | None = None
     label_map: LabelMap | None = None
     boxes: list[Box] = field(default_factory=list)
+    implausible: list[str] = field(default_factory=list)  # failed plausibility checks, as sentences
+    withhold: bool = True  # what the model's checks say to do when one fails
+
+    @property
+    def withheld(self) -> bool:
+        """Whether failed plausibility checks keep the results from the PACS."""
+        return bool(self.implausible) and self.withhold
     problems: list[str] = field(default_factory=list)  # why the results must not be delivered
 
 
@@ -76,9 +84,18 @@ def run_model(files: list[Path], settings: ModelSettings, predecessor=None) -> R
     outcome.volume = volume = load_series(files)
     outcome.timings["load_s"] = time.perf_counter() - started
     model = get_model(settings)
+    series = Series(volume)
+    checks = settings.effective_checks()
+    outcome.withhold = checks.on_fail == "withhold"
+    started = time.perf_counter()
+    outcome.implausible = input_failures(series, checks)
+    outcome.timings["input_checks_s"] = time.perf_counter() - started
+    if outcome.implausible and outcome.withhold:
+        outcome.reason = "implausible input: " + "; ".join(outcome.implausible)
+        return outcome  # the model is not run on what it is not for
     started = time.perf_counter()
     try:
-        result: ModelResult = model.run(Series(volume))
+        result: ModelResult = model.run(series)
     except ModelOutputError:
         raise
     except Exception as exc:  # noqa: BLE001 - the researcher's code: its message becomes the job's reason
@@ -86,6 +103,9 @@ def run_model(files: list[Path], settings: ModelSettings, predecessor=None) -> R
         raise ModelRunError(f"model {settings.name} raised {type(exc).__name__}: {exc}") from exc
     outcome.timings["model_s"] = time.perf_counter() - started
     outcome.values = result.values_json()
+    started = time.perf_counter()
+    outcome.implausible += result_failures(result, series, checks, settings.seg.threshold)
+    outcome.timings["result_checks_s"] = time.perf_counter() - started
     maps = result.label_maps + result.probability_maps
     if len(maps) > 1:
         log.info("model %s returned %d maps; the first becomes the SEG", settings.name, len(maps))
@@ -96,8 +116,12 @@ def run_model(files: list[Path], settings: ModelSettings, predecessor=None) -> R
     if not maps and not result.findings:
         outcome.reason = "the model returned no map, score, class or box"
         return outcome
+    if outcome.implausible and outcome.withhold:
+        outcome.reason = "implausible result: " + "; ".join(outcome.implausible)
+        return outcome
     started = time.perf_counter()
-    results = encode_results(volume, maps[:1] + result.findings, model.identity, settings.seg, predecessor)
+    results = encode_results(volume, maps[:1] + result.findings, model.identity, settings.seg, predecessor,
+                             flags=outcome.implausible)
     outcome.timings["encode_s"] = time.perf_counter() - started
     if results is None:
         # only empty maps and empty box lists reach here: scores and classes always make an SR
