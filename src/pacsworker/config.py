@@ -313,12 +313,31 @@ BUILTIN_CHECKS = {
 
 class ModelSettings(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    kind: Literal["builtin", "python", "torchscript", "monai-bundle"] = "builtin"
+    kind: Literal["builtin", "python", "torchscript", "monai-bundle", "triton", "arterys", "monai-deploy"] = "builtin"
     source: str = Field(
         "ct-body",
         description="builtin: the model's name; python: 'package.module:Class' or '/path/file.py:Class'; "
-        "torchscript: the .ts/.pt file; monai-bundle: the bundle directory",
+        "torchscript: the .ts/.pt file; monai-bundle: the bundle directory; monai-deploy: the application "
+        "(a .py file or package folder with an Application subclass); triton, arterys: unused",
     )
+    url: str | None = Field(
+        None, description="triton: http://host:port or grpc://host:port; arterys: the model server's base URL"
+    )
+    model_name: str | None = Field(None, description="triton: the model's name on the server")
+    model_version: str = Field("", description="triton: a version on the server; empty: the server's choice")
+    inference_command: Literal["get-probability-mask", "get-bounding-box-2d"] = Field(
+        "get-probability-mask", description="arterys: what the model server is asked for"
+    )
+    request_timeout_seconds: float = Field(300.0, gt=0, description="triton, arterys: one request's time limit")
+    wait_seconds: float = Field(
+        300.0, ge=0, description="triton, arterys: how long a job waits for an unreachable server or a model "
+        "that is not ready before it fails"
+    )
+    command: str | None = Field(
+        None, description="monai-deploy: a command template for a packaged application (MAP), with {input}, "
+        "{output} and {model}; instead of source"
+    )
+    model_path: Path | None = Field(None, description="monai-deploy: the model file or folder the application reads")
     pipeline: PipelineConfig | str | None = Field(None, description="torchscript: inline, or a YAML file")
     version: str = Field("", description="written into results; default: the class's `version` or 0")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
@@ -345,6 +364,10 @@ class ModelSettings(BaseModel):
         import hashlib
 
         text = self.model_dump_json(include={"kind", "source", "version", "options", "outputs", "pipeline", "seg"})
+        served = self.model_dump_json(exclude_defaults=True, include={
+            "url", "model_name", "model_version", "inference_command", "command", "model_path"})
+        if served != "{}":  # model servers' settings; absent for the other kinds, whose names stay as they were
+            text += served
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 

@@ -55,6 +55,18 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             from .monai_bundle import MonaiBundleModel
 
             return MonaiBundleModel(settings)
+        if settings.kind == "triton":
+            from .triton import TritonModel
+
+            return TritonModel(settings)
+        if settings.kind == "arterys":
+            from .arterys import ArterysModel
+
+            return ArterysModel(settings)
+        if settings.kind == "monai-deploy":
+            from .monai_deploy import MonaiDeployModel
+
+            return MonaiDeployModel(settings)
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the researcher's code raised while loading
