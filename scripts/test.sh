@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need (Debian packages: Redis, Orthanc + DICOMweb, DCMTK, dicom3tools,
-# docker-compose for parsing) and runs the whole suite against those real servers.
+# docker-compose for parsing, Chromium and npm for the OHIF Viewer test; OHIF's prebuilt app from the
+# npm registry) and runs the whole suite against those real servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
@@ -10,6 +11,10 @@ command -v redis-server >/dev/null || need+=(redis-server)
 [ -x /usr/bin/storescu ] || need+=(dcmtk)
 command -v dciodvfy >/dev/null || need+=(dicom3tools)
 command -v docker-compose >/dev/null || need+=(docker-compose)
+command -v chromium >/dev/null || need+=(chromium)
+command -v npm >/dev/null || need+=(npm)
+[ -x /usr/bin/python3.11 ] || need+=(python3.11)  # the Triton test server's interpreter
+/usr/bin/python3.11 -c "import ensurepip" 2>/dev/null || need+=(python3.11-venv)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}"
@@ -19,5 +24,21 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 bash scripts/setup.sh test,brain
+bash scripts/install-monai-deploy-test.sh  # MONAI Deploy App SDK + Holoscan, test-only, torch untouched
+bash scripts/install-triton-test.sh  # a real Triton server (nvidia-pytriton) in a venv of Debian's python3.11
+# OHIF Viewer's prebuilt static app for tests/test_ohif.py: fetched once into a cache outside the repo
+if [ -z "${PACSWORKER_OHIF_DIST:-}" ]; then
+  ohif_version=3.13.2
+  ohif_dir=${PACSWORKER_OHIF_DIR:-$HOME/.cache/pacsworker/ohif-$ohif_version}
+  if [ ! -f "$ohif_dir/dist/index.html" ]; then
+    ohif_tmp=$(mktemp -d)
+    (cd "$ohif_tmp" && npm pack --silent "@ohif/app@$ohif_version" >/dev/null && tar xzf ./*.tgz)
+    mkdir -p "$ohif_dir"
+    rm -rf "$ohif_dir/dist" "$ohif_dir/dist.partial"
+    mv "$ohif_tmp/package/dist" "$ohif_dir/dist.partial" && mv "$ohif_dir/dist.partial" "$ohif_dir/dist"
+    rm -rf "$ohif_tmp"
+  fi
+  export PACSWORKER_OHIF_DIST=$ohif_dir/dist
+fi
 export PACSWORKER_REQUIRE_SERVERS=1
 exec .venv/bin/python -m pytest "$@"

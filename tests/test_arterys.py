@@ -93,7 +93,8 @@ def test_boxes_reference_the_image_they_name(arterys, ct02, dicom_dir, tmp_path)
                           models=[settings.model_dump(mode="json", exclude_none=True)])
     run = pacsworker_run(dicom_dir / CT02, tmp_path / "out", config, "bone-server")
     assert run.returncode == 0, run.stderr[-2000:]
-    assert not (tmp_path / "out" / "seg.dcm").exists() and dciodvfy_errors(tmp_path / "out" / "sr.dcm") == []
+    assert not (tmp_path / "out" / "seg.dcm").exists() and not (tmp_path / "out" / "sr.dcm").exists()
+    assert dciodvfy_errors(tmp_path / "out" / "image_sr.dcm") == []  # boxes alone: the image SR
 
 
 def test_a_numeric_label_mask_becomes_a_label_map(arterys, ct06):

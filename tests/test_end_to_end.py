@@ -54,13 +54,17 @@ def _uid(item: dict, tag: str) -> str:
     return item[tag]["Value"][0]
 
 
-def check_results(orthanc: Orthanc, dicom_dir: Path, tmp: Path) -> tuple[str, str]:
-    """What a user checks in the PACS; returns the SEG and SR SOP Instance UIDs."""
+def check_results(orthanc: Orthanc, dicom_dir: Path, tmp: Path) -> tuple[str, list[str]]:
+    """What a user checks in the PACS; returns the SEG's and the SRs' SOP Instance UIDs."""
     segs, srs = _results(orthanc)
-    assert len(segs) == 1 and len(srs) == 1, f"expected one SEG and one SR, found {len(segs)} and {len(srs)}"
+    assert len(segs) == 1 and len(srs) == 2, f"expected one SEG and two SRs, found {len(segs)} and {len(srs)}"
     seg = orthanc.retrieve(STUDY, _uid(segs[0], "0020000E"), _uid(segs[0], "00080018"))
-    sr = orthanc.retrieve(STUDY, _uid(srs[0], "0020000E"), _uid(srs[0], "00080018"))
-    for name, ds in (("seg", seg), ("sr", sr)):
+    reports = {str(ds.SeriesDescription).split(" ")[1]: ds for ds in (
+        orthanc.retrieve(STUDY, _uid(item, "0020000E"), _uid(item, "00080018")) for item in srs)}
+    assert set(reports) == {"measurements", "lengths"}, f"SR series {sorted(reports)}"
+    sr, lengths = reports["measurements"], reports["lengths"]
+    assert int(seg.SeriesNumber) + 1 == int(sr.SeriesNumber) == int(lengths.SeriesNumber) - 1
+    for name, ds in (("seg", seg), ("sr", sr), ("image-sr", lengths)):
         path = tmp / f"{name}.dcm"
         ds.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == [], f"dciodvfy reports errors on the {name}"
@@ -94,7 +98,7 @@ def check_results(orthanc: Orthanc, dicom_dir: Path, tmp: Path) -> tuple[str, st
     assert set(report) == set(counts) and counts, "the SR must report every SEG segment"
     for number, volume_ml in report.items():
         assert volume_ml == pytest.approx(counts[number] * voxel_ml, rel=1e-5)
-    return str(seg.SOPInstanceUID), str(sr.SOPInstanceUID)
+    return str(seg.SOPInstanceUID), sorted(str(ds.SOPInstanceUID) for ds in reports.values())
 
 
 def _sr_volumes(sr) -> dict[int, float]:
@@ -111,7 +115,7 @@ def _sr_volumes(sr) -> dict[int, float]:
                     segment = int(child.ReferencedSOPSequence[0].ReferencedSegmentNumber)
                 elif code == "118565006":  # Volume
                     volume = float(child.MeasuredValueSequence[0].NumericValue)
-            if volume is not None:  # planar (long axis) groups carry no volume
+            if volume is not None:
                 volumes[segment] = volume
     return volumes
 
@@ -127,7 +131,7 @@ def test_serve_embedded_study_to_orthanc(tmp_path, dicom_dir, orthanc):
         started = time.time()
         wait_until(lambda: all(_results(orthanc)), 120, what="SEG and SR in Orthanc")
         print(f"results queryable {time.time() - started:.1f} s after the send ended")
-        seg_uid, sr_uid = check_results(orthanc, dicom_dir, tmp_path)
+        seg_uid, sr_uids = check_results(orthanc, dicom_dir, tmp_path)
 
         state = wait_until(lambda: (s := status_json(config))["series"].get("done") and s, 30, what="series done")
         assert state["jobs"] == {"done": 1}
@@ -145,7 +149,7 @@ def test_serve_embedded_study_to_orthanc(tmp_path, dicom_dir, orthanc):
         assert status_json(config)["jobs"] == {"done": 1}
         segs, srs = _results(orthanc)
         assert [_uid(i, "00080018") for i in segs] == [seg_uid]
-        assert [_uid(i, "00080018") for i in srs] == [sr_uid]
+        assert sorted(_uid(i, "00080018") for i in srs) == sr_uids
         output = serve.output()
         assert "Traceback" not in output
         assert "worker exited" not in output  # no worker crashed on the first start

@@ -60,13 +60,13 @@ def detected(dicom_dir):
 
 def test_boxes_are_planar_rois_on_the_image_they_were_found_on(detected, dicom_dir, tmp_path):
     assert detected.problems == [] and detected.seg is not None
-    path = tmp_path / "sr.dcm"
-    detected.sr.save_as(path, enforce_file_format=True)
+    path = tmp_path / "image_sr.dcm"
+    detected.image_sr.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
     report = hd.sr.srread(path).content
     boxes = detected.values["boxes"]["boxes"]
-    rois = [g for g in report.get_planar_roi_measurement_groups() if g.roi is not None and len(g.roi.value) == 5]
-    assert len(rois) == len(boxes) == 2
+    rois = report.get_planar_roi_measurement_groups()
+    assert len(rois) == len(boxes) == 2 and all(len(g.roi.value) == 5 for g in rois)
     by_file = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in (dicom_dir / CT02).glob("*.dcm")}
     for box, roi in zip(boxes, rois):
         (c0, r0), (c1, r1) = box["top_left"], box["bottom_right"]
@@ -95,9 +95,10 @@ def test_classes_and_scores_are_coded_with_their_scores(detected, tmp_path):
     measurements = {m.name.meaning: m for g in groups for m in g.get_measurements()}
     assert measurements["Probability"].value == pytest.approx(0.9)  # the class's score
     assert measurements["Score"].value == pytest.approx(detected.values["bone_fraction"]["value"], rel=1e-5)
-    # algorithm name and version on every group: volumes, long axis, boxes, class and score
-    containers = list(_groups(pydicom.dcmread(path)))
-    assert len(containers) == 1 + 1 + 2 + 1 + 1
+    # algorithm name and version on every group: volume, class and score; long axis and boxes
+    detected.image_sr.save_as(tmp_path / "image_sr.dcm", enforce_file_format=True)
+    containers = list(_groups(pydicom.dcmread(path))) + list(_groups(pydicom.dcmread(tmp_path / "image_sr.dcm")))
+    assert len(containers) == (1 + 1 + 1) + (1 + 2)
     assert all((_text(g, "111001"), _text(g, "111003")) == ("bones", "0.3") for g in containers)
 
 
@@ -109,9 +110,9 @@ def test_a_detector_alone_gives_an_sr_and_an_overlay_with_its_boxes(dicom_dir, t
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "out"
     assert not (out / "seg.dcm").exists()
-    sr = pydicom.dcmread(out / "sr.dcm")
-    assert sr.SeriesDescription.startswith("bones findings of ")
-    assert dciodvfy_errors(out / "sr.dcm") == []
+    assert pydicom.dcmread(out / "sr.dcm").SeriesDescription.startswith("bones findings of ")  # class, score
+    assert pydicom.dcmread(out / "image_sr.dcm").SeriesDescription.startswith("bones boxes of ")
+    assert dciodvfy_errors(out / "sr.dcm") == [] and dciodvfy_errors(out / "image_sr.dcm") == []
     best = max(json.loads((out / "outputs.json").read_text())["boxes"]["boxes"], key=lambda b: b["score"])
     (c0, r0), (c1, r1) = (int(v) for v in best["top_left"]), (int(v) for v in best["bottom_right"])
     with Image.open(out / "overlay.png") as png:

@@ -167,7 +167,7 @@ def test_native_model_and_a_broken_one_through_serve(tmp_path, dicom_dir, orthan
         seg.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == []
         srs = [i for i in orthanc.instances_of_class(study, COMPREHENSIVE_3D_SR_CLASS)
-               if "bones findings" in json.dumps(i.get("0008103E", {}))]
+               if "bones boxes" in json.dumps(i.get("0008103E", {}))]
         assert len(srs) == 1, "the detector's SR must be in the PACS"
         assert not [i for i in orthanc.instances_of_class(study, SEG_CLASS) if "bones" in json.dumps(i.get("0008103E", {}))]
         assert "Traceback" not in serve.output()

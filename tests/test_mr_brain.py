@@ -115,7 +115,8 @@ def test_mr_brain_through_serve_into_orthanc(tmp_path, dicom_dir, orthanc):
         assert "mr-brain: body part PROSTATE not in ['BRAIN', 'HEAD']" in state["skipped_series"][mr05]
         study = str(pydicom.dcmread(next((dicom_dir / MR06).glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
         [seg_item] = orthanc.instances_of_class(study, SEG_CLASS)
-        [sr_item] = orthanc.instances_of_class(study, COMPREHENSIVE_3D_SR_CLASS)
+        [sr_item] = [i for i in orthanc.instances_of_class(study, COMPREHENSIVE_3D_SR_CLASS)
+                     if "mr-brain measurements" in json.dumps(i.get("0008103E"))]
         seg = orthanc.retrieve(study, seg_item["0020000E"]["Value"][0], seg_item["00080018"]["Value"][0])
         sr = orthanc.retrieve(study, sr_item["0020000E"]["Value"][0], sr_item["00080018"]["Value"][0])
         assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Brain"]

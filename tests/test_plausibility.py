@@ -62,8 +62,10 @@ def test_flagged_results_are_delivered_and_name_the_failed_check(tmp_path, dicom
         study = str(pydicom.dcmread(next((dicom_dir / MR06).glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
         segs = [i for i in orthanc.instances_of_class(study, SEG_CLASS) if "[implausible]" in json.dumps(i.get("0008103E"))]
         srs = [i for i in orthanc.instances_of_class(study, COMPREHENSIVE_3D_SR_CLASS)
-               if "[implausible]" in json.dumps(i.get("0008103E"))]
+               if "measurements [implausible]" in json.dumps(i.get("0008103E"))]
         assert len(segs) == 1 and len(srs) == 1, "the flagged SEG and SR must be in the PACS"
+        assert [i for i in orthanc.instances_of_class(study, COMPREHENSIVE_3D_SR_CLASS)
+                if "lengths [implausible]" in json.dumps(i.get("0008103E"))], "the lengths are flagged too"
         seg = orthanc.retrieve(study, segs[0]["0020000E"]["Value"][0], segs[0]["00080018"]["Value"][0])
         assert seg.SeriesDescription.startswith("mr-brain SEG [implausible] of ")
         sr = orthanc.retrieve(study, srs[0]["0020000E"]["Value"][0], srs[0]["00080018"]["Value"][0])

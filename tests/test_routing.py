@@ -184,10 +184,11 @@ def test_a_newer_model_version_reruns_and_its_sr_names_the_earlier_one(tmp_path,
     assert len(jobs) == 2, "a new version is a new job; the same version again is the same job"
     old, new = (read_json(layout.job_record(job_id), JobRecord) for job_id in jobs)
     assert old.outputs["sr"] != new.outputs["sr"] and old.outputs["seg"] != new.outputs["seg"]
-    sr = pydicom.dcmread(layout.job_outbox(new.job_id) / "sr.dcm")
-    [study] = sr.PredecessorDocumentsSequence
-    [series] = study.ReferencedSeriesSequence
-    assert (study.StudyInstanceUID, series.SeriesInstanceUID) == (str(first.StudyInstanceUID), old.outputs["sr_series"])
-    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == old.outputs["sr"]
-    assert dciodvfy_errors(layout.job_outbox(new.job_id) / "sr.dcm") == []
-    assert "PredecessorDocumentsSequence" not in pydicom.dcmread(layout.job_outbox(old.job_id) / "sr.dcm")
+    for role in ("sr", "image_sr"):  # each SR names the earlier one of its kind
+        sr = pydicom.dcmread(layout.job_outbox(new.job_id) / f"{role}.dcm")
+        [study] = sr.PredecessorDocumentsSequence
+        [series] = study.ReferencedSeriesSequence
+        assert (study.StudyInstanceUID, series.SeriesInstanceUID) == (str(first.StudyInstanceUID), old.outputs[f"{role}_series"])
+        assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == old.outputs[role] != new.outputs[role]
+        assert dciodvfy_errors(layout.job_outbox(new.job_id) / f"{role}.dcm") == []
+        assert "PredecessorDocumentsSequence" not in pydicom.dcmread(layout.job_outbox(old.job_id) / f"{role}.dcm")

@@ -56,8 +56,8 @@ def ct02_outcome(dicom_dir):
 def test_ct_body_results_are_valid_and_deterministic(dicom_dir, ct02_outcome, tmp_path):
     names = {s.spec.name for s in ct02_outcome.statistics}
     assert {"Body", "Bone"} <= names  # a head phantom: no lungs
-    for name, ds in (("seg", ct02_outcome.seg), ("sr", ct02_outcome.sr)):
-        path = tmp_path / f"{name}.dcm"
+    for name, ds in ct02_outcome.result_objects().items():
+        path = tmp_path / name
         ds.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == []
     seg = ct02_outcome.seg
@@ -67,7 +67,7 @@ def test_ct_body_results_are_valid_and_deterministic(dicom_dir, ct02_outcome, tm
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert algorithm.AlgorithmName == "ct-body" and algorithm.AlgorithmVersion == "1.0.0"
     again = run_model(_files(dicom_dir / "ct02_philips_ingenuity_headphantom_5mm"), ModelSettings(name="ct-body"))
-    for a, b in ((seg, again.seg), (ct02_outcome.sr, again.sr)):
+    for a, b in ((seg, again.seg), (ct02_outcome.sr, again.sr), (ct02_outcome.image_sr, again.image_sr)):
         assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
 
 
@@ -114,26 +114,26 @@ def test_results_carry_colours_names_and_measurements_highdicom_reads_back(dicom
     ct02 = _files(dicom_dir / "ct02_philips_ingenuity_headphantom_5mm")
     outcome = run_model(ct02, ModelSettings(name="ct-body"))
     other = run_model(_files(dicom_dir / "ct06_ge_lightspeed_liver_3slice"), ModelSettings(name="ct-body"))
-    seg, sr = outcome.seg, outcome.sr
+    seg, sr, image_sr = outcome.seg, outcome.sr, outcome.image_sr
     source = pydicom.dcmread(ct02[0], stop_before_pixels=True)
     # names say which model and which source series; numbers differ per source series
     assert seg.SeriesDescription == f"ct-body SEG of {source.SeriesDescription} (series {source.SeriesNumber})"
     assert sr.SeriesDescription.startswith(f"ct-body measurements of {source.SeriesDescription}")
-    assert int(sr.SeriesNumber) == int(seg.SeriesNumber) + 1 and int(seg.SeriesNumber) // 100 == int(source.SeriesNumber)
-    assert {int(seg.SeriesNumber), int(sr.SeriesNumber)}.isdisjoint({int(other.seg.SeriesNumber), int(other.sr.SeriesNumber)})
+    assert image_sr.SeriesDescription.startswith(f"ct-body lengths of {source.SeriesDescription}")
+    numbers = [int(ds.SeriesNumber) for ds in (seg, sr, image_sr)]
+    assert numbers == [numbers[0], numbers[0] + 1, numbers[0] + 2] and numbers[0] // 100 == int(source.SeriesNumber)
+    assert set(numbers).isdisjoint(int(ds.SeriesNumber) for ds in other.result_objects().values())
     # every segment has a display colour, so viewers raise no colour warning
     colours = [tuple(s.RecommendedDisplayCIELabValue) for s in seg.SegmentSequence]
     assert len(colours) == len(set(colours)) == len(seg.SegmentSequence)
-    for name, ds in (("seg", seg), ("sr", sr)):
-        path = tmp_path / f"{name}.dcm"
+    for name, ds in outcome.result_objects().items():
+        path = tmp_path / name
         ds.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == []
-    # the SR read back by highdicom: each measurement with its unit and references
-    report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(tmp_path / "sr.dcm"))
-    content = report.content
-    volumetric = content.get_volumetric_roi_measurement_groups()
-    planar = content.get_planar_roi_measurement_groups()
-    assert len(volumetric) == len(planar) == len(seg.SegmentSequence) >= 2
+    # the SRs read back by highdicom: each measurement with its unit and references
+    volumetric = hd.sr.srread(tmp_path / "sr.dcm").content.get_volumetric_roi_measurement_groups()
+    lengths = hd.sr.srread(tmp_path / "image_sr.dcm").content.get_image_measurement_groups()
+    assert len(volumetric) == len(lengths) == len(seg.SegmentSequence) >= 2
     instances = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in ct02}
     for group in volumetric:
         assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
@@ -141,15 +141,18 @@ def test_results_carry_colours_names_and_measurements_highdicom_reads_back(dicom
         assert ("Volume", "ml", None) in units
         assert ("Attenuation Coefficient", "[hnsf'U]", "Mean") in units
         assert ("Attenuation Coefficient", "[hnsf'U]", "Standard Deviation") in units
-    for group in planar:
+    for group in lengths:
+        assert str(group.tracking_identifier) == "Cornerstone3DTools@^0.1.0:Length"  # what OHIF takes over
         [length] = group.get_measurements()
         assert (length.name.value, length.unit.value) == ("103339001", "mm") and length.value > 0
-        region = group.roi
-        assert region.graphic_type.value == "POLYLINE" and len(region.value) == 2
+        # the NUM is inferred from its two end points on the image where they lie
+        [region] = [item for item in length[0].ContentSequence if item.ValueType == "SCOORD"]
+        assert region.RelationshipType == "INFERRED FROM"
+        assert region.GraphicType == "POLYLINE" and len(region.GraphicData) == 4
         image = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID  # SELECTED FROM
         assert image in instances  # the source image the end points lie on
         spacing = [float(v) for v in pydicom.dcmread(instances[image], stop_before_pixels=True).PixelSpacing]
-        (c1, r1), (c2, r2) = region.value
+        c1, r1, c2, r2 = (float(v) for v in region.GraphicData)
         assert abs(np.hypot((r2 - r1) * spacing[0], (c2 - c1) * spacing[1]) - length.value) < 0.01
 
 

@@ -300,10 +300,17 @@ def run(
         written.append(values)
         for key, value in outcome.values.items():
             console.print(f"{key}: {json.dumps(value)}")
-    for role, ds in (("seg", outcome.seg), ("sr", outcome.sr)):
-        if ds is not None:
-            ds.save_as(out / f"{role}.dcm", enforce_file_format=True)
-            written.append(out / f"{role}.dcm")
+    for name, ds in outcome.result_objects().items():
+        ds.save_as(out / name, enforce_file_format=True)
+        written.append(out / name)
+    if outcome.app_log:  # a MONAI Deploy application's log and its other files, for a look
+        (out / "app.log").write_text(outcome.app_log)
+        written.append(out / "app.log")
+    for name, data in outcome.app_files.items():
+        path = (out / "app-files" / name).resolve()
+        if path.is_relative_to((out / "app-files").resolve()):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
     for stat in outcome.statistics:
         console.print(f"{stat.spec.name}: {stat.volume_ml:.1f} mL, mean {stat.mean_value:.1f}")
     if written:
@@ -314,7 +321,7 @@ def run(
         raise typer.Exit(6)
     for failure in outcome.implausible:
         console.print(f"[yellow]flagged (on_fail: flag): {failure}[/yellow]")
-    if outcome.sr is None:
+    if not outcome.has_results:
         console.print(f"[yellow]no result: {outcome.reason}[/yellow]")
         raise typer.Exit(3)
     if outcome.problems:  # written for inspection; the queue would not deliver them

@@ -81,12 +81,20 @@ class SegmentStatistics:
 
 @dataclass(frozen=True)
 class EncodedResults:
-    """The result objects of one job (no SEG when the model returned no map), and the statistics."""
+    """The result objects of one job, and the statistics: the SEG (when the model returned a map
+    with a segment), the measurement SR (volumes, intensities, classes, scores) and the image SR
+    (lengths and boxes on source images); each only when it has something to say."""
 
     seg: Dataset | None
-    sr: Dataset
+    sr: Dataset | None
     statistics: tuple[SegmentStatistics, ...]
     timings: dict[str, float] = field(default_factory=dict)  # seconds: statistics_s, seg_s, sr_s
+    image_sr: Dataset | None = None
+
+    def objects(self) -> list[tuple[str, Dataset]]:
+        """(role, object) of every object written, in delivery order: seg, sr, image_sr."""
+        return [(role, ds) for role, ds in (("seg", self.seg), ("sr", self.sr), ("image_sr", self.image_sr))
+                if ds is not None]
 
 
 def _concept(term: CodedTerm) -> CodedConcept:
@@ -129,23 +137,24 @@ def segment_statistics(volume: Volume, labels: np.ndarray, segments: tuple[Segme
     return found
 
 
-def result_series(volume: Volume, model: ModelIdentity) -> tuple[int, int, str]:
-    """SEG and SR series numbers, and the source's name for descriptions.
+def result_series(volume: Volume, model: ModelIdentity) -> tuple[int, int, int, str]:
+    """SEG, measurement SR and image SR series numbers, and the source's name for descriptions.
 
     Numbers derive from the source's Series Number and the model name, so two results of
     different source series (or of two models on one series) never share a number, and a re-run
-    keeps its numbers: source N gives N * 100 + 2k + 1 (SEG) and + 2 (SR), k from the model name.
+    keeps its numbers: source N gives N * 100 + 3k + 1 (SEG), + 2 (SR) and + 3 (image SR), k
+    (0..32) from the model name.
     """
     first = volume.sources[0].dataset
     try:
         number = int(first.get("SeriesNumber") or 0)
     except (TypeError, ValueError):
         number = 0
-    k = int.from_bytes(hashlib.sha256(model.name.encode()).digest()[:4], "big") % 49
-    seg_number = (number % 20_000_000) * 100 + 2 * k + 1
+    k = int.from_bytes(hashlib.sha256(model.name.encode()).digest()[:4], "big") % 33
+    seg_number = (number % 20_000_000) * 100 + 3 * k + 1
     description = str(first.get("SeriesDescription", "") or "").strip()
     source = f"{description} (series {number})" if description else f"series {number}"
-    return seg_number, seg_number + 1, source
+    return seg_number, seg_number + 1, seg_number + 2, source
 
 
 def _described(kind: str, model: ModelIdentity, source: str) -> str:
@@ -219,17 +228,20 @@ class EarlierReport:
 
 
 def encode_results(volume: Volume, outputs: ModelResult | ModelOutput | list[ModelOutput], model: ModelIdentity,
-                   options: SegOptions | None = None, predecessor: EarlierReport | None = None,
+                   options: SegOptions | None = None,
+                   predecessor: EarlierReport | dict[str, EarlierReport] | None = None,
                    flags: list[str] | None = None) -> EncodedResults | None:
     """Build the SEG and the SR for one model run; ``None`` when there is nothing to report (no
     segment found, and no score, class or box).
 
     A label map becomes a BINARY SEG (or LABELMAP when asked); probability maps a FRACTIONAL SEG
     (PROBABILITY, 8 bits), or binarized at the threshold. The SR's statistics of probability maps
-    are of the voxels at or above the threshold. Scores, classifications and boxes are reported in
-    the SR. A ``predecessor`` (an earlier run's SR with other UIDs) is named in the new SR's
-    Predecessor Documents Sequence. ``flags`` are failed plausibility checks of a result delivered
-    anyway: the SR states each as a qualitative evaluation, and both series descriptions say so.
+    are of the voxels at or above the threshold. Volumes, intensities, scores and classifications
+    go in the measurement SR; longest diameters and boxes in the image SR. A ``predecessor`` (an
+    earlier run's SR with other UIDs; a dict by role, ``sr`` and ``image_sr``, for both) is named in
+    the new SR's Predecessor Documents Sequence. ``flags`` are failed plausibility checks of a
+    result delivered anyway: the measurement SR states each as a qualitative evaluation, and every
+    series description says so.
 
     Raises
     ------
@@ -249,8 +261,11 @@ def encode_results(volume: Volume, outputs: ModelResult | ModelOutput | list[Mod
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         results = _encode(volume, output, findings, model, options, list(flags or []))
-    if results is not None and predecessor is not None and predecessor.sop_instance_uid != results.sr.SOPInstanceUID:
-        results.sr.PredecessorDocumentsSequence = [_hierarchical_reference(predecessor)]
+    earlier = predecessor if isinstance(predecessor, dict) else {"sr": predecessor} if predecessor else {}
+    for role, ds in results.objects() if results is not None else []:
+        report = earlier.get(role)
+        if role != "seg" and report is not None and report.sop_instance_uid != ds.SOPInstanceUID:
+            ds.PredecessorDocumentsSequence = [_hierarchical_reference(report)]
     if caught:
         # the texts may quote patient attributes: log only how many and of which kind
         kinds = sorted({w.category.__name__ for w in caught})
@@ -296,7 +311,7 @@ def _encode(volume: Volume, output: LabelMap | ProbabilityMaps | None, findings:
         for ds in sources:
             ds.FrameOfReferenceUID = uid("frame-of-reference")
     software = [__version__, f"{model.name} {model.version}"]
-    seg_number, sr_number, source_name = result_series(volume, model)
+    seg_number, sr_number, image_number, source_name = result_series(volume, model)
     seg, stats, timings = None, [], {}
     if segments:
         # the statistics are numpy work that releases the GIL: they run beside the SEG's
@@ -312,12 +327,21 @@ def _encode(volume: Volume, output: LabelMap | ProbabilityMaps | None, findings:
         if [(s.spec, s.segment_number) for s in stats] != segments:
             raise ValueError("segment statistics and SEG segments disagree")  # a defect, never expected
     started = time.perf_counter()
-    sr = _measurement_report(volume, sources, seg, stats, findings, model, uid, software, flags)
-    sr.SeriesNumber = sr_number
-    kind = "measurements" if stats else "findings"
-    sr.SeriesDescription = _described(kind + (" [implausible]" if flags else ""), model, source_name)
+    flagged = " [implausible]" if flags else ""
+    sr, image_sr = _reports(volume, sources, seg, stats, findings, model, uid, software, flags)
+    if sr is not None:
+        sr.SeriesNumber = sr_number
+        sr.SeriesDescription = _described(("measurements" if stats else "findings") + flagged, model, source_name)
+    if image_sr is not None:
+        kinds = ["lengths" if any(s.diameter for s in stats) else "", "boxes" if _box_count(findings) else ""]
+        image_sr.SeriesNumber = image_number
+        image_sr.SeriesDescription = _described(" and ".join(k for k in kinds if k) + flagged, model, source_name)
     timings["sr_s"] = time.perf_counter() - started
-    return EncodedResults(seg=seg, sr=sr, statistics=tuple(stats), timings=timings)
+    return EncodedResults(seg=seg, sr=sr, image_sr=image_sr, statistics=tuple(stats), timings=timings)
+
+
+def _box_count(findings: list) -> int:
+    return sum(len(f.boxes) for f in findings if isinstance(f, Boxes))
 
 
 def _timed(function, *args):
@@ -390,21 +414,33 @@ def _hierarchical_reference(report: EarlierReport) -> Dataset:
     return study
 
 
+# the Tracking Identifier text OHIF (3.x) needs to take a length over as its own measurement;
+# cornerstone's tools write it, and OHIF reads back only what they would have written
+OHIF_LENGTH = "Cornerstone3DTools@^0.1.0:Length"
+
+
 def _long_axis_group(volume: Volume, s: SegmentStatistics, algorithm, uid):
-    """The longest in-plane diameter as a length on the source image where it lies (TID 1410), so
-    viewers such as OHIF show it as a measurement."""
+    """The longest in-plane diameter as a length (TID 1501, DCM 125007): its NUM is INFERRED FROM an
+    image-region SCOORD POLYLINE of its two end points on the source image where it lies, the way
+    viewers' own length tools write it, so OHIF lists it in its measurement panel."""
     image = _source_image(volume, s.diameter.slice_index)
     # image coordinates are (column, row), (0, 0) the outer corner of the first pixel
     points = np.array([[s.diameter.start[1] + 0.5, s.diameter.start[0] + 0.5],
                        [s.diameter.end[1] + 0.5, s.diameter.end[0] + 0.5]], dtype=np.float32)
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid(f"long-axis-{s.spec.label}"), identifier=f"{s.spec.name} long axis"),
-        referenced_region=hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=points, source_image=image),
+    length = hd.sr.Measurement(name=LONG_AXIS, value=round(s.diameter.length_mm, 3), unit=MILLIMETER,
+                               algorithm_id=algorithm)
+    region = hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=points, source_image=image)
+    region.RelationshipType = "INFERRED FROM"
+    number = length[0]
+    if "ContentSequence" not in number:
+        number.ContentSequence = hd.sr.ContentSequence([], is_root=False)
+    number.ContentSequence.append(region)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid(f"long-axis-{s.spec.label}"), identifier=OHIF_LENGTH),
         finding_type=_concept(s.spec.property_type),
         finding_category=_concept(s.spec.category),
         algorithm_id=algorithm,
-        measurements=[hd.sr.Measurement(name=LONG_AXIS, value=round(s.diameter.length_mm, 3), unit=MILLIMETER,
-                                        algorithm_id=algorithm)],
+        measurements=[length],
     )
 
 
@@ -437,14 +473,16 @@ def _box_group(volume: Volume, box: Box, number: int, algorithm, uid):
     )
 
 
-def _finding_groups(volume: Volume, findings: list, algorithm, uid) -> list:
-    groups, boxes = [], 0
+def _box_groups(volume: Volume, findings: list, algorithm, uid) -> list:
+    boxes = [box for finding in findings if isinstance(finding, Boxes) for box in finding.boxes]
+    return [_box_group(volume, box, number, algorithm, uid) for number, box in enumerate(boxes, start=1)]
+
+
+def _finding_groups(findings: list, algorithm, uid) -> list:
+    """Classifications and scores: study-level findings without image coordinates."""
+    groups = []
     for index, finding in enumerate(findings):
-        if isinstance(finding, Boxes):
-            for box in finding.boxes:
-                boxes += 1
-                groups.append(_box_group(volume, box, boxes, algorithm, uid))
-        elif isinstance(finding, Classification):
+        if isinstance(finding, Classification):
             value = _concept(finding.meaning) if finding.meaning else _private_concept(str(finding.value))
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=uid(f"class-{index}"),
@@ -481,14 +519,36 @@ def _plausibility_group(flags: list[str], algorithm, uid):
     )
 
 
-def _measurement_report(volume, sources, seg, stats, findings, model, uid, software, flags=()) -> Dataset:
+def _report(volume, groups, evidence, role: str, model, uid, software) -> Dataset:
+    """One TID 1500 Measurement Report in a Comprehensive 3D SR of its own series."""
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=uid("observer-device"), name=model.name, manufacturer_name=MANUFACTURER, model_name=model.version
         ),
     )
-    algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=IMAGING_PROCEDURE,
+        imaging_measurements=groups,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report[0],
+        series_instance_uid=uid(f"{role}-series"),
+        series_number=1,  # set by the caller
+        sop_instance_uid=uid(f"{role}-instance"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+    sr.SoftwareVersions = software
+    return sr
+
+
+def _volume_groups(volume, seg, stats, algorithm, uid) -> list:
     groups = []
     for s in stats:
         intensity, unit = (ATTENUATION, HOUNSFIELD_UNIT) if volume.modality == "CT" else (MR_SIGNAL, NO_UNITS)
@@ -517,27 +577,23 @@ def _measurement_report(volume, sources, seg, stats, findings, model, uid, softw
                 measurements=measurements,
             )
         )
-        if s.diameter is not None:
-            groups.append(_long_axis_group(volume, s, algorithm, uid))
-    groups += _finding_groups(volume, findings, algorithm, uid)
+    return groups
+
+
+def _reports(volume, sources, seg, stats, findings, model, uid, software, flags=()) -> tuple[Dataset | None, Dataset | None]:
+    """The measurement report (volumes and intensities of the SEG's segments, classes, scores,
+    failed plausibility checks) and the image report (lengths and boxes on source images).
+
+    Two documents, because OHIF 3 stops loading an SR at the first measurement group without
+    image coordinates: the image report holds only groups it can show.
+    """
+    algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
+    groups = _volume_groups(volume, seg, stats, algorithm, uid) + _finding_groups(findings, algorithm, uid)
     if flags:
         groups.append(_plausibility_group(list(flags), algorithm, uid))
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=IMAGING_PROCEDURE,
-        imaging_measurements=groups,
-    )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[seg, *sources] if seg is not None else sources,
-        content=report[0],
-        series_instance_uid=uid("sr-series"),
-        series_number=1,  # set by the caller
-        sop_instance_uid=uid("sr-instance"),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-    )
-    sr.SoftwareVersions = software
-    return sr
+    on_images = [_long_axis_group(volume, s, algorithm, uid) for s in stats if s.diameter is not None]
+    on_images += _box_groups(volume, findings, algorithm, uid)
+    measurements = _report(volume, groups, [seg, *sources] if seg is not None else sources, "sr", model, uid,
+                           software) if groups else None
+    images = _report(volume, on_images, sources, "image-sr", model, uid, software) if on_images else None
+    return measurements, images

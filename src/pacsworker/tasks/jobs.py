@@ -72,6 +72,8 @@ def process_series(self, job_id: str) -> str:
         job.state, job.reason = JobState.FAILED, f"exceeded the soft time limit of {settings.queue.job_soft_time_limit} s"
     except (ModelLoadError, ModelOutputError, ModelRunError) as exc:
         job.state, job.reason = JobState.FAILED, str(exc)
+        if getattr(exc, "log", ""):  # a MONAI Deploy application that failed: its whole log
+            job.reason += f"\n(full log: {_keep_app_log(layout, job_id, exc.log)})"
     except Exception as exc:  # noqa: BLE001 - the job fails with its reason, the worker keeps serving
         log.exception("job %s raised", job_id)
         job.state, job.reason = JobState.FAILED, f"{type(exc).__name__}: {exc}"
@@ -80,10 +82,12 @@ def process_series(self, job_id: str) -> str:
         job.timings.update(outcome.timings)
         job.values = outcome.values
         job.implausible = list(outcome.implausible)
+        if outcome.app_log:
+            _keep_app_log(layout, job_id, outcome.app_log)
         if outcome.withheld:
             job.state, job.reason = JobState.IMPLAUSIBLE, outcome.reason
             log.warning("job %s: results withheld: %s", job_id, outcome.reason)
-        elif outcome.sr is None:
+        elif not outcome.has_results:
             job.state, job.reason = JobState.NO_RESULT, outcome.reason
         elif outcome.problems:
             _quarantine(layout, job, outcome)
@@ -106,28 +110,51 @@ def _merge(layout: DataLayout, job: JobRecord) -> JobRecord:
     return job
 
 
-def earlier_report(layout: DataLayout, job: JobRecord):
-    """The SR of the latest earlier job of the same model on the same series, if one was written."""
+def earlier_report(layout: DataLayout, job: JobRecord) -> dict:
+    """The SRs (by role: sr, image_sr) of the latest earlier job of the same model on the same
+    series that wrote one, each the predecessor of the new one of its role."""
     from ..encoders.results import EarlierReport
 
-    earlier = [
-        other for other in layout.iter_records(layout.jobs, JobRecord)
-        if other.series_uid == job.series_uid and other.model == job.model and other.job_id != job.job_id
-        and other.state in (JobState.DELIVERING, JobState.DONE) and "sr" in other.outputs and "sr_series" in other.outputs
-    ]
-    if not earlier:
-        return None
-    latest = max(earlier, key=lambda other: other.finished_at)
-    return EarlierReport(latest.study_uid, latest.outputs["sr_series"], latest.outputs["sr"])
+    found = {}
+    for role in ("sr", "image_sr"):
+        earlier = [
+            other for other in layout.iter_records(layout.jobs, JobRecord)
+            if other.series_uid == job.series_uid and other.model == job.model and other.job_id != job.job_id
+            and other.state in (JobState.DELIVERING, JobState.DONE) and role in other.outputs
+            and f"{role}_series" in other.outputs
+        ]
+        if earlier:
+            latest = max(earlier, key=lambda other: other.finished_at)
+            found[role] = EarlierReport(latest.study_uid, latest.outputs[f"{role}_series"], latest.outputs[role])
+    return found
+
+
+def _keep_app_log(layout: DataLayout, job_id: str, text: str) -> Path:
+    """A MONAI Deploy application's log, beside the job's record: ``jobs/<job_id>.app.log``."""
+    path = layout.jobs / f"{job_id}.app.log"
+    path.write_text(text)
+    return path
+
+
+def _keep_app_files(folder: Path, outcome) -> None:
+    """Files a model wrote besides DICOM objects, under ``app-files/``: kept with the job, never sent."""
+    root = (folder / "app-files").resolve()
+    for name, data in outcome.app_files.items():
+        path = (root / name).resolve()
+        if not path.is_relative_to(root):
+            log.warning("model output %r points outside its folder; not kept", name)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
 
 
 def _quarantine(layout: DataLayout, job: JobRecord, outcome) -> None:
     """Results that failed the validation gate: kept for inspection with the reason, never sent."""
     folder = layout.quarantine / job.job_id
     folder.mkdir(parents=True, exist_ok=True)
-    for role, ds in (("seg", outcome.seg), ("sr", outcome.sr)):
-        if ds is not None:
-            ds.save_as(folder / f"{role}.dcm", enforce_file_format=True)
+    for name, ds in outcome.result_objects().items():
+        ds.save_as(folder / name, enforce_file_format=True)
+    _keep_app_files(folder, outcome)
     (folder / "reason.txt").write_text("\n".join(outcome.problems) + "\n")
     job.state = JobState.FAILED
     job.reason = f"results failed validation (kept in {folder}): " + "; ".join(outcome.problems[:3])
@@ -138,19 +165,20 @@ def _write_outbox(layout: DataLayout, job: JobRecord, outcome, settings) -> None
     folder = layout.job_outbox(job.job_id)
     folder.mkdir(parents=True, exist_ok=True)
     files = []
-    for role, ds in (("seg", outcome.seg), ("sr", outcome.sr)):
-        if ds is None:
-            continue  # scores, classes and boxes only: the SR alone
-        final = folder / f"{role}.dcm"
-        tmp = folder / f".tmp-{role}.dcm"
+    # ours: seg.dcm and sr.dcm (the SR alone for scores, classes and boxes); or a model's own objects
+    for name, ds in outcome.result_objects().items():
+        final = folder / name
+        tmp = folder / f".tmp-{name}"
         ds.save_as(tmp, enforce_file_format=True)
         tmp.replace(final)
         files.append(final.name)
+        role = final.stem  # seg, sr, or e.g. app-seg-1
         job.outputs[role] = str(ds.SOPInstanceUID)
         job.outputs[f"{role}_series"] = str(ds.SeriesInstanceUID)
     from ..worker.runtime import write_values
 
-    write_values(outcome, folder)  # a sidecar for the operator; only the .dcm files are delivered
+    write_values(outcome, folder)  # sidecars for the operator; only the .dcm files are delivered
+    _keep_app_files(folder, outcome)
     delivery = DeliveryRecord(
         job_id=job.job_id,
         files=files,

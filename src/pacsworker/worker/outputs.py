@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 
 class ModelOutputError(ValueError):
@@ -140,7 +141,21 @@ class Boxes:
                 raise ModelOutputError(f"output {key!r}: box {number} has score {box.score}, outside 0..1")
 
 
-ModelOutput = LabelMap | ProbabilityMaps | Score | Classification | Boxes
+@dataclass
+class DicomObjects:
+    """Result objects a model wrote as DICOM itself (a MONAI Deploy application's SEG, SR, ...).
+
+    They bypass pacsworker's encoders but not its validation gate. ``files`` holds whatever else
+    the model wrote, by relative path, and ``log`` what it printed: both are kept with the job,
+    never delivered.
+    """
+
+    datasets: tuple[Dataset, ...]
+    files: dict[str, bytes] = field(default_factory=dict)
+    log: str = ""
+
+
+ModelOutput = LabelMap | ProbabilityMaps | Score | Classification | Boxes | DicomObjects
 
 
 @dataclass
@@ -157,6 +172,10 @@ class ModelResult:
     @property
     def probability_maps(self) -> list[ProbabilityMaps]:
         return [o for o in self.outputs.values() if isinstance(o, ProbabilityMaps)]
+
+    @property
+    def dicom_objects(self) -> list[DicomObjects]:
+        return [o for o in self.outputs.values() if isinstance(o, DicomObjects)]
 
     @property
     def findings(self) -> list[Score | Classification | Boxes]:

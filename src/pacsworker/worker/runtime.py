@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom.dataset import Dataset
+
 from ..config import ModelSettings
 from .adapters import LoadedModel, load_model
-from .outputs import Box, Boxes, LabelMap, ModelOutputError, ModelResult, ModelRunError
+from .outputs import Box, Boxes, DicomObjects, LabelMap, ModelOutputError, ModelResult, ModelRunError
 from .plausibility import input_failures, result_failures
 from .series import Series
 from .volume import Volume, load_series
@@ -40,10 +43,19 @@ def get_model(settings: ModelSettings) -> LoadedModel:
 
 @dataclass
 class RunOutcome:
-    """What a model run produced: result objects (or none, with the reason), values, stage timings (s)."""
+    """What a model run produced: result objects (or none, with the reason), values, stage timings (s).
+
+    pacsworker's encoders make ``seg`` and ``sr``; a model that writes DICOM itself (a MONAI Deploy
+    application) gives ``objects`` instead, by file name, with the other files it wrote
+    (``app_files``, by relative path) and its log (``app_log``), which are kept and never delivered.
+    """
 
     seg: object | None = None
-    sr: object | None = None
+    sr: object | None = None  # the measurement SR
+    image_sr: object | None = None  # lengths and boxes on source images
+    objects: dict[str, Dataset] = field(default_factory=dict)
+    app_files: dict[str, bytes] = field(default_factory=dict)
+    app_log: str = ""
     reason: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     statistics: tuple = ()
@@ -60,12 +72,25 @@ class RunOutcome:
         return bool(self.implausible) and self.withhold
     problems: list[str] = field(default_factory=list)  # why the results must not be delivered
 
+    @property
+    def has_results(self) -> bool:
+        """Whether there is anything to deliver: an SR of ours, or objects the model wrote."""
+        return self.sr is not None or self.image_sr is not None or bool(self.objects)
+
+    def result_objects(self) -> dict[str, Dataset]:
+        """Every result object by its file name: ``seg.dcm``, ``sr.dcm``, ``image_sr.dcm``, or the model's own."""
+        if self.objects:
+            return dict(self.objects)
+        ours = (("seg", self.seg), ("sr", self.sr), ("image_sr", self.image_sr))
+        return {f"{role}.dcm": ds for role, ds in ours if ds is not None}
+
 
 def run_model(files: list[Path], settings: ModelSettings, predecessor=None) -> RunOutcome:
     """Load the series, run the model and encode the results.
 
-    ``predecessor`` (an ``EarlierReport``) is the SR an earlier run of the model wrote for this
-    series; the new SR names it as its predecessor.
+    ``predecessor`` (``EarlierReport``s by role, ``sr`` and ``image_sr``) are the SRs an earlier run
+    of the model wrote for this series; each new SR names the earlier one of its role as its
+    predecessor.
 
     Raises
     ------
@@ -96,8 +121,8 @@ def run_model(files: list[Path], settings: ModelSettings, predecessor=None) -> R
     started = time.perf_counter()
     try:
         result: ModelResult = model.run(series)
-    except ModelOutputError:
-        raise
+    except (ModelOutputError, ModelRunError):
+        raise  # the adapter's own words: already the reason
     except Exception as exc:  # noqa: BLE001 - the researcher's code: its message becomes the job's reason
         log.debug("model %s raised", settings.name, exc_info=True)
         raise ModelRunError(f"model {settings.name} raised {type(exc).__name__}: {exc}") from exc
@@ -106,6 +131,9 @@ def run_model(files: list[Path], settings: ModelSettings, predecessor=None) -> R
     started = time.perf_counter()
     outcome.implausible += result_failures(result, series, checks, settings.seg.threshold)
     outcome.timings["result_checks_s"] = time.perf_counter() - started
+    if result.dicom_objects:
+        outcome.label_map = next(iter(result.label_maps), None)  # the model's first SEG, decoded
+        return _accept_dicom_objects(outcome, result.dicom_objects, volume)
     maps = result.label_maps + result.probability_maps
     if len(maps) > 1:
         log.info("model %s returned %d maps; the first becomes the SEG", settings.name, len(maps))
@@ -129,11 +157,44 @@ def run_model(files: list[Path], settings: ModelSettings, predecessor=None) -> R
         if maps and any(isinstance(found, Boxes) for found in result.findings):
             outcome.reason = "the model found no segment and no box"
         return outcome
-    outcome.seg, outcome.sr, outcome.statistics = results.seg, results.sr, results.statistics
+    outcome.seg, outcome.sr, outcome.image_sr = results.seg, results.sr, results.image_sr
+    outcome.statistics = results.statistics
     started = time.perf_counter()
-    outcome.problems = validate_results(volume, results.seg, results.sr)
+    outcome.problems = validate_results(volume, results.seg, results.sr, results.image_sr)
     outcome.timings["validate_s"] = time.perf_counter() - started
     return outcome
+
+
+def _accept_dicom_objects(outcome: RunOutcome, made: list[DicomObjects], volume: Volume) -> RunOutcome:
+    """Objects a model wrote itself: named, then through the same validation gate as ours."""
+    from ..encoders.validation import validate_objects
+
+    for part in made:
+        outcome.app_files.update(part.files)
+    outcome.app_log = "\n".join(part.log for part in made if part.log)
+    datasets = [ds for part in made for ds in part.datasets]
+    if outcome.implausible and outcome.withhold:
+        outcome.reason = "implausible result: " + "; ".join(outcome.implausible)
+        return outcome
+    if not datasets:
+        outcome.reason = "the application wrote no DICOM object"
+        return outcome
+    outcome.objects = object_names(datasets)
+    started = time.perf_counter()
+    outcome.problems = validate_objects(volume, outcome.objects)
+    outcome.timings["validate_s"] = time.perf_counter() - started
+    return outcome
+
+
+def object_names(datasets: list[Dataset]) -> dict[str, Dataset]:
+    """File names for objects a model wrote: ``app-<modality>-<n>.dcm`` (``app-seg-1.dcm``), in order."""
+    named: dict[str, Dataset] = {}
+    counts: dict[str, int] = {}
+    for ds in datasets:
+        kind = re.sub(r"[^a-z0-9]", "", str(ds.get("Modality", "") or "").lower()) or "object"
+        counts[kind] = counts.get(kind, 0) + 1
+        named[f"app-{kind}-{counts[kind]}.dcm"] = ds
+    return named
 
 
 def write_values(outcome: RunOutcome, folder: Path) -> Path | None:

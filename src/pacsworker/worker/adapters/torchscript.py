@@ -6,12 +6,16 @@ The image reaches the pipeline as MONAI's loaders give a NIfTI: a channel-first 
 (1, columns, rows, slices) in modality units with its RAS affine, under the key ``image``; the
 network's output goes back through the inverse of the pre-transforms (``Invertd``) before the
 post-transforms, so the label map lands on the series' own grid.
+
+``PipelineModel`` is that pipeline around any network callable; ``kind: triton`` (``triton.py``)
+runs the same pipeline here with a network served by Triton.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +40,7 @@ def load_pipeline(settings: ModelSettings) -> PipelineConfig:
             path = Path(settings.source).parent / path
         pipeline = PipelineConfig.model_validate(yaml.safe_load(path.read_text()))
     if pipeline is None:
-        raise ValueError("kind torchscript needs a pipeline (pre, inferer, post)")
+        raise ValueError(f"kind {settings.kind} needs a pipeline (pre, inferer, post)")
     return pipeline
 
 
@@ -82,18 +86,19 @@ def channels_innermost(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.movedim(0, -1).contiguous().movedim(-1, 0)
 
 
-class TorchScriptModel:
-    """A TorchScript network with its MONAI pipeline, loaded once and kept on its device."""
+class PipelineModel:
+    """A network inside its MONAI pipeline (pre-transforms, inferer, inverse, post-transforms).
+
+    Subclasses say where the network is: ``_load_network()`` returns a callable that maps a batch
+    of images (or of sliding-window tiles), (N, C, ...), to the network's output (N, channels, ...).
+    """
 
     def __init__(self, settings: ModelSettings):
         from monai.transforms import Compose, Invertd
 
         self.settings = settings
         self.device = resolve_device(settings.device)
-        path = Path(settings.source).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"TorchScript file {path} does not exist")
-        self.network = torch.jit.load(str(path), map_location=self.device).eval()
+        self.network = self._load_network()
         self.pipeline = load_pipeline(settings)
         key = "image"
         self.pre = Compose([build_transform(step, key) for step in self.pipeline.pre])
@@ -101,10 +106,12 @@ class TorchScriptModel:
         self.post = Compose([build_transform(step, "pred") for step in self.pipeline.post])
         self.inferer = build_inferer(self.pipeline.inferer)
         if len(settings.outputs) != 1:
-            raise ValueError("kind torchscript needs exactly one output (labelmap or probabilities) in outputs:")
+            raise ValueError(f"kind {settings.kind} needs exactly one output (labelmap or probabilities) in outputs:")
         self.output_key, self.output = next(iter(settings.outputs.items()))
-        self.identity = ModelIdentity(settings.name, settings.version or path.stem)
         self.notes: list[str] = []
+
+    def _load_network(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        raise NotImplementedError
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """The inferer over a (1, C, ...) batch on the model's device, with AMP on CUDA if asked."""
@@ -127,7 +134,8 @@ class TorchScriptModel:
                     torch.cuda.empty_cache()
             self.notes.append("CUDA out of memory: ran on the CPU")
             log.warning("model %s: CUDA out of memory; this job runs on the CPU", self.settings.name)
-            return self.inferer(image.cpu(), self.network.cpu()).to("cpu")
+            network = self.network.cpu() if isinstance(self.network, torch.nn.Module) else self.network
+            return self.inferer(image.cpu(), network).to("cpu")
 
     def run(self, series: Series) -> ModelResult:
         with torch.inference_mode():
@@ -159,3 +167,17 @@ class TorchScriptModel:
         outcome = ModelResult({self.output_key: result})
         outcome.notes, self.notes = list(self.notes), []
         return outcome
+
+
+class TorchScriptModel(PipelineModel):
+    """A TorchScript network with its MONAI pipeline, loaded once and kept on its device."""
+
+    def __init__(self, settings: ModelSettings):
+        super().__init__(settings)
+        self.identity = ModelIdentity(settings.name, settings.version or Path(settings.source).stem)
+
+    def _load_network(self) -> torch.jit.ScriptModule:
+        path = Path(self.settings.source).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"TorchScript file {path} does not exist")
+        return torch.jit.load(str(path), map_location=self.device).eval()
