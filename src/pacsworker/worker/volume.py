@@ -109,8 +109,41 @@ class _Plane:
     rescale: tuple[float, float]
 
 
+NATIVE_LITTLE_ENDIAN = {
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian (inflated when read)
+}
+
+
+def _stored_values(ds: Dataset) -> np.ndarray:
+    """The stored values, (frames, rows, columns) or (rows, columns) for one frame.
+
+    Native little-endian grey images are read straight from the Pixel Data bytes (a view, no
+    copy; unused high bits cleared as pydicom does); everything else (compressed, big endian,
+    colour, float) goes through pydicom's decoders.
+    """
+    transfer_syntax = str(getattr(ds.get("file_meta"), "TransferSyntaxUID", "") or "")
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    if (transfer_syntax in NATIVE_LITTLE_ENDIAN and "PixelData" in ds and bits in (8, 16, 32)
+            and int(ds.get("SamplesPerPixel", 1) or 1) == 1):
+        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+        dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        count = rows * columns * frames
+        data = ds.PixelData
+        if len(data) >= count * dtype.itemsize:
+            values = np.frombuffer(data, dtype=dtype, count=count).reshape(frames, rows, columns)
+            unused = bits - int(ds.get("BitsStored", bits) or bits)
+            if 0 < unused < bits:
+                values = np.right_shift(np.left_shift(values, unused), unused)  # sign or zero extension
+            return values[0] if frames == 1 else values
+    return ds.pixel_array
+
+
 def _planes_of(ds: Dataset) -> list[_Plane]:
-    pixels = ds.pixel_array
+    pixels = _stored_values(ds)
     number_of_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if "PerFrameFunctionalGroupsSequence" not in ds:
         if number_of_frames > 1:
@@ -120,7 +153,7 @@ def _planes_of(ds: Dataset) -> list[_Plane]:
         thickness = ds.get("SliceThickness")
         return [
             _Plane(
-                ds, None, pixels.astype(np.float32) * slope + intercept,
+                ds, None, pixels,
                 _floats(ds.get("ImageOrientationPatient"), 6, "Image Orientation (Patient)"),
                 _floats(ds.get("ImagePositionPatient"), 3, "Image Position (Patient)"),
                 (spacing[0], spacing[1]),
@@ -149,7 +182,7 @@ def _planes_of(ds: Dataset) -> list[_Plane]:
         thickness = measures.get("SliceThickness")
         planes.append(
             _Plane(
-                ds, index + 1, pixels[index].astype(np.float32) * slope + intercept,
+                ds, index + 1, pixels[index],
                 _floats(orientation.get("ImageOrientationPatient"), 6, "Image Orientation (Patient)"),
                 _floats(position.get("ImagePositionPatient"), 3, "Image Position (Patient)"),
                 (spacing[0], spacing[1]),
@@ -158,6 +191,17 @@ def _planes_of(ds: Dataset) -> list[_Plane]:
             )
         )
     return planes
+
+
+def _modality_values(planes: list[_Plane]) -> np.ndarray:
+    """The planes' stored values rescaled to modality units (float32), in one preallocated array."""
+    pixels = np.empty((len(planes), *planes[0].frame.shape), dtype=np.float32)
+    for out, plane in zip(pixels, planes):
+        slope, intercept = plane.rescale
+        np.multiply(plane.frame, np.float32(slope), out=out, casting="unsafe")
+        if intercept:
+            np.add(out, np.float32(intercept), out=out)
+    return pixels
 
 
 def load_series(files: list[Path], *, spacing_tolerance: float = 0.01) -> Volume:
@@ -216,7 +260,7 @@ def load_series(files: list[Path], *, spacing_tolerance: float = 0.01) -> Volume
     offsets = (positions - positions[0]) - np.outer(distances - distances[0], normal)
     tilted = bool(np.max(np.linalg.norm(offsets, axis=1)) > 1e-2)
     return Volume(
-        pixels=np.stack([p.frame for p in planes]),
+        pixels=_modality_values(planes),
         sources=[SliceSource(p.dataset, p.frame_number, p.position, p.rescale) for p in planes],
         orientation=tuple(float(v) for v in orientation),
         row_spacing=planes[0].spacing[0],
