@@ -20,10 +20,31 @@ def _check_ae(value: str) -> str:
     return value
 
 
+class TlsSettings(BaseModel):
+    """DICOM TLS (PS3.15 B.1): a second listener that speaks DICOM inside TLS."""
+
+    model_config = {"extra": "forbid"}
+
+    port: int = Field(2762, ge=1, le=65535, description="the DICOM TLS port (2762 is IANA's dicom-tls)")
+    certificate: Path = Field(description="the receiver's certificate chain (PEM)")
+    private_key: Path = Field(description="its private key (PEM, unencrypted)")
+    ca_certificates: Path | None = Field(None, description="CA certificates (PEM) that client certificates must chain to")
+    require_client_certificate: bool = Field(False, description="refuse a peer without a certificate the CAs signed")
+    handshake_timeout: float = Field(10.0, gt=0, description="seconds a connecting peer has to finish the TLS handshake")
+
+    @model_validator(mode="after")
+    def _verifiable(self) -> "TlsSettings":
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates to verify them against")
+        return self
+
+
 class ScpSettings(BaseModel):
     ae_title: str = "PACSWORKER"
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
+    plain: bool = Field(True, description="listen without TLS on port; false: only the TLS port (with tls)")
+    tls: TlsSettings | None = None
     allowed_calling_aets: list[str] = Field(
         default_factory=list, description="empty: any calling AE title is accepted"
     )
@@ -49,6 +70,14 @@ class ScpSettings(BaseModel):
     @classmethod
     def _ae(cls, value: str) -> str:
         return _check_ae(value)
+
+    @model_validator(mode="after")
+    def _listens(self) -> "ScpSettings":
+        if not self.plain and self.tls is None:
+            raise ValueError("plain: false needs tls: the receiver would listen nowhere")
+        if self.tls is not None and self.plain and self.tls.port == self.port:
+            raise ValueError(f"tls.port {self.tls.port} is the plain port too")
+        return self
 
     @field_validator("allowed_calling_aets")
     @classmethod

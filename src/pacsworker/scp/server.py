@@ -37,7 +37,7 @@ from .integrity import IncompleteDataset, check_dataset
 from .routing import series_facts
 from .spool import Spool
 from .tracker import InstanceMeta, SeriesTracker
-from .wire import WirePolicy, printable, start_guarded_server
+from .wire import WirePolicy, printable, start_guarded_server, tls_context
 
 log = logging.getLogger("pacsworker.scp")
 
@@ -122,7 +122,7 @@ class Receiver:
         self.tracker = SeriesTracker(self.layout, settings.scp.series_quiet_seconds)
         self.on_series_complete = on_series_complete
         self.periodic: list[Callable[[], None]] = []
-        self._server = None
+        self._servers: list = []  # the plain listener and the TLS one, as configured
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
         self.ae = self._build_ae()
@@ -151,6 +151,7 @@ class Receiver:
             max_pdu_length=cfg.max_pdu_length,
             dataset_start_timeout=cfg.dataset_start_timeout,
             incoming_dir=self.layout.incoming,
+            tls_handshake_timeout=cfg.tls.handshake_timeout if cfg.tls else 10.0,
         )
 
     # -- event handlers (thin: check, store, record, answer) -------------------------------
@@ -271,10 +272,18 @@ class Receiver:
             (evt.EVT_ABORTED, self._handle_abort),
         ]
         cfg = self.settings.scp
-        self._server = start_guarded_server(self.ae, (cfg.host, cfg.port), self.wire_policy, handlers)
+        if cfg.plain:
+            self._servers.append(start_guarded_server(self.ae, (cfg.host, cfg.port), self.wire_policy, handlers))
+            log.info("receiver %s listening on %s:%d", cfg.ae_title, cfg.host, cfg.port)
+        if cfg.tls is not None:
+            context = tls_context(cfg.tls)
+            self._servers.append(start_guarded_server(self.ae, (cfg.host, cfg.tls.port), self.wire_policy, handlers,
+                                                      ssl_context=context))
+            log.info("receiver %s listening with TLS on %s:%d (client certificates %s)", cfg.ae_title, cfg.host,
+                     cfg.tls.port, "required" if cfg.tls.require_client_certificate else
+                     "verified when sent" if cfg.tls.ca_certificates else "not asked for")
         self._loop = threading.Thread(target=self._run_loop, name="series-completion", daemon=True)
         self._loop.start()
-        log.info("receiver %s listening on %s:%d", cfg.ae_title, cfg.host, cfg.port)
 
     def _run_loop(self) -> None:
         while not self._stop.wait(1.0):
@@ -291,8 +300,9 @@ class Receiver:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._server is not None:
-            self._server.shutdown()
+        for server in self._servers:
+            server.shutdown()
+        self._servers = []
         if self._loop is not None:
             self._loop.join(timeout=5)
 

@@ -13,6 +13,7 @@ import functools
 import logging
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -62,6 +63,8 @@ class WirePolicy:
     incoming_dir:
         Where C-STORE datasets are written as they arrive (on the spool's filesystem); ``None``
         keeps them in memory as pynetdicom does.
+    tls_handshake_timeout:
+        Seconds a peer of the TLS listener has to finish its handshake.
     """
 
     network_timeout: float = 60.0
@@ -70,6 +73,7 @@ class WirePolicy:
     max_other_pdu_length: int = 64 * 1024
     dataset_start_timeout: float = 2.0
     incoming_dir: Path | None = None
+    tls_handshake_timeout: float = 10.0
 
     def limit_for(self, pdu_type: int) -> int:
         if pdu_type == P_DATA_TF:
@@ -286,7 +290,28 @@ class GuardedRequestHandler(RequestHandler):
 
     def __init__(self, request, client_address, server, policy: WirePolicy):
         self.policy = policy
+        if isinstance(request, ssl.SSLSocket) and not self._handshake(request, client_address):
+            return  # the server closes the connection; nothing else was held up
         super().__init__(request, client_address, server)
+
+    def _handshake(self, request: ssl.SSLSocket, address) -> bool:
+        """The TLS handshake, in this connection's own thread and within its deadline."""
+        peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        request.settimeout(self.policy.tls_handshake_timeout)
+        try:
+            request.do_handshake()
+        except (TimeoutError, socket.timeout):
+            log.warning("TLS handshake with %s not finished within %g s; closed", peer, self.policy.tls_handshake_timeout)
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            log.warning("TLS handshake with %s failed: %s", peer, printable(str(getattr(exc, "reason", None) or exc)))
+            return False
+        certificate = request.getpeercert() or {}
+        subject = dict(item for rdn in certificate.get("subject", ()) for item in rdn)
+        log.info("TLS from %s: %s, client certificate %s", peer, request.version(),
+                 printable(subject.get("commonName", "")) or "none")
+        request.settimeout(self.policy.network_timeout)
+        return True
 
     def _create_association(self):
         assoc = super()._create_association()
@@ -303,13 +328,27 @@ class GuardedRequestHandler(RequestHandler):
         return assoc
 
 
-def start_guarded_server(ae, address: tuple[str, int], policy: WirePolicy, evt_handlers) -> ThreadedAssociationServer:
-    """Start ``ae`` as a non-blocking acceptor whose associations use :class:`GuardedDUL`."""
+class GuardedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded acceptor, but a TLS handshake happens in each connection's thread
+    (pynetdicom's does it in the accept loop, where one silent peer would hold up every other)."""
+
+    def get_request(self):
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+
+def start_guarded_server(ae, address: tuple[str, int], policy: WirePolicy, evt_handlers,
+                         ssl_context: ssl.SSLContext | None = None) -> ThreadedAssociationServer:
+    """Start ``ae`` as a non-blocking acceptor whose associations use :class:`GuardedDUL`; with
+    ``ssl_context``, one that speaks DICOM inside TLS."""
     ae.maximum_pdu_size = policy.max_pdu_length
     server = ae.make_server(
         address,
         evt_handlers=evt_handlers,
-        server_class=ThreadedAssociationServer,
+        server_class=GuardedServer,
+        ssl_context=ssl_context,
         request_handler=functools.partial(GuardedRequestHandler, policy=policy),
     )
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")
@@ -318,3 +357,22 @@ def start_guarded_server(ae, address: tuple[str, int], policy: WirePolicy, evt_h
     ae._servers.append(server)
     return server
 
+
+
+def tls_context(settings) -> ssl.SSLContext:
+    """The server side of DICOM TLS from ``scp.tls``: TLS 1.2 or newer (BCP 195), the receiver's
+    certificate and key, and client certificates verified against the CAs when they are given
+    (required when asked).
+
+    Raises
+    ------
+    OSError, ssl.SSLError
+        If a certificate or key file cannot be read or does not match.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(settings.certificate), str(settings.private_key))
+    if settings.ca_certificates is not None:
+        context.load_verify_locations(cafile=str(settings.ca_certificates))
+        context.verify_mode = ssl.CERT_REQUIRED if settings.require_client_certificate else ssl.CERT_OPTIONAL
+    return context
