@@ -207,3 +207,41 @@ def test_full_disk_answers_a700_leaves_nothing_half_written_and_recovers(small_d
         assert again.sent == 3 and not again.failed
     finally:
         rx.stop()
+
+
+def test_a_disk_below_its_reserve_refuses_with_a700_and_recovers_by_itself(tmp_path, dicom_dir, caplog):
+    import shutil
+
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    caplog.set_level(logging.INFO, logger="pacsworker")
+    settings = _settings(tmp_path)
+    completed = []
+    receiver = Receiver(settings, completed.append)
+    receiver.start()
+    files = sorted((dicom_dir / "ct06_ge_lightspeed_liver_3slice").glob("*.dcm"))
+
+    def send() -> list[int]:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CTImageStorage, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", settings.scp.port, ae_title="PACSWORKER")
+        assert assoc.is_established
+        statuses = [int(assoc.send_c_store(pydicom.dcmread(path)).Status) for path in files]
+        assoc.release()
+        return statuses
+
+    try:
+        # a reserve larger than the free space, as when the disk fills up
+        settings.storage.min_free_bytes = shutil.disk_usage(tmp_path).free + (1 << 30)
+        assert send() == [0xA700] * 3
+        assert "below the reserve" in caplog.text and "instances are refused with 0xA700" in caplog.text
+        time.sleep(1)
+        assert completed == [] and not list(receiver.layout.spool.rglob("*.dcm"))  # nothing half-written
+        assert not [p for p in receiver.layout.incoming.iterdir() if p.is_file()]
+        settings.storage.min_free_bytes = 1 << 20  # space again: service resumes by itself
+        assert send() == [0x0000] * 3
+        assert "free again" in caplog.text
+        wait_until(lambda: completed, 30, what="the series after space returned")
+        assert completed[0].instances == 3
+    finally:
+        receiver.stop()

@@ -87,6 +87,10 @@ class ScpSettings(BaseModel):
 
 class StorageSettings(BaseModel):
     data_dir: Path = Path("./data")
+    min_free_bytes: int = Field(
+        256 << 20, ge=0, description="below this much free space on data_dir, instances are refused with "
+        "0xA700 (Out of Resources) until space returns; 0: no reserve"
+    )
     wait_for_data_dir_seconds: float = Field(
         300.0, ge=0, description="a worker waits this long for a data_dir that does not exist yet (a mount)"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import mmap
+import shutil
 import threading
 from collections.abc import Callable
 from io import BytesIO
@@ -123,6 +124,7 @@ class Receiver:
         self.on_series_complete = on_series_complete
         self.periodic: list[Callable[[], None]] = []
         self._servers: list = []  # the plain listener and the TLS one, as configured
+        self._short_of_space = False
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
         self.ae = self._build_ae()
@@ -165,7 +167,29 @@ class Receiver:
             )
             return STATUS_PROCESSING_FAILURE
 
+    def _space_short(self) -> int | None:
+        """Free bytes on data_dir when below the reserve, else None; says so once each way."""
+        reserve = self.settings.storage.min_free_bytes
+        if not reserve:
+            return None
+        free = shutil.disk_usage(self.layout.root).free
+        short = free < reserve
+        if short != self._short_of_space:
+            self._short_of_space = short
+            if short:
+                log.error("data_dir has %d MiB free, below the reserve of %d MiB: instances are refused with 0xA700 "
+                          "until space returns", free >> 20, reserve >> 20)
+            else:
+                log.warning("data_dir has %d MiB free again (reserve %d MiB): receiving", free >> 20, reserve >> 20)
+        return free if short else None
+
     def _store(self, event) -> int:
+        free = self._space_short()
+        if free is not None:
+            log.info("refused C-STORE %s from %s: %d MiB free on data_dir, below the reserve",
+                     printable(str(event.request.AffectedSOPInstanceUID or "")),
+                     printable(event.assoc.requestor.ae_title or ""), free >> 20)
+            return STATUS_OUT_OF_RESOURCES
         incoming = getattr(event.request, "_dataset_file", None)
         if not isinstance(incoming, IncomingDataset):  # kept in memory by pynetdicom
             dataset = event.request.DataSet.getbuffer()
