@@ -68,6 +68,13 @@ def test_flagged_results_are_delivered_and_name_the_failed_check(tmp_path, dicom
                 if "lengths [implausible]" in json.dumps(i.get("0008103E"))], "the lengths are flagged too"
         seg = orthanc.retrieve(study, segs[0]["0020000E"]["Value"][0], segs[0]["00080018"]["Value"][0])
         assert seg.SeriesDescription.startswith("mr-brain SEG [implausible] of ")
+        # a flagged result is another object than the unflagged one of the same model and series
+        from pacsworker.config import ModelSettings
+        from pacsworker.worker.runtime import run_model
+
+        unflagged = run_model(sorted((dicom_dir / MR06).glob("*")), ModelSettings(name="mr-brain", kind="builtin",
+                                                                                  source="mr-brain"))
+        assert unflagged.implausible == [] and unflagged.seg.SOPInstanceUID != seg.SOPInstanceUID
         sr = orthanc.retrieve(study, srs[0]["0020000E"]["Value"][0], srs[0]["00080018"]["Value"][0])
         path = tmp_path / "sr.dcm"
         sr.save_as(path, enforce_file_format=True)

@@ -183,7 +183,7 @@ def test_full_disk_answers_a700_leaves_nothing_half_written_and_recovers(small_d
     caplog.set_level(logging.ERROR, logger="pacsworker.scp")
     settings = Settings(
         scp={"host": "127.0.0.1", "port": free_port(), "series_quiet_seconds": 3600},
-        storage={"data_dir": str(small_disk / "data")},
+        storage={"data_dir": str(small_disk / "data"), "min_free_bytes": 0},  # the disk itself runs out
     )
     rx = Receiver(settings, lambda record: None)
     rx.start()

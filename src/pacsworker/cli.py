@@ -398,6 +398,39 @@ def models_test(
         raise typer.Exit(1)
 
 
+series_app = typer.Typer(no_args_is_help=True, help="Received series: force what the receiver would decide.")
+app.add_typer(series_app, name="series")
+
+
+@series_app.command("complete")
+def series_complete(
+    series_uid: Annotated[str, typer.Argument(help="Series Instance UID of a series being received")],
+    config: ConfigOption = None,
+) -> None:
+    """Complete a series now instead of waiting for its quiet time (the receiver acts within a second)."""
+    settings = _setup(config)
+    from .records import DataLayout, SeriesRecord, SeriesState, read_json
+
+    layout = DataLayout(settings.data_dir).create()
+    try:
+        marker = layout.completion_request(series_uid)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    record = read_json(layout.series_record(series_uid), SeriesRecord)
+    if record is None:
+        console.print(f"[red]no series {series_uid} in {layout.root}[/red]")
+        raise typer.Exit(2)
+    if record.state != SeriesState.RECEIVING:
+        console.print(f"series {series_uid} is not being received: it is {record.state.value}")
+        raise typer.Exit(1)
+    from .scp.spool import series_files
+
+    marker.touch()
+    received = len(series_files(layout.series_dir(series_uid)))
+    console.print(f"series {series_uid} ({received} instances so far) will be completed by the receiver")
+
+
 rules_app = typer.Typer(no_args_is_help=True, help="Routing rules: which series go to which model.")
 app.add_typer(rules_app, name="rules")
 

@@ -50,6 +50,11 @@ class ScpSettings(BaseModel):
     )
     require_called_aet: bool = True
     series_quiet_seconds: float = Field(10.0, gt=0)
+    complete_on_evidence: bool = Field(
+        True, description="complete a series before its quiet time when the data says it is whole (one multi-frame "
+        "instance; every one of a consistent Images in Acquisition count)"
+    )
+    evidence_quiet_seconds: float = Field(1.0, ge=0, description="the quiet time that applies with such evidence")
     max_associations: int = Field(16, ge=1)
     network_timeout: float = Field(
         60.0, gt=0, description="seconds: a started PDU must arrive in full, an idle association is aborted"

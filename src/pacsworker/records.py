@@ -90,6 +90,7 @@ class SeriesRecord(BaseModel):
     jobs: list[str] = Field(default_factory=list, description="the jobs of the latest routing")
     earlier_jobs: list[str] = Field(default_factory=list, description="jobs of earlier content of this series")
     content_digest: str = Field("", description="digest of the SOP Instance UIDs the series was routed with")
+    completed_by: str = Field("", description="what made the series complete: quiet time, evidence, or forced")
 
 
 class JobRecord(BaseModel):
@@ -175,6 +176,12 @@ class DataLayout:
         if not is_valid_uid(series_uid):
             raise ValueError(f"invalid Series Instance UID {series_uid!r}")
         return self.spool / series_uid
+
+    def completion_request(self, series_uid: str) -> Path:
+        """A marker asking the receiver to complete a series now (``pacsworker series complete``)."""
+        if not is_valid_uid(series_uid):
+            raise ValueError(f"not a valid Series Instance UID: {series_uid!r}")
+        return self.series / f"{series_uid}.complete"
 
     def series_record(self, series_uid: str) -> Path:
         return self.series / f"{series_uid}.json"

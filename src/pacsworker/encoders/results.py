@@ -294,8 +294,11 @@ def _encode(volume: Volume, output: LabelMap | ProbabilityMaps | None, findings:
             finding.check(volume.pixels.shape)
     instance_uids = [str(ds.SOPInstanceUID) for ds in volume.source_datasets]
 
+    # flagged objects differ from unflagged ones of the same run: they must not share UIDs with them
+    variant = model.version + ("|flagged:" + hashlib.sha256("\n".join(flags).encode()).hexdigest()[:16] if flags else "")
+
     def uid(role: str) -> str:
-        return result_uid(volume.series_uid, instance_uids, model.name, model.version, role)
+        return result_uid(volume.series_uid, instance_uids, model.name, variant, role)
 
     sources = [_sanitized(ds) for ds in volume.source_datasets]
     for ds in sources:

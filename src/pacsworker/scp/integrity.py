@@ -35,6 +35,8 @@ HEADER_KEYWORDS = [
     # what routing rules look at
     "SeriesDescription", "BodyPartExamined", "ImageType", "MRAcquisitionType", "ScanningSequence",
     "ImageOrientationPatient",
+    # what series completion takes as evidence
+    "ImagesInAcquisition",
 ]
 HEADER_TAGS = {tag_for_keyword(k) for k in HEADER_KEYWORDS}
 MAX_HEADER_VALUE = 64 * 1024

@@ -101,7 +101,18 @@ def read_instance_meta(header: Dataset, calling_aet: str) -> InstanceMeta:
         modality=printable(modality)[:16],
         calling_aet=calling_aet,
         facts=series_facts(header),
+        frames=_count(header, "NumberOfFrames") or 1,
+        images_in_acquisition=_count(header, "ImagesInAcquisition"),
     )
+
+
+def _count(header: Dataset, keyword: str) -> int | None:
+    """A positive whole number from the header, or None (absent, empty, malformed)."""
+    try:
+        value = int(header.get(keyword) or 0)
+    except Exception:  # noqa: BLE001 - a value pydicom cannot convert
+        return None
+    return value if value > 0 else None
 
 
 class Receiver:
@@ -120,7 +131,10 @@ class Receiver:
         self.settings = settings
         self.layout = DataLayout(settings.data_dir).create()
         self.spool = Spool(self.layout)
-        self.tracker = SeriesTracker(self.layout, settings.scp.series_quiet_seconds)
+        self.tracker = SeriesTracker(
+            self.layout, settings.scp.series_quiet_seconds,
+            settings.scp.evidence_quiet_seconds if settings.scp.complete_on_evidence else None,
+        )
         self.on_series_complete = on_series_complete
         self.periodic: list[Callable[[], None]] = []
         self._servers: list = []  # the plain listener and the TLS one, as configured

@@ -29,12 +29,26 @@ class InstanceMeta:
     modality: str
     calling_aet: str
     facts: dict = field(default_factory=dict)  # routing facts (SeriesRecord fields) from its header
+    frames: int = 1  # Number of Frames
+    images_in_acquisition: int | None = None  # Images in Acquisition, when the header gives a count
 
 
 @dataclass
 class _Pending:
     record: SeriesRecord
     sop_uids: set[str] = field(default_factory=set)
+    frames: dict[str, int] = field(default_factory=dict)  # SOP Instance UID -> Number of Frames
+    in_acquisition: set[int | None] = field(default_factory=set)  # Images in Acquisition values seen
+
+    def evidence(self) -> str:
+        """Why the data says the series is whole, or "" when only the quiet time can tell."""
+        if len(self.sop_uids) == 1 and max(self.frames.values(), default=1) > 1:
+            return "one multi-frame instance holds the volume"
+        if len(self.in_acquisition) == 1:
+            [expected] = self.in_acquisition
+            if expected and expected == len(self.sop_uids) and max(self.frames.values(), default=1) == 1:
+                return f"all {expected} Images in Acquisition arrived"
+        return ""
 
 
 class SeriesTracker:
@@ -44,9 +58,12 @@ class SeriesTracker:
     the truth: after a restart, every spooled series not yet routed (or receiving again) is pending.
     """
 
-    def __init__(self, layout: DataLayout, quiet_seconds: float):
+    def __init__(self, layout: DataLayout, quiet_seconds: float, evidence_seconds: float | None = 1.0):
         self.layout = layout
         self.quiet_seconds = quiet_seconds
+        # with evidence that the series is whole, it completes after this shorter quiet time
+        # (None: the quiet time alone decides)
+        self.evidence_seconds = evidence_seconds
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
 
@@ -73,6 +90,8 @@ class SeriesTracker:
                 entry = self._pending[meta.series_uid] = _Pending(record, existing)
                 save_series(self.layout, record)
             entry.sop_uids.add(meta.sop_instance_uid)
+            entry.frames[meta.sop_instance_uid] = meta.frames
+            entry.in_acquisition.add(meta.images_in_acquisition)
             entry.record.instances = len(entry.sop_uids)
             entry.record.last_seen = now
 
@@ -113,11 +132,22 @@ class SeriesTracker:
         again on the next call.
         """
         now = time.time() if now is None else now
+        due = []
         with self._lock:
-            due = [e for e in self._pending.values() if now - e.record.last_seen >= self.quiet_seconds]
+            for entry in self._pending.values():
+                quiet = now - entry.record.last_seen
+                evidence = entry.evidence() if self.evidence_seconds is not None else ""
+                if quiet >= self.quiet_seconds:
+                    due.append((entry, f"quiet for {self.quiet_seconds:g} s"))
+                elif evidence and quiet >= self.evidence_seconds:
+                    due.append((entry, evidence))
+        for entry in list(self._pending.values()):
+            if all(entry is not e for e, _ in due) and self._requested(entry.record.series_uid):
+                due.append((entry, "completed on request"))
         done = 0
-        for entry in due:
+        for entry, why in due:
             snapshot = entry.record.model_copy()
+            snapshot.completed_by = why
             with self._lock:
                 snapshot.content_digest = content_digest(entry.sop_uids)
             try:
@@ -131,7 +161,15 @@ class SeriesTracker:
                     del self._pending[snapshot.series_uid]
                     done += 1
             save_series(self.layout, snapshot)
+            self.layout.completion_request(snapshot.series_uid).unlink(missing_ok=True)
+            log.info("series %s complete (%d instances): %s", snapshot.series_uid, snapshot.instances, why)
         return done
+
+    def _requested(self, series_uid: str) -> bool:
+        try:
+            return self.layout.completion_request(series_uid).exists()
+        except ValueError:
+            return False
 
 
 def content_digest(sop_uids: set[str]) -> str:
