@@ -352,7 +352,10 @@ def models_list(config: ConfigOption = None) -> None:
         table.add_column(column)
     for model in settings.models:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if model.device == "auto" else model.device
-        table.add_row(model.name, model.kind, model.source, model.version or "(from the model)", device,
+        device = "remote" if model.kind in ("triton", "arterys") else device
+        where = {"triton": f"{model.url} {model.model_name or ''}".strip(), "arterys": model.url or "",
+                 "monai-deploy": model.command or model.source}.get(model.kind, model.source)
+        table.add_row(model.name, model.kind, where, model.version or "(from the model)", device,
                       _rule_summary(model), str(len(model.tests)))
     Console().print(table)
 
