@@ -191,7 +191,12 @@ def _sanitized(source: Dataset) -> Dataset:
 
 
 def _geometry(volume: Volume) -> dict:
-    """Plane geometry from the loaded volume, not re-read from headers whose optional parts vary."""
+    """Plane geometry from the loaded volume, for multi-frame sources, whose per-frame functional
+    groups vary in what they hold. Single-frame sources carry it in their headers, which the
+    encoder has made consistent (orientation, slice thickness); highdicom reads it from them
+    faster than it matches given plane positions back to the sources."""
+    if all(source.frame_number is None for source in volume.sources):
+        return {}
     return {
         "pixel_measures": hd.PixelMeasuresSequence(
             pixel_spacing=(volume.row_spacing, volume.column_spacing),
