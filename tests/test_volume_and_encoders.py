@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -246,3 +247,56 @@ def test_native_pixel_data_is_read_as_pydicom_decodes_it(dicom_dir):
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, signed
         ds.PixelData = rng.integers(0, 65536, size=20, dtype=np.uint16).tobytes()
         assert np.array_equal(_stored_values(ds), ds.pixel_array)
+
+
+VOLUME_CASES = [e for e in GEOMETRY_CASES if e["expected"] == "volume"]
+
+
+@pytest.mark.parametrize("entry", VOLUME_CASES, ids=[e["folder"] for e in VOLUME_CASES])
+def test_geometry_and_values_equal_dcm2niix(dicom_dir, entry, tmp_path):
+    """dcm2niix, the reference converter, on the same folder: the same grid in the world (affine
+    within 1e-3 mm, after matching axis order and direction) and the same voxel values."""
+    import shutil
+
+    import nibabel as nib
+
+    from pacsworker.worker.export import nifti_affine
+    from pacsworker.worker.series import Series
+
+    tool = shutil.which("dcm2niix") or str(Path(sys.executable).parent / "dcm2niix")
+    if not Path(tool).exists():
+        pytest.fail("dcm2niix (pip install -e '.[test]') is part of the test environment")
+    converted = subprocess.run([tool, "-z", "n", "-b", "n", "-f", "volume", "-o", str(tmp_path), str(dicom_dir / entry["folder"])],
+                               capture_output=True, text=True, timeout=120)
+    outputs = sorted(tmp_path.glob("*.nii"))
+    if converted.returncode != 0 or len(outputs) != 1:
+        pytest.skip(f"dcm2niix gives {len(outputs)} volumes for {entry['folder']} (exit {converted.returncode})")
+    theirs = nib.load(outputs[0])
+    their_values = np.asarray(theirs.get_fdata(dtype=np.float64))
+    while their_values.ndim > 3 and their_values.shape[-1] == 1:
+        their_values = their_values[..., 0]
+    volume = load_series(_files(dicom_dir / entry["folder"]))
+    ours = nifti_affine(Series(volume))  # (column, row, slice) -> RAS mm
+    our_values = volume.pixels.transpose(2, 1, 0)
+    # their voxel axes expressed in ours: a signed permutation
+    mapping = np.linalg.inv(ours) @ theirs.affine
+    axes = np.rint(mapping[:3, :3])
+    assert np.allclose(mapping[:3, :3], axes, atol=1e-3), f"not the same grid: {mapping[:3, :3]}"
+    # bring their array into our index order, then both affines must agree
+    order = [int(np.flatnonzero(axes[:, j])[0]) for j in range(3)]  # their axis j is our axis order[j]
+    aligned = np.moveaxis(their_values, [0, 1, 2], order)
+    for our_axis in range(3):
+        their_axis = order.index(our_axis)
+        if axes[our_axis, their_axis] < 0:
+            aligned = np.flip(aligned, axis=our_axis)
+    assert aligned.shape == our_values.shape
+    # their affine re-indexed to our voxel order must be ours: every voxel centre at the same place
+    reindex = np.eye(4)
+    reindex[:3, :3] = 0
+    for our_axis in range(3):
+        their_axis = order.index(our_axis)
+        sign = axes[our_axis, their_axis]
+        reindex[their_axis, our_axis] = sign
+        reindex[their_axis, 3] = our_values.shape[our_axis] - 1 if sign < 0 else 0
+    assert np.allclose(theirs.affine @ reindex, ours, atol=1e-3), f"{theirs.affine @ reindex}\n!=\n{ours}"
+    assert np.allclose(aligned, our_values, atol=1e-3), f"max difference {np.abs(aligned - our_values).max()}"
