@@ -45,6 +45,8 @@ class ScpSettings(BaseModel):
     port: int = Field(11112, ge=1, le=65535)
     plain: bool = Field(True, description="listen without TLS on port; false: only the TLS port (with tls)")
     tls: TlsSettings | None = None
+    stow_port: int | None = Field(None, ge=1, le=65535, description="DICOMweb STOW-RS in (POST /studies) on this port")
+    stow_max_bytes: int = Field(2 << 30, ge=1 << 20, description="the largest STOW-RS request accepted")
     allowed_calling_aets: list[str] = Field(
         default_factory=list, description="empty: any calling AE title is accepted"
     )

@@ -181,7 +181,10 @@ class Receiver:
             )
             return STATUS_PROCESSING_FAILURE
 
-    def _space_short(self) -> int | None:
+    def read_meta(self, header: Dataset, source: str) -> InstanceMeta:
+        return read_instance_meta(header, source)
+
+    def space_short(self) -> int | None:
         """Free bytes on data_dir when below the reserve, else None; says so once each way."""
         reserve = self.settings.storage.min_free_bytes
         if not reserve:
@@ -198,7 +201,7 @@ class Receiver:
         return free if short else None
 
     def _store(self, event) -> int:
-        free = self._space_short()
+        free = self.space_short()
         if free is not None:
             log.info("refused C-STORE %s from %s: %d MiB free on data_dir, below the reserve",
                      printable(str(event.request.AffectedSOPInstanceUID or "")),
@@ -320,6 +323,11 @@ class Receiver:
             log.info("receiver %s listening with TLS on %s:%d (client certificates %s)", cfg.ae_title, cfg.host,
                      cfg.tls.port, "required" if cfg.tls.require_client_certificate else
                      "verified when sent" if cfg.tls.ca_certificates else "not asked for")
+        if cfg.stow_port is not None:
+            from .stow import StowServer
+
+            self._servers.append(StowServer(self, cfg.host, cfg.stow_port, cfg.stow_max_bytes).start())
+            log.info("STOW-RS listening on http://%s:%d/studies", cfg.host, cfg.stow_port)
         self._loop = threading.Thread(target=self._run_loop, name="series-completion", daemon=True)
         self._loop.start()
 
