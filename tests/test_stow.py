@@ -68,3 +68,46 @@ def test_stow_rs_refuses_what_is_not_whole_and_says_which(receiver, dicom_dir):
     time.sleep(1.5)
     stored = list(receiver.layout.spool.rglob("*.dcm"))
     assert len(stored) == 1 and stored[0].read_bytes() == good  # nothing half-written from the truncated part
+
+
+def test_pull_fetches_a_study_from_a_pacs_as_if_it_had_been_sent(tmp_path, dicom_dir):
+    import subprocess
+    import sys
+
+    from conftest import Orthanc, write_config
+
+    pacs = Orthanc(tmp_path / "orthanc").start()
+    try:
+        datasets = [pydicom.dcmread(path) for path in sorted((dicom_dir / CT06).glob("*.dcm"))]
+        DICOMwebClient(url=pacs.dicomweb_url).store_instances(datasets)
+        study = str(datasets[0].StudyInstanceUID)
+        stow_port = free_port()
+        settings = Settings(
+            scp={"host": "127.0.0.1", "port": free_port(), "stow_port": stow_port, "series_quiet_seconds": 1,
+                 "pull_url": pacs.dicomweb_url},
+            storage={"data_dir": str(tmp_path / "data")},
+        )
+        completed = []
+        receiver = Receiver(settings, completed.append)
+        receiver.start()
+        try:
+            config = write_config(tmp_path / "c.yaml", scp=settings.scp.model_dump(mode="json", exclude_none=True),
+                                  storage={"data_dir": str(tmp_path / "data")})
+            pulled = subprocess.run([sys.executable, "-m", "pacsworker", "pull", "--study", study, "--config", str(config)],
+                                    capture_output=True, text=True, timeout=120)
+            said = " ".join((pulled.stdout + pulled.stderr).split())
+            assert pulled.returncode == 0 and f"study {study}: 1 series, 3 instance(s) stored, 0 refused" in said, said
+            wait_until(lambda: completed, 20, what="the pulled series")
+            [record] = completed
+            assert record.instances == 3 and record.series_uid == str(datasets[0].SeriesInstanceUID)
+            copy = pydicom.dcmread(receiver.layout.series_dir(record.series_uid) / f"{datasets[0].SOPInstanceUID}.dcm")
+            assert copy.PixelData == datasets[0].PixelData
+            # a study the PACS does not have: the reason comes back
+            missing = requests.post(f"http://127.0.0.1:{stow_port}/pull", json={"study": "1.2.3.4"}, timeout=60)
+            assert missing.status_code in (200, 502) and (missing.status_code == 502 or missing.json()["stored"] == 0)
+            bad = requests.post(f"http://127.0.0.1:{stow_port}/pull", json={"study": "../x"}, timeout=60)
+            assert bad.status_code == 400
+        finally:
+            receiver.stop()
+    finally:
+        pacs.stop()

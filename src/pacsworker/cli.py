@@ -434,6 +434,39 @@ def series_complete(
     console.print(f"series {series_uid} ({received} instances so far) will be completed by the receiver")
 
 
+@app.command()
+def pull(
+    study: Annotated[str, typer.Option(help="Study Instance UID to fetch")],
+    series: Annotated[Optional[str], typer.Option(help="only this Series Instance UID")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Fetch a study from scp.pull_url (WADO-RS) into the running receiver, as if it had been sent."""
+    settings = _setup(config)
+    import requests
+
+    scp = settings.scp
+    if scp.stow_port is None or not scp.pull_url:
+        console.print("[red]pull needs scp.stow_port (the receiver's DICOMweb port) and scp.pull_url[/red]")
+        raise typer.Exit(2)
+    host = "127.0.0.1" if scp.host in ("0.0.0.0", "::") else scp.host
+    try:
+        answer = requests.post(f"http://{host}:{scp.stow_port}/pull", json={"study": study, "series": series},
+                               timeout=3600)
+    except requests.RequestException as exc:
+        console.print(f"[red]the receiver does not answer on port {scp.stow_port}: {exc}[/red]")
+        raise typer.Exit(1) from None
+    if answer.status_code != 200:
+        console.print(f"[red]pull refused ({answer.status_code}): {answer.text}[/red]")
+        raise typer.Exit(1)
+    result = answer.json()
+    console.print(f"study {study}: {len(result['series'])} series, {result['stored']} instance(s) stored, "
+                  f"{len(result['refused'])} refused")
+    for item in result["refused"]:
+        console.print(f"  refused {item['sop_instance_uid']} (0x{item['status']:04X}): {item['reason']}")
+    if result["refused"]:
+        raise typer.Exit(1)
+
+
 rules_app = typer.Typer(no_args_is_help=True, help="Routing rules: which series go to which model.")
 app.add_typer(rules_app, name="rules")
 

@@ -47,6 +47,9 @@ class ScpSettings(BaseModel):
     tls: TlsSettings | None = None
     stow_port: int | None = Field(None, ge=1, le=65535, description="DICOMweb STOW-RS in (POST /studies) on this port")
     stow_max_bytes: int = Field(2 << 30, ge=1 << 20, description="the largest STOW-RS request accepted")
+    pull_url: str | None = Field(
+        None, pattern=r"^https?://", description="the DICOMweb PACS that pull (WADO-RS) fetches studies from"
+    )
     allowed_calling_aets: list[str] = Field(
         default_factory=list, description="empty: any calling AE title is accepted"
     )

@@ -1,4 +1,5 @@
-"""DICOMweb in: a STOW-RS endpoint (``POST /studies``, ``POST /studies/{uid}``) beside the DIMSE port.
+"""DICOMweb in: a STOW-RS endpoint (``POST /studies``, ``POST /studies/{uid}``) beside the DIMSE
+port, and ``POST /pull``, which fetches a study from a configured PACS with WADO-RS.
 
 Every part goes through the same checks as a C-STORE dataset (walked to its last byte, UIDs
 valid), is fsynced into the spool before the answer, and is tracked into its series the same way.
@@ -26,6 +27,7 @@ from .wire import printable
 log = logging.getLogger(__name__)
 
 STUDIES = re.compile(r"^/studies(?:/([0-9.]{1,64}))?/?$")
+STUDY_UID = re.compile(r"^[0-9.]{1,64}$")
 CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE = 0xC000, 0xA700, 0x0110
 STUDY_MISMATCH = 0xA900  # the instance is not of the study the request names
 
@@ -101,6 +103,33 @@ class StowServer:
         receiver.tracker.observe(instance)
         return 0, instance.sop_class_uid, instance.sop_instance_uid, ""
 
+    def pull(self, study_uid: str, series_uid: str | None, peer: str) -> dict:
+        """Fetch a study (or one series) from ``scp.pull_url`` with WADO-RS, series by series, and
+        store every instance as if it had been sent; returns counts and the refused instances."""
+        from dicomweb_client.api import DICOMwebClient
+        from pydicom.filewriter import dcmwrite
+
+        url = self.receiver.settings.scp.pull_url
+        client = DICOMwebClient(url=url)
+        if series_uid:
+            series = [series_uid]
+        else:
+            found = client.search_for_series(study_instance_uid=study_uid) or []
+            series = [item["0020000E"]["Value"][0] for item in found if "0020000E" in item]
+        stored, refused = 0, []
+        for uid in series:
+            for ds in client.retrieve_series(study_uid, uid):
+                buffer = BytesIO()
+                dcmwrite(buffer, ds, enforce_file_format=True)
+                status, _, sop_uid, reason = self.store_part(buffer.getvalue(), study_uid, peer)
+                if status:
+                    refused.append({"sop_instance_uid": sop_uid, "status": status, "reason": reason})
+                else:
+                    stored += 1
+        log.info("pull of study %s from %s: %d series, %d instance(s) stored, %d refused",
+                 study_uid, url, len(series), stored, len(refused))
+        return {"study": study_uid, "series": series, "stored": stored, "refused": refused}
+
     def _handler(self):
         server = self
 
@@ -146,8 +175,28 @@ class StowServer:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _pull(self, peer: str) -> None:
+                """``POST /pull`` with ``{"study": uid, "series": uid}``: fetch and store as if sent."""
+                if not server.receiver.settings.scp.pull_url:
+                    return self._answer(404, "no scp.pull_url configured to pull from")
+                try:
+                    request = json.loads(self._body() or b"{}")
+                    study, series = str(request["study"]), request.get("series")
+                    if not (STUDY_UID.match(study) and (series is None or STUDY_UID.match(str(series)))):
+                        raise ValueError("study and series must be UIDs")
+                except (TooLarge, ValueError, KeyError, TypeError) as exc:
+                    return self._answer(400, f'POST /pull takes {{"study": UID, "series": UID}}: {exc}')
+                try:
+                    result = server.pull(study, str(series) if series else None, peer)
+                except Exception as exc:  # noqa: BLE001 - the PACS's answer or its absence, as the reason
+                    log.warning("pull of study %s failed: %s", study, printable(str(exc)))
+                    return self._answer(502, f"pull from {server.receiver.settings.scp.pull_url} failed: {exc}")
+                self._answer(200, result)
+
             def do_POST(self):
                 peer = f"{self.client_address[0]}:{self.client_address[1]}"
+                if self.path.split("?")[0].rstrip("/") == "/pull":
+                    return self._pull(peer)
                 match = STUDIES.match(self.path.split("?")[0])
                 if not match:
                     return self._answer(404, "STOW-RS takes POST /studies or /studies/{StudyInstanceUID}")
