@@ -67,7 +67,6 @@ def longest_diameter(mask: np.ndarray, row_mm: float, column_mm: float) -> Diame
     """
     mask = mask.astype(bool, copy=False)
     in_row = mask.any(axis=2)  # (slices, rows)
-    in_column = mask.any(axis=1)  # (slices, columns)
     columns = mask.shape[2]
     first = np.argmax(mask, axis=2)
     last = columns - 1 - np.argmax(mask[:, :, ::-1], axis=2)

@@ -118,22 +118,19 @@ def present_segments(labels: np.ndarray, segments: tuple[SegmentSpec, ...]) -> l
     return [(spec, number) for number, spec in enumerate(found, start=1)]
 
 
-def segment_statistics(volume: Volume, labels: np.ndarray, segments: tuple[SegmentSpec, ...]) -> list[SegmentStatistics]:
-    """Statistics of the non-empty segments, numbered 1..N in the label map's segment order."""
-    if labels.shape != volume.pixels.shape:
-        raise ValueError(f"label map shape {labels.shape} differs from the volume's {volume.pixels.shape}")
+def segment_statistics(volume: Volume, labels: np.ndarray, segments: list[tuple[SegmentSpec, int]]) -> list[SegmentStatistics]:
+    """Statistics of the present segments (``present_segments``), under their SEG numbers."""
     found = []
-    for spec in segments:
+    for spec, number in segments:
         mask = labels == spec.label
         voxels = int(mask.sum())
-        if voxels:
-            values = volume.pixels[mask]
-            found.append(
-                SegmentStatistics(
-                    spec, len(found) + 1, voxels, voxels * volume.voxel_volume_ml, float(values.mean()),
-                    float(values.std()), longest_diameter(mask, volume.row_spacing, volume.column_spacing),
-                )
+        values = volume.pixels[mask]
+        found.append(
+            SegmentStatistics(
+                spec, number, voxels, voxels * volume.voxel_volume_ml, float(values.mean()),
+                float(values.std()), longest_diameter(mask, volume.row_spacing, volume.column_spacing),
             )
+        )
     return found
 
 
@@ -325,15 +322,13 @@ def _encode(volume: Volume, output: LabelMap | ProbabilityMaps | None, findings:
         # the statistics are numpy work that releases the GIL: they run beside the SEG's
         # construction, which is Python work
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="statistics") as pool:
-            computing = pool.submit(_timed, segment_statistics, volume, labels, output.segments)
+            computing = pool.submit(_timed, segment_statistics, volume, labels, segments)
             started = time.perf_counter()
             seg = _segmentation(volume, sources, output, labels, segments, model, options, uid, software)
             seg.SeriesNumber = seg_number
             seg.SeriesDescription = _described("SEG" + (" [implausible]" if flags else ""), model, source_name)
             timings["seg_s"] = time.perf_counter() - started
             stats, timings["statistics_s"] = computing.result()
-        if [(s.spec, s.segment_number) for s in stats] != segments:
-            raise ValueError("segment statistics and SEG segments disagree")  # a defect, never expected
     started = time.perf_counter()
     flagged = " [implausible]" if flags else ""
     sr, image_sr = _reports(volume, sources, seg, stats, findings, model, uid, software, flags)

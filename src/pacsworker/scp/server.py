@@ -181,9 +181,6 @@ class Receiver:
             )
             return STATUS_PROCESSING_FAILURE
 
-    def read_meta(self, header: Dataset, source: str) -> InstanceMeta:
-        return read_instance_meta(header, source)
-
     def space_short(self) -> int | None:
         """Free bytes on data_dir when below the reserve, else None; says so once each way."""
         reserve = self.settings.storage.min_free_bytes

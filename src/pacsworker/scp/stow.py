@@ -22,6 +22,7 @@ from pydicom.filereader import read_dataset
 
 from ..multipart import decode_multipart
 from .integrity import IncompleteDataset, check_dataset
+from .server import read_instance_meta
 from .wire import printable
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class StowServer:
             transfer_syntax, start = split_part10(payload)
             header = check_dataset(memoryview(payload)[start:], transfer_syntax,
                                    max_inflated=receiver.settings.scp.max_inflated_bytes)
-            instance = receiver.read_meta(header, "STOW-RS")  # the "calling AE" routing rules see
+            instance = read_instance_meta(header, "STOW-RS")  # the "calling AE" routing rules see
         except (IncompleteDataset, ValueError, EOFError, AttributeError, KeyError) as exc:
             return CANNOT_UNDERSTAND, "", "", f"not a whole DICOM Part 10 instance: {exc}"
         except Exception as exc:  # noqa: BLE001 - pydicom's own errors on hostile bytes

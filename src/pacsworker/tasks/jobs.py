@@ -116,13 +116,13 @@ def earlier_report(layout: DataLayout, job: JobRecord) -> dict:
     from ..encoders.results import EarlierReport
 
     found = {}
+    finished = [
+        other for other in layout.iter_records(layout.jobs, JobRecord)
+        if other.series_uid == job.series_uid and other.model == job.model and other.job_id != job.job_id
+        and other.state in (JobState.DELIVERING, JobState.DONE)
+    ]
     for role in ("sr", "image_sr"):
-        earlier = [
-            other for other in layout.iter_records(layout.jobs, JobRecord)
-            if other.series_uid == job.series_uid and other.model == job.model and other.job_id != job.job_id
-            and other.state in (JobState.DELIVERING, JobState.DONE) and role in other.outputs
-            and f"{role}_series" in other.outputs
-        ]
+        earlier = [other for other in finished if role in other.outputs and f"{role}_series" in other.outputs]
         if earlier:
             latest = max(earlier, key=lambda other: other.finished_at)
             found[role] = EarlierReport(latest.study_uid, latest.outputs[f"{role}_series"], latest.outputs[role])

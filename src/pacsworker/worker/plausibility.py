@@ -102,17 +102,18 @@ def input_failures(series: Series, checks: PlausibilityChecks) -> list[str]:
     return failures
 
 
-def _segment_masks(result: ModelResult, threshold: float) -> dict[str, np.ndarray]:
-    """Each segment's mask by name: label maps by label, probability maps at the threshold."""
-    masks: dict[str, np.ndarray] = {}
+def _segment_mask(result: ModelResult, name: str, threshold: float) -> np.ndarray | None:
+    """The named segment's mask: from a label map by its label, from probabilities at the threshold."""
     for output in result.outputs.values():
         if isinstance(output, LabelMap):
             for spec in output.segments:
-                masks.setdefault(spec.name, output.array == spec.label)
+                if spec.name == name:
+                    return output.array == spec.label
         elif isinstance(output, ProbabilityMaps):
             for index, spec in enumerate(output.segments):
-                masks.setdefault(spec.name, output.array[index] >= threshold)
-    return masks
+                if spec.name == name:
+                    return output.array[index] >= threshold
+    return None
 
 
 def result_failures(result: ModelResult, series: Series, checks: PlausibilityChecks, threshold: float = 0.5) -> list[str]:
@@ -122,7 +123,7 @@ def result_failures(result: ModelResult, series: Series, checks: PlausibilityChe
     evaluated must not pass silently.
     """
     failures = []
-    masks = _segment_masks(result, threshold)
+    masks: dict[str, np.ndarray | None] = {}  # each named segment's mask, made once when a check needs it
     voxel_ml = float(np.prod(series.spacing)) / 1000.0
     for check in checks.results:
         if not applies(check.when, series):
@@ -134,7 +135,9 @@ def result_failures(result: ModelResult, series: Series, checks: PlausibilityChe
                 continue
             value = float(output.value)
         else:
-            mask = masks.get(check.segment)
+            if check.segment not in masks:
+                masks[check.segment] = _segment_mask(result, check.segment, threshold)
+            mask = masks[check.segment]
             if mask is None:
                 failures.append(f"{check.describe()}: the model returned no segment {check.segment!r}")
                 continue

@@ -8,6 +8,7 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -78,6 +79,25 @@ class Series:
     @property
     def pixels(self) -> np.ndarray:
         return self.volume.pixels
+
+    def source_files(self) -> list[Path]:
+        """The series' instance files in slice order (a multi-frame file once), as the loader read
+        them: pydicom keeps each dataset's file name.
+
+        Raises
+        ------
+        ModelRunError
+            If the series was loaded from memory, so that no file is known.
+        """
+        from .outputs import ModelRunError
+
+        files: dict[str, None] = {}
+        for source in self.volume.sources:
+            name = getattr(source.dataset, "filename", None)
+            if not isinstance(name, str) or not name:
+                raise ModelRunError("the series' files are not known to the worker (loaded from memory)")
+            files.setdefault(name)
+        return [Path(name) for name in files]
 
     @property
     def spacing(self) -> tuple[float, float, float]:

@@ -123,22 +123,8 @@ class ArterysModel:
             log.info("model %s: %s; trying again", self.settings.name, problem)
             time.sleep(POLL_SECONDS)
 
-    # -- the series in slice order ---------------------------------------------------------
-
-    @staticmethod
-    def _files_in_slice_order(series: Series) -> list[Path]:
-        files, seen = [], set()
-        for source in series.volume.sources:
-            name = getattr(source.dataset, "filename", None)
-            if not isinstance(name, str) or not name:
-                raise ModelRunError("the series' files are not known to the worker (loaded from memory)")
-            if name not in seen:
-                seen.add(name)
-                files.append(Path(name))
-        return files
-
     def run(self, series: Series) -> ModelResult:
-        files = self._files_in_slice_order(series)
+        files = series.source_files()
         self._wait_ready()
         started = time.perf_counter()
         answer = self._post(files)

@@ -180,7 +180,7 @@ class MonaiDeployModel:
         return [token.format(**values) for token in self.template]
 
     def run(self, series: Series) -> ModelResult:
-        files = _files_of(series)
+        files = series.source_files()
         with tempfile.TemporaryDirectory(prefix="pacsworker-monai-deploy-") as folder:
             run_dir = Path(folder)
             input_dir, output_dir, work_dir = run_dir / "input", run_dir / "output", run_dir / "work"
@@ -267,17 +267,6 @@ def _label_maps(datasets: list[pydicom.Dataset], series: Series) -> dict[str, La
             continue
         maps[f"seg-{len(maps) + 1}"] = LabelMap(np.asarray(labels, dtype=np.uint16), segments)
     return maps
-
-
-def _files_of(series: Series) -> list[Path]:
-    """The series' instance files, as the loader read them (pydicom keeps each dataset's file name)."""
-    files: dict[str, None] = {}
-    for source in series.volume.sources:
-        name = getattr(source.dataset, "filename", None)
-        if not isinstance(name, str) or not name:
-            raise ModelRunError("the series' files are not known to the worker (loaded from memory)")
-        files.setdefault(name)
-    return [Path(name) for name in files]
 
 
 def _place_inputs(files: list[Path], input_dir: Path) -> None:
