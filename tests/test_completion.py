@@ -8,14 +8,17 @@ import time
 
 import pydicom
 import pytest
-from conftest import free_port, storescu, wait_until, write_config
+from conftest import Pacsworker, free_port, port_open, storescu, wait_until, write_config
+from pydicom.uid import generate_uid
 
 from pacsworker.config import Settings
 from pacsworker.records import DataLayout, SeriesRecord, SeriesState, read_json
 from pacsworker.scp.server import Receiver
+from pacsworker.scp.spool import series_files
 
 MR06 = "mr06_siemens_prisma_xa30_t1_enhanced_multiframe"
 CT06 = "ct06_ge_lightspeed_liver_3slice"
+CT08_MISSING_SLICE = "ct08_siemens_missing_slice_4sl"
 QUIET = 60.0  # far longer than any test waits: only evidence or a request can complete a series
 
 
@@ -106,3 +109,102 @@ def test_series_complete_command_completes_a_series_now(receiver, dicom_dir, tmp
     assert cli("1.2.3.999").returncode == 2
     bad = cli("../../etc")
     assert bad.returncode == 2 and "not a valid Series Instance UID" in bad.stdout
+
+
+def _temporal_series(dicom_dir, tmp_path, name: str, keep: int | None = None):
+    """ct06's three slices at two temporal positions (a dynamic series), as one new series."""
+    target = tmp_path / name
+    target.mkdir()
+    series_uid = generate_uid()
+    files = sorted((dicom_dir / CT06).glob("*.dcm"))
+    written = 0
+    for temporal in (1, 2):
+        for path in files:
+            if keep is not None and written == keep:
+                return target
+            ds = pydicom.dcmread(path)
+            ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.TemporalPositionIdentifier, ds.NumberOfTemporalPositions = temporal, 2
+            ds.save_as(target / f"{temporal}-{path.name}")
+            written += 1
+    return target
+
+
+def _series_uid(folder) -> str:
+    return str(pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID)
+
+
+def test_every_temporal_position_arrived_completes_a_dynamic_series(receiver, dicom_dir, tmp_path):
+    partial = _temporal_series(dicom_dir, tmp_path, "partial", keep=5)
+    whole = _temporal_series(dicom_dir, tmp_path, "whole")
+    assert storescu(receiver.settings.scp.port, partial).returncode == 0
+    assert storescu(receiver.settings.scp.port, whole).returncode == 0
+    wait_until(lambda: receiver.completed, 15, what="the dynamic series with every temporal position")
+    [record] = receiver.completed
+    assert record.series_uid == _series_uid(whole) and record.instances == 6
+    assert record.completed_by == "all 2 temporal positions of 3 slices arrived"
+    # the partial one arrived first and still waits: the second temporal position lacks a slice
+    assert _record(receiver, _series_uid(partial)).state == SeriesState.RECEIVING
+
+
+def test_contiguity_is_recorded_with_the_series(receiver, dicom_dir):
+    for folder in (CT06, CT08_MISSING_SLICE):
+        assert storescu(receiver.settings.scp.port, dicom_dir / folder).returncode == 0
+    wait_until(lambda: len(receiver.tracker.pending()) == 2, 15, what="both series received")
+    receiver.tracker.complete_due(receiver.completed.append, now=time.time() + QUIET)
+    records = {r.series_uid: r for r in receiver.completed}
+    whole = records[_series_uid(dicom_dir / CT06)]
+    assert whole.contiguous is True and whole.contiguity.startswith("3 slice positions, no gap wider than")
+    gap = records[_series_uid(dicom_dir / CT08_MISSING_SLICE)]
+    assert gap.contiguous is False and "1 gap(s) wider than the spacing" in gap.contiguity
+    assert _record(receiver, gap.series_uid).contiguous is False  # kept on disk with the series
+
+
+def test_a_trusted_sender_releasing_its_association_completes_what_it_sent(tmp_path, dicom_dir):
+    settings = Settings(
+        scp={"host": "127.0.0.1", "port": free_port(), "series_quiet_seconds": QUIET, "complete_on_release": ["CTSCANNER"]},
+        storage={"data_dir": str(tmp_path / "data")},
+    )
+    completed: list[SeriesRecord] = []
+    rx = Receiver(settings, completed.append)
+    rx.start()
+    try:
+        assert storescu(settings.scp.port, dicom_dir / CT08_MISSING_SLICE, aet="WORKSTATION").returncode == 0
+        assert storescu(settings.scp.port, dicom_dir / CT06, aet="CTSCANNER").returncode == 0
+        wait_until(lambda: completed, 15, what="the series whose trusted sender released")
+        [record] = completed
+        assert record.series_uid == _series_uid(dicom_dir / CT06) and record.instances == 3
+        assert record.completed_by == "CTSCANNER released the association that sent it"
+        assert [r.series_uid for r in rx.tracker.pending()] == [_series_uid(dicom_dir / CT08_MISSING_SLICE)]
+    finally:
+        rx.stop()
+
+
+def test_a_receiver_killed_mid_series_finishes_it_after_restart(tmp_path, dicom_dir):
+    """SIGKILL between two parts of a series: after the restart the series counts every instance."""
+    port = free_port()
+    config = write_config(tmp_path / "c.yaml", scp={"host": "127.0.0.1", "port": port, "series_quiet_seconds": QUIET},
+                          storage={"data_dir": str(tmp_path / "data")})
+    first_part = _copies(dicom_dir, CT06, tmp_path, 3, keep=2)
+    rest = tmp_path / "rest"
+    rest.mkdir()
+    [last] = sorted(set((_copies(dicom_dir, CT06, tmp_path, 3)).glob("*.dcm")), key=lambda p: p.name)[2:]
+    last.rename(rest / last.name)
+    series_uid = _series_uid(first_part)
+    layout = DataLayout(tmp_path / "data")
+    receiver = Pacsworker(["scp"], config, tmp_path / "scp1.log")
+    try:
+        wait_until(lambda: port_open(port), 60, what="the receiver to listen")
+        assert storescu(port, first_part).returncode == 0
+        assert len(series_files(layout.series_dir(series_uid))) == 2  # stored before each success answer
+        receiver.kill()
+        receiver = Pacsworker(["scp"], config, tmp_path / "scp2.log")
+        wait_until(lambda: port_open(port), 60, what="the receiver to listen again")
+        assert storescu(port, rest).returncode == 0
+        record = wait_until(lambda: (r := read_json(layout.series_record(series_uid), SeriesRecord))
+                            and r.state != SeriesState.RECEIVING and r, 20, what="the series to complete")
+        assert record.instances == 3 and record.completed_by == "all 3 Images in Acquisition arrived"
+        assert "1 series found pending in the spool after restart" in receiver.output()
+    finally:
+        receiver.stop()

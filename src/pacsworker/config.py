@@ -57,9 +57,14 @@ class ScpSettings(BaseModel):
     series_quiet_seconds: float = Field(10.0, gt=0)
     complete_on_evidence: bool = Field(
         True, description="complete a series before its quiet time when the data says it is whole (one multi-frame "
-        "instance; every one of a consistent Images in Acquisition count)"
+        "instance; every one of a consistent Images in Acquisition count; every temporal position of a consistent "
+        "Number of Temporal Positions with the same slices; a release by a sender named in complete_on_release)"
     )
     evidence_quiet_seconds: float = Field(1.0, ge=0, description="the quiet time that applies with such evidence")
+    complete_on_release: list[str] = Field(
+        default_factory=list, description="calling AE titles that send whole series per association: their "
+        "release of an association completes the series it sent (after evidence_quiet_seconds)",
+    )
     max_associations: int = Field(16, ge=1)
     network_timeout: float = Field(
         60.0, gt=0, description="seconds: a started PDU must arrive in full, an idle association is aborted"
@@ -89,7 +94,7 @@ class ScpSettings(BaseModel):
             raise ValueError(f"tls.port {self.tls.port} is the plain port too")
         return self
 
-    @field_validator("allowed_calling_aets")
+    @field_validator("allowed_calling_aets", "complete_on_release")
     @classmethod
     def _aets(cls, value: list[str]) -> list[str]:
         return [_check_ae(v) for v in value]

@@ -91,6 +91,8 @@ class SeriesRecord(BaseModel):
     earlier_jobs: list[str] = Field(default_factory=list, description="jobs of earlier content of this series")
     content_digest: str = Field("", description="digest of the SOP Instance UIDs the series was routed with")
     completed_by: str = Field("", description="what made the series complete: quiet time, evidence, or forced")
+    contiguous: bool | None = Field(None, description="no gap wider than the series' spacing; None: not checked")
+    contiguity: str = Field("", description="what the contiguity check found")
 
 
 class JobRecord(BaseModel):

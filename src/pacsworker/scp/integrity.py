@@ -35,8 +35,9 @@ HEADER_KEYWORDS = [
     # what routing rules look at
     "SeriesDescription", "BodyPartExamined", "ImageType", "MRAcquisitionType", "ScanningSequence",
     "ImageOrientationPatient",
-    # what series completion takes as evidence
-    "ImagesInAcquisition",
+    # what series completion takes as evidence, and the contiguity check
+    "ImagesInAcquisition", "ImagePositionPatient", "TemporalPositionIdentifier", "NumberOfTemporalPositions",
+    "SpacingBetweenSlices",
 ]
 HEADER_TAGS = {tag_for_keyword(k) for k in HEADER_KEYWORDS}
 MAX_HEADER_VALUE = 64 * 1024

@@ -37,7 +37,7 @@ from .incoming import PREAMBLE, IncomingDataset
 from .integrity import IncompleteDataset, check_dataset
 from .routing import series_facts
 from .spool import Spool
-from .tracker import InstanceMeta, SeriesTracker
+from .tracker import InstanceMeta, SeriesTracker, plane_facts
 from .wire import WirePolicy, printable, start_guarded_server, tls_context
 
 log = logging.getLogger("pacsworker.scp")
@@ -103,6 +103,7 @@ def read_instance_meta(header: Dataset, calling_aet: str) -> InstanceMeta:
         facts=series_facts(header),
         frames=_count(header, "NumberOfFrames") or 1,
         images_in_acquisition=_count(header, "ImagesInAcquisition"),
+        **plane_facts(header),
     )
 
 
@@ -242,6 +243,7 @@ class Receiver:
                 dataset, event.context.transfer_syntax, max_inflated=self.settings.scp.max_inflated_bytes
             )
             meta = read_instance_meta(header, calling)
+            meta.association = id(event.assoc)
         except (IncompleteDataset, ValueError) as exc:
             # the reason as text: the exception's frames hold views of the received bytes
             log.warning("refused C-STORE %s from %s: %s", announced, calling, str(exc))
@@ -296,6 +298,14 @@ class Receiver:
             printable(event.assoc.requestor.ae_title or ""),
         )
 
+    def _handle_released(self, event) -> None:
+        calling = printable(event.assoc.requestor.ae_title or "")
+        trusted = calling in self.settings.scp.complete_on_release
+        self.tracker.association_ended(id(event.assoc), calling if trusted else None)
+
+    def _handle_closed(self, event) -> None:
+        self.tracker.association_ended(id(event.assoc), None)  # forget it (after an abort, say)
+
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> None:
         self.spool.remove_orphans()
@@ -308,6 +318,8 @@ class Receiver:
             (evt.EVT_ACCEPTED, self._handle_assoc),
             (evt.EVT_REJECTED, self._handle_rejected),
             (evt.EVT_ABORTED, self._handle_abort),
+            (evt.EVT_RELEASED, self._handle_released),
+            (evt.EVT_CONN_CLOSE, self._handle_closed),
         ]
         cfg = self.settings.scp
         if cfg.plain:

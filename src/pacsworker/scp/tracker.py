@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import pydicom
+from pydicom.dataset import Dataset
 
 from ..records import DataLayout, SeriesRecord, SeriesState, read_json, save_series
 from .routing import series_facts
@@ -31,24 +34,117 @@ class InstanceMeta:
     facts: dict = field(default_factory=dict)  # routing facts (SeriesRecord fields) from its header
     frames: int = 1  # Number of Frames
     images_in_acquisition: int | None = None  # Images in Acquisition, when the header gives a count
+    position: tuple[float, float, float] | None = None  # Image Position (Patient) of a single-frame image
+    cosines: tuple[float, ...] | None = None  # Image Orientation (Patient)
+    temporal_position: int | None = None  # Temporal Position Identifier
+    temporal_positions: int | None = None  # Number of Temporal Positions
+    spacing: float | None = None  # Spacing Between Slices
+    association: int | None = None  # which association brought it (None: STOW-RS, or read back at start)
+
+
+def _number(header: Dataset, keyword: str, n: int = 1) -> tuple[float, ...] | None:
+    try:
+        value = header.get(keyword)
+        values = [float(v) for v in (value if n > 1 else [value])]
+    except Exception:  # noqa: BLE001 - absent, empty or malformed: unknown
+        return None
+    return tuple(values) if len(values) == n and all(math.isfinite(v) for v in values) else None
+
+
+def plane_facts(header: Dataset) -> dict:
+    """Where an instance lies and which temporal position it is, for completion and contiguity."""
+    position, cosines = _number(header, "ImagePositionPatient", 3), _number(header, "ImageOrientationPatient", 6)
+    temporal, temporals = _number(header, "TemporalPositionIdentifier"), _number(header, "NumberOfTemporalPositions")
+    spacing = _number(header, "SpacingBetweenSlices")
+    return {
+        "position": position,
+        "cosines": cosines,
+        "temporal_position": int(temporal[0]) if temporal and temporal[0] >= 1 else None,
+        "temporal_positions": int(temporals[0]) if temporals and temporals[0] >= 1 else None,
+        "spacing": spacing[0] if spacing and spacing[0] > 0 else None,
+    }
 
 
 @dataclass
 class _Pending:
-    record: SeriesRecord
+    record: SeriesRecord | None
     sop_uids: set[str] = field(default_factory=set)
     frames: dict[str, int] = field(default_factory=dict)  # SOP Instance UID -> Number of Frames
     in_acquisition: set[int | None] = field(default_factory=set)  # Images in Acquisition values seen
+    planes: dict[str, tuple] = field(default_factory=dict)  # SOP Instance UID -> (position, temporal position)
+    cosines: set[tuple | None] = field(default_factory=set)
+    temporal_positions: set[int | None] = field(default_factory=set)  # Number of Temporal Positions values seen
+    spacing: set[float | None] = field(default_factory=set)  # Spacing Between Slices values seen
+    released: str = ""  # a trusted sender released the association that brought the latest instances
+
+    def add(self, meta: InstanceMeta) -> None:
+        self.sop_uids.add(meta.sop_instance_uid)
+        self.frames[meta.sop_instance_uid] = meta.frames
+        self.in_acquisition.add(meta.images_in_acquisition)
+        self.planes[meta.sop_instance_uid] = (meta.position, meta.temporal_position)
+        self.cosines.add(meta.cosines)
+        self.temporal_positions.add(meta.temporal_positions)
+        self.spacing.add(meta.spacing)
+        self.released = ""
 
     def evidence(self) -> str:
         """Why the data says the series is whole, or "" when only the quiet time can tell."""
-        if len(self.sop_uids) == 1 and max(self.frames.values(), default=1) > 1:
+        single_frame = max(self.frames.values(), default=1) == 1
+        if len(self.sop_uids) == 1 and not single_frame:
             return "one multi-frame instance holds the volume"
         if len(self.in_acquisition) == 1:
             [expected] = self.in_acquisition
-            if expected and expected == len(self.sop_uids) and max(self.frames.values(), default=1) == 1:
+            if expected and expected == len(self.sop_uids) and single_frame:
                 return f"all {expected} Images in Acquisition arrived"
-        return ""
+        if len(self.temporal_positions) == 1 and single_frame:
+            [count] = self.temporal_positions
+            whole = self._temporal_whole(count) if count else ""
+            if whole:
+                return whole
+        return self.released
+
+    def _temporal_whole(self, count: int) -> str:
+        """Every temporal position 1..count holds the same slice positions, each once."""
+        by_time: dict[int, list] = {}
+        for position, temporal in self.planes.values():
+            if temporal is None or position is None:
+                return ""
+            by_time.setdefault(temporal, []).append(tuple(round(v, 2) for v in position))
+        if set(by_time) != set(range(1, count + 1)):
+            return ""
+        layouts = {tuple(sorted(positions)) for positions in by_time.values()}
+        if len(layouts) != 1:
+            return ""
+        [layout] = layouts
+        if len(set(layout)) != len(layout):
+            return ""
+        return f"all {count} temporal positions of {len(layout)} slices arrived"
+
+    def contiguity(self) -> tuple[bool | None, str]:
+        """Whether the slice positions leave no gap wider than the series' own spacing, and what was found."""
+        if max(self.frames.values(), default=1) > 1:
+            return None, "not checked here: multi-frame (the loader checks each frame's position)"
+        if len(self.cosines) != 1 or None in self.cosines:
+            return None, "not checked: orientation missing or differing between instances"
+        positions = [p for p, _ in self.planes.values()]
+        if any(p is None for p in positions):
+            return None, "not checked: an instance without Image Position (Patient)"
+        [cosines] = self.cosines
+        normal = np.cross(cosines[:3], cosines[3:])
+        distances = np.unique(np.round(np.asarray(positions) @ normal, 3))
+        if len(distances) < 2:
+            return None, f"{len(distances)} slice position(s)"
+        gaps = np.diff(distances)
+        stated = next(iter(self.spacing)) if len(self.spacing) == 1 else None
+        spacing = stated or float(np.median(gaps))
+        wide = np.flatnonzero(gaps > spacing * 1.1 + 0.01)
+        if len(wide) == 0:
+            return True, f"{len(distances)} slice positions, no gap wider than {spacing:.3g} mm"
+        first = int(wide[0])
+        return False, (
+            f"{len(wide)} gap(s) wider than the spacing of {spacing:.3g} mm; the first is {gaps[first]:.3g} mm "
+            f"after slice {first + 1} of {len(distances)}"
+        )
 
 
 class SeriesTracker:
@@ -65,6 +161,7 @@ class SeriesTracker:
         # (None: the quiet time alone decides)
         self.evidence_seconds = evidence_seconds
         self._pending: dict[str, _Pending] = {}
+        self._by_association: dict[int, set[str]] = {}  # open associations -> the series they sent to
         self._lock = threading.Lock()
 
     def observe(self, meta: InstanceMeta) -> None:
@@ -73,8 +170,9 @@ class SeriesTracker:
             entry = self._pending.get(meta.series_uid)
             if entry is None:
                 record = read_json(self.layout.series_record(meta.series_uid), SeriesRecord)
+                entry = _Pending(record)
                 if record is None:
-                    record = SeriesRecord(
+                    entry.record = SeriesRecord(
                         series_uid=meta.series_uid,
                         study_uid=meta.study_uid,
                         modality=meta.modality,
@@ -82,18 +180,29 @@ class SeriesTracker:
                         calling_aet=meta.calling_aet,
                         **meta.facts,
                     )
-                    existing = set()
                 else:
-                    # received again after routing: process the series anew
-                    existing = {p.stem for p in series_files(self.layout.series_dir(meta.series_uid))}
-                record.state, record.reason, record.first_seen = SeriesState.RECEIVING, "", now
-                entry = self._pending[meta.series_uid] = _Pending(record, existing)
-                save_series(self.layout, record)
-            entry.sop_uids.add(meta.sop_instance_uid)
-            entry.frames[meta.sop_instance_uid] = meta.frames
-            entry.in_acquisition.add(meta.images_in_acquisition)
+                    # received again after routing: process the series anew, with what it already holds
+                    for earlier in _metas_of(series_files(self.layout.series_dir(meta.series_uid))):
+                        entry.add(earlier)
+                entry.record.state, entry.record.reason, entry.record.first_seen = SeriesState.RECEIVING, "", now
+                self._pending[meta.series_uid] = entry
+                save_series(self.layout, entry.record)
+            entry.add(meta)
             entry.record.instances = len(entry.sop_uids)
             entry.record.last_seen = now
+            if meta.association is not None:
+                self._by_association.setdefault(meta.association, set()).add(meta.series_uid)
+
+    def association_ended(self, association: int, released_by: str | None) -> None:
+        """An association closed; ``released_by`` names a sender trusted to release after whole series."""
+        with self._lock:
+            series = self._by_association.pop(association, set())
+            if released_by is None:
+                return
+            for uid in series:
+                entry = self._pending.get(uid)
+                if entry is not None:
+                    entry.released = f"{released_by} released the association that sent it"
 
     def rebuild(self) -> int:
         """Re-read the spool after a restart; returns how many series are pending.
@@ -109,16 +218,20 @@ class SeriesTracker:
             record = read_json(self.layout.series_record(folder.name), SeriesRecord)
             if record is not None and record.state != SeriesState.RECEIVING and newest <= record.last_seen:
                 continue
+            metas = _metas_of(files)
             if record is None:
                 record = _record_from_file(files[0])
                 if record is None:
                     log.error("spooled series %s: no readable instance header; left as is", folder.name)
                     continue
+            entry = _Pending(record, {p.stem for p in files})
+            for meta in metas:  # what completion and the contiguity check know of each instance
+                entry.add(meta)
             record.state = SeriesState.RECEIVING
-            record.instances = len(files)
+            record.instances = len(entry.sop_uids)
             record.last_seen = time.time()
             with self._lock:
-                self._pending[folder.name] = _Pending(record, {p.stem for p in files})
+                self._pending[folder.name] = entry
         return len(self._pending)
 
     def pending(self) -> list[SeriesRecord]:
@@ -150,6 +263,7 @@ class SeriesTracker:
             snapshot.completed_by = why
             with self._lock:
                 snapshot.content_digest = content_digest(entry.sop_uids)
+                snapshot.contiguous, snapshot.contiguity = entry.contiguity()
             try:
                 on_complete(snapshot)
             except Exception as exc:  # noqa: BLE001 - keep serving, retry next tick
@@ -175,6 +289,19 @@ class SeriesTracker:
 def content_digest(sop_uids: set[str]) -> str:
     """Names a series' content: the same instance set gives the same digest, so the same job."""
     return hashlib.sha256("\n".join(sorted(sop_uids)).encode()).hexdigest()[:16]
+
+
+def _metas_of(files) -> list[InstanceMeta]:
+    """What the receiver knew of spooled instances, read back from their headers (unreadable ones skipped)."""
+    from .server import read_instance_meta
+
+    metas = []
+    for path in files:
+        try:
+            metas.append(read_instance_meta(pydicom.dcmread(path, stop_before_pixels=True), ""))
+        except Exception:  # noqa: BLE001 - it was checked when it arrived; the loader reports it if it is bad
+            log.warning("spooled instance %s: header not readable; counted without its geometry", path.name)
+    return metas
 
 
 def _record_from_file(path) -> SeriesRecord | None:
