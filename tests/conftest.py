@@ -238,6 +238,9 @@ def pacsworker_run(folder: Path, out: Path, config: Path | None = None, model: s
 
 
 def write_config(path: Path, **sections) -> Path:
+    """A YAML config of these sections; the metrics port stays off unless a test asks for it (fixed
+    default ports would collide between tests)."""
+    sections.setdefault("metrics", {"enabled": False})
     path.write_text(yaml.safe_dump(sections))
     return path
 

@@ -22,7 +22,7 @@ def test_yaml_and_env_override(tmp_path, monkeypatch):
     path = tmp_path / "c.yaml"
     path.write_text(
         "scp: {port: 104, allowed_calling_aets: [CT1]}\n"
-        "destinations:\n  - {kind: dicomweb, url: 'http://pacs/dicom-web', auth: {username: u, password: p}}\n"
+        "destinations:\n  - {kind: dicomweb, url: 'http://pacs/dicom-web', auth: {username: u, password_env: PACS_PASSWORD}}\n"
     )
     monkeypatch.setenv("PACSWORKER__SCP__PORT", "4242")
     settings = load_settings(path)

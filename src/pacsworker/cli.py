@@ -19,10 +19,12 @@ from rich.progress import Progress
 from rich.table import Table
 
 from .config import CONFIG_ENV, ConfigError, Settings, load_settings
+from .logs import configure_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
 
+SERVE_CHILD_ENV = "PACSWORKER_SERVE_CHILD"  # set for the workers serve starts: they say less at start
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML configuration file")]
 
 
@@ -34,13 +36,10 @@ def _setup(config: Path | None) -> Settings:
     except ConfigError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
-    logging.basicConfig(
-        level=settings.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
-    # pynetdicom's own INFO/DEBUG lines can dump dataset contents; keep them out of the log
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("highdicom").setLevel(logging.WARNING)
-    if "models" not in settings.model_fields_set:
+    configure_logging(settings.logging.level, settings.logging.format)
+    if not settings.queue.broker_url:  # kombu's "no hostname was supplied" about the embedded broker
+        logging.getLogger("kombu.connection").setLevel(logging.ERROR)
+    if "models" not in settings.model_fields_set and not os.environ.get(SERVE_CHILD_ENV):
         from .config import brain_extra_installed
 
         names = ", ".join(m.name for m in settings.models)
@@ -53,7 +52,7 @@ def _setup(config: Path | None) -> Settings:
 def _receiver(settings: Settings):
     from .scp.server import Receiver
     from .tasks.app import configure
-    from .tasks.submit import recover, submit_series
+    from .tasks.submit import complete_studies, recover, submit_series
 
     configure(settings)
     receiver = Receiver(settings, lambda record: submit_series(settings, record))
@@ -65,6 +64,10 @@ def _receiver(settings: Settings):
             recover(settings)
 
     receiver.periodic.append(sweep)
+    if any(model.scope == "study" for model in settings.models):
+        receiver.periodic.append(
+            lambda: complete_studies(settings, {record.study_uid for record in receiver.tracker.pending()})
+        )
     return receiver
 
 
@@ -72,7 +75,54 @@ def _receiver(settings: Settings):
 def scp(config: ConfigOption = None) -> None:
     """Run the DICOM receiver (and the recovery sweeps) against the configured queue."""
     settings = _setup(config)
-    _receiver(settings).serve_forever()
+    receiver = _receiver(settings)
+    _ops_port(settings, "scp", receiver)
+    _serve_or_exit(receiver)
+
+
+def _serve_or_exit(receiver) -> None:
+    """Serve until stopped; a port that cannot be opened ends the process with the reason (exit 2)."""
+    try:
+        receiver.serve_forever()
+    except OSError as exc:
+        cfg = receiver.settings.scp
+        console.print(f"[red]the receiver cannot listen on {cfg.host} (port {cfg.port}"
+                      f"{f', TLS {cfg.tls.port}' if cfg.tls else ''}{f', STOW-RS {cfg.stow_port}' if cfg.stow_port else ''}"
+                      f"): {exc.strerror or exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _multiprocess_metrics() -> None:
+    """One metrics folder for this process and the processes it starts (their sums are served).
+
+    Set before prometheus_client is first imported, which reads it at import. Folders that
+    processes killed outright left behind are removed.
+    """
+    import atexit
+    import shutil
+    import tempfile
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return  # a child of serve (or of a worker): the parent's folder
+    for stale in Path(tempfile.gettempdir()).glob("pacsworker-metrics-*"):
+        try:
+            os.kill(int(stale.name.split("-")[2]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            pass
+    folder = tempfile.mkdtemp(prefix=f"pacsworker-metrics-{os.getpid()}-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    atexit.register(shutil.rmtree, folder, True)
+
+
+def _ops_port(settings: Settings, role: str, receiver=None, port: int | None = None) -> None:
+    """The metrics/health/status port of this process, stopped with the receiver when there is one."""
+    from .ops_http import start_ops_server
+
+    server = start_ops_server(settings, role, port)
+    if server is not None and receiver is not None:
+        receiver.on_stop.append(server.shutdown)
 
 
 def _all_queues(settings: Settings) -> list[str]:
@@ -123,9 +173,13 @@ def worker(
     pool: Annotated[str, typer.Option(help="prefork (time limits enforced), threads or solo")] = "prefork",
     concurrency: Annotated[int, typer.Option(help="one per GPU is the rule for model queues")] = 1,
     name: Annotated[Optional[str], typer.Option(help="Celery node name")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="its metrics/health port; default metrics.worker_port, "
+                                                        "0: none")] = None,
     check_models: Annotated[bool, typer.Option(help="check each model's reference cases first; serve only those that pass")] = False,
 ) -> None:
     """Run a queue worker: model jobs and/or deliveries."""
+    child_of_serve = bool(os.environ.get(SERVE_CHILD_ENV))
+    _multiprocess_metrics()  # before prometheus_client is imported: pool children count into it
     settings = _setup(config)
     from .records import DataLayout
     from .tasks.app import configure
@@ -139,7 +193,17 @@ def worker(
     queue_list = (queues or ",".join(_all_queues(settings))).split(",")
     if check_models:
         queue_list = _checked_queues(settings, queue_list)
-    argv = [
+    quiet = child_of_serve
+    if not child_of_serve:  # serve's own port shows its workers
+        _ops_port(settings, "worker", port=settings.metrics.worker_port if metrics_port is None else metrics_port)
+    if quiet:  # serve printed what matters; Celery's banner and its root-user warning are noise there
+        import warnings
+
+        from celery.exceptions import SecurityWarning
+
+        warnings.filterwarnings("ignore", category=SecurityWarning)
+    argv = ["--quiet"] if quiet else []
+    argv += [
         "worker", "--queues", ",".join(queue_list), "--pool", pool,
         "--concurrency", str(concurrency), "--loglevel", settings.logging.level, "--without-mingle",
         "--without-gossip",
@@ -176,6 +240,7 @@ def _checked_queues(settings: Settings, queue_list: list[str]) -> list[str]:
 @app.command()
 def serve(config: ConfigOption = None) -> None:
     """Receiver, embedded queue and workers in one command (the single-machine setup)."""
+    _multiprocess_metrics()  # its workers count into the folder its port sums
     settings = _setup(config)
     from .tasks.app import DELIVERY_QUEUE
 
@@ -190,11 +255,14 @@ def serve(config: ConfigOption = None) -> None:
     children: dict[str, subprocess.Popen] = {}
 
     def spawn(role: str) -> None:
-        children[role] = subprocess.Popen([sys.executable, "-m", "pacsworker", "worker", *specs[role]])
+        children[role] = subprocess.Popen([sys.executable, "-m", "pacsworker", "worker", *specs[role]],
+                                          env={**os.environ, SERVE_CHILD_ENV: "1"})
 
     for role in specs:
         spawn(role)
     receiver = _receiver(settings)
+    _ops_port(settings, "serve", receiver)
+    _print_start_up(settings)
 
     def supervise() -> None:
         for role, child in list(children.items()):
@@ -209,7 +277,7 @@ def serve(config: ConfigOption = None) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        receiver.serve_forever()
+        _serve_or_exit(receiver)
     finally:
         for child in children.values():
             child.terminate()
@@ -218,6 +286,55 @@ def serve(config: ConfigOption = None) -> None:
                 child.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 child.kill()
+
+
+def _print_start_up(settings: Settings) -> None:
+    """What an operator needs to know at start: where it listens, where data goes, what runs where."""
+    cfg = settings.scp
+    lines = []
+    if cfg.plain:
+        lines.append(f"DICOM      {cfg.ae_title} on {cfg.host}:{cfg.port}")
+    if cfg.tls is not None:
+        lines.append(f"DICOM TLS  {cfg.ae_title} on {cfg.host}:{cfg.tls.port}")
+    if cfg.stow_port is not None:
+        lines.append(f"STOW-RS    http://{cfg.host}:{cfg.stow_port}/studies")
+    metrics = getattr(settings, "metrics", None)
+    if metrics is not None and getattr(metrics, "port", None):
+        lines.append(f"metrics    http://{getattr(metrics, 'host', cfg.host)}:{metrics.port}/ (status page, /metrics, "
+                     "/healthz, /readyz)")
+    lines.append(f"data_dir   {settings.data_dir}")
+    broker = settings.queue.broker_url or "embedded (under data_dir)"
+    lines.append(f"queue      {broker.split('@')[-1] if '@' in broker else broker}")
+    for model in settings.models:
+        lines.append(f"model      {model.name} ({model.kind}{', whole study' if model.scope == 'study' else ''})")
+    for destination in settings.destinations:
+        where = getattr(destination, "url", None) or getattr(destination, "path", None) or \
+            f"{getattr(destination, 'host', '')}:{getattr(destination, 'port', '')}"
+        lines.append(f"results to {destination.name} ({destination.kind}: {where})")
+    if not settings.destinations:
+        lines.append("results to nowhere: no destination configured (results stay in the outbox)")
+    console.print("pacsworker serve\n  " + "\n  ".join(lines), highlight=False, soft_wrap=True)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def flower(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    port: Annotated[int, typer.Option(help="Flower's HTTP port")] = 5555,
+) -> None:
+    """Flower, Celery's web monitor, on the configured queue (Redis or the embedded broker).
+
+    Flower's own options pass through as --name=value (--address=127.0.0.1, --basic-auth=user:password).
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("flower") is None:
+        console.print("[red]Flower is not installed: pip install 'pacsworker[monitor]'[/red]")
+        raise typer.Exit(2)
+    settings = _setup(config)
+    from .tasks.app import configure
+
+    raise typer.Exit(configure(settings).start(["flower", f"--port={port}", *ctx.args]) or 0)
 
 
 @app.command()
@@ -467,6 +584,52 @@ def pull(
         raise typer.Exit(1)
 
 
+@app.command()
+def cleanup(
+    config: ConfigOption = None,
+    older_than: Annotated[Optional[str], typer.Option(
+        help="idle time such as 7d, 24h, 90m (a bare number: days); default: storage.retention_days")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be removed, with sizes")] = False,
+    include_failed: Annotated[bool, typer.Option(
+        "--include-failed", help="also remove series whose jobs failed or were withheld as implausible")] = False,
+) -> None:
+    """Remove finished series from the spool and delivered results from the outbox, once idle long enough.
+
+    Never removed: what is receiving, queued, running or undelivered; the JSON records; quarantine.
+    """
+    settings = _setup(config)
+    from .records import DataLayout
+    from .retention import Retention, human_size, parse_age, recover_aside
+
+    try:
+        seconds = parse_age(older_than) if older_than else settings.storage.retention_days * 86400
+    except ValueError as exc:
+        console.print(f"[red]--older-than: {exc}[/red]")
+        raise typer.Exit(2) from None
+    layout = DataLayout(settings.data_dir)
+    if not layout.spool.is_dir():
+        console.print(f"[red]no spool in {layout.root}: is storage.data_dir right?[/red]")
+        raise typer.Exit(2)
+    if not dry_run:
+        recover_aside(layout)
+    retention = Retention(layout, include_failed)
+    planned = retention.plan(seconds)
+    done = [r for r in planned.removals if dry_run or retention.remove(r)]
+    verb = "would remove" if dry_run else "removed"
+    out = Console()
+    for removal in done:
+        out.print(f"{verb} {removal.kind} {removal.uid} ({human_size(removal.bytes)}, "
+                  f"idle {removal.age_seconds / 86400:.1f} d)", highlight=False, soft_wrap=True)
+    series = [r for r in done if r.kind == "series"]
+    outboxes = [r for r in done if r.kind == "outbox"]
+    summary = (f"{verb} {len(series)} series ({human_size(sum(r.bytes for r in series))}) and {len(outboxes)} "
+               f"outbox folder(s) ({human_size(sum(r.bytes for r in outboxes))}) idle for "
+               f"{seconds / 86400:g} d or more")
+    kept = "; ".join(f"{count} {reason}" for reason, count in sorted(planned.kept.items()))
+    logging.getLogger("pacsworker.cleanup").info("%s%s", summary, f"; kept: {kept}" if kept else "")
+    out.print(summary + (f"\nkept: {kept}" if kept else ""), highlight=False, soft_wrap=True)
+
+
 rules_app = typer.Typer(no_args_is_help=True, help="Routing rules: which series go to which model.")
 app.add_typer(rules_app, name="rules")
 
@@ -526,7 +689,7 @@ def status(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Pending series, jobs by state, pending deliveries (read from data_dir)."""
+    """Pending series, jobs by state, pending and dead-lettered deliveries (read from data_dir)."""
     settings = _setup(config)
     from .records import DataLayout, JobRecord, SeriesRecord, SeriesState
 
@@ -545,9 +708,10 @@ def status(
         "flagged_jobs": {j.job_id: "delivered flagged: " + "; ".join(j.implausible)
                          for j in jobs if j.implausible and j.state.value != "implausible"},
         "pending_deliveries": {
-            d.job_id: {name: o.last_error for name, o in d.destinations.items() if o.state.value != "delivered"}
-            for d in deliveries
+            d.job_id: {name: o.last_error for name, o in d.destinations.items() if o.state.value == "pending"}
+            for d in deliveries if d.pending
         },
+        "dead_letters": {d.job_id: _dead_letters(d) for d in deliveries if _dead_letters(d)},
     }
     if as_json:
         print(json.dumps(report, indent=2))
@@ -560,13 +724,95 @@ def status(
         table.add_row(f"series {state}", str(count))
     for state, count in sorted(report["jobs"].items()):
         table.add_row(f"jobs {state}", str(count))
-    table.add_row("pending deliveries", str(len(deliveries)))
+    table.add_row("pending deliveries", str(len(report["pending_deliveries"])))
+    table.add_row("dead-lettered deliveries", str(len(report["dead_letters"])))
     for uid, reason in report["skipped_series"].items():
         table.add_row(f"skipped {uid}", reason)
     for job_id, reason in report["failed_jobs"].items():
-        table.add_row(f"no result {job_id}", reason)
+        if job_id not in report["dead_letters"]:
+            table.add_row(f"no result {job_id}", reason)
+    for job_id, destinations in report["pending_deliveries"].items():
+        for name, error in destinations.items():
+            table.add_row(f"delivering {job_id} to {name}", error or "not yet tried")
+    for job_id, destinations in report["dead_letters"].items():
+        for name, letter in destinations.items():
+            kind = "permanent failure" if letter["permanent"] else "retries used up"
+            table.add_row(f"[red]dead letter[/red] {job_id} to {name}",
+                          f"{kind}: {letter['reason']}\n(pacsworker deliveries retry {job_id})")
     for job_id, reason in report["implausible_jobs"].items():
         table.add_row(f"withheld {job_id}", reason)
     for job_id, reason in report["flagged_jobs"].items():
         table.add_row(f"flagged {job_id}", reason)
     out.print(table)
+
+
+def _dead_letters(delivery) -> dict:
+    """A delivery's dead-lettered destinations: why, and the instances they lack."""
+    return {
+        name: {
+            "reason": o.last_error, "permanent": o.permanent, "attempts": o.attempts,
+            "dead_lettered_at": o.dead_lettered_at,
+            "instances": {delivery.sop_instance_uids.get(file, file): i.detail
+                          for file, i in o.instances.items() if i.state.value != "delivered"},
+        }
+        for name, o in delivery.destinations.items() if o.state.value == "dead-letter"
+    }
+
+
+deliveries_app = typer.Typer(no_args_is_help=True, help="Results in the outbox: send dead-lettered ones again.")
+app.add_typer(deliveries_app, name="deliveries")
+
+
+@deliveries_app.command("retry")
+def deliveries_retry(
+    job_ids: Annotated[Optional[list[str]], typer.Argument(help="the jobs whose results to send again")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="every dead-lettered delivery")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Send dead-lettered (or waiting) deliveries again now, with a fresh delivery.max_age_seconds.
+
+    Only the destinations and instances not yet confirmed are sent. Exit 2: no such job; 1: nothing to retry.
+    """
+    settings = _setup(config)
+    from .destinations.outbox import retry_delivery
+    from .records import DataLayout, DeliveryRecord, JobRecord, JobState, read_json, settle_series_of
+    from .tasks.ledger import save_job
+
+    if bool(job_ids) == all_:
+        console.print("[red]name job ids, or give --all[/red]")
+        raise typer.Exit(2)
+    layout = DataLayout(settings.data_dir)
+    if all_:
+        job_ids = [d.job_id for d in layout.iter_deliveries() if d.dead_lettered]
+    for jid in job_ids:
+        if "/" in jid or jid.startswith(".") or read_json(layout.delivery_record(jid), DeliveryRecord) is None:
+            console.print(f"[red]no results of job {jid} in {layout.outbox}[/red]")
+            raise typer.Exit(2)
+    retried = {}
+    for jid in job_ids:
+        names = retry_delivery(layout, jid)
+        if not names:
+            console.print(f"job {jid}: every destination has its results already")
+            continue
+        retried[jid] = names
+        job = read_json(layout.job_record(jid), JobRecord)
+        if job is not None and job.state != JobState.DELIVERING:
+            job.state, job.reason = JobState.DELIVERING, ""
+            save_job(layout, job)
+            settle_series_of(layout, *job.series_uids or [job.series_uid])
+        logging.getLogger("pacsworker.delivery").info("job %s: delivery to %s retried by the operator",
+                                                      jid, ", ".join(names))
+    if not retried:
+        console.print("nothing to retry")
+        raise typer.Exit(1)
+    from .tasks.app import DELIVERY_QUEUE, configure
+    from .tasks.jobs import deliver
+
+    configure(settings)
+    for jid, names in retried.items():
+        try:
+            deliver.apply_async((jid,), queue=DELIVERY_QUEUE, retry=False)
+            console.print(f"job {jid}: sending again to {', '.join(names)}")
+        except Exception as exc:  # noqa: BLE001 - the receiver's recovery sweep sends it once the broker is back
+            console.print(f"job {jid}: due again for {', '.join(names)}; the broker is unavailable "
+                          f"({type(exc).__name__}), the recovery sweep will send it")

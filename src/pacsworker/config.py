@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -40,9 +41,9 @@ class TlsSettings(BaseModel):
 
 
 class ScpSettings(BaseModel):
-    ae_title: str = "PACSWORKER"
-    host: str = "0.0.0.0"
-    port: int = Field(11112, ge=1, le=65535)
+    ae_title: str = Field("PACSWORKER", description="the receiver's AE title: the called AE title senders use")
+    host: str = Field("0.0.0.0", description="address to listen on; 0.0.0.0: every interface")
+    port: int = Field(11112, ge=1, le=65535, description="the DICOM (DIMSE) port; below 1024 needs a privilege")
     plain: bool = Field(True, description="listen without TLS on port; false: only the TLS port (with tls)")
     tls: TlsSettings | None = None
     stow_port: int | None = Field(None, ge=1, le=65535, description="DICOMweb STOW-RS in (POST /studies) on this port")
@@ -53,19 +54,25 @@ class ScpSettings(BaseModel):
     allowed_calling_aets: list[str] = Field(
         default_factory=list, description="empty: any calling AE title is accepted"
     )
-    require_called_aet: bool = True
-    series_quiet_seconds: float = Field(10.0, gt=0)
+    require_called_aet: bool = Field(True, description="reject an association whose called AE title is not ae_title")
+    series_quiet_seconds: float = Field(
+        10.0, gt=0, description="a series is complete after this many seconds without a new instance"
+    )
     complete_on_evidence: bool = Field(
         True, description="complete a series before its quiet time when the data says it is whole (one multi-frame "
         "instance; every one of a consistent Images in Acquisition count; every temporal position of a consistent "
         "Number of Temporal Positions with the same slices; a release by a sender named in complete_on_release)"
     )
     evidence_quiet_seconds: float = Field(1.0, ge=0, description="the quiet time that applies with such evidence")
+    study_quiet_seconds: float = Field(
+        60.0, gt=0, description="models with scope: study run once every series of the study is complete and no "
+        "instance of it arrived for this long"
+    )
     complete_on_release: list[str] = Field(
         default_factory=list, description="calling AE titles that send whole series per association: their "
         "release of an association completes the series it sent (after evidence_quiet_seconds)",
     )
-    max_associations: int = Field(16, ge=1)
+    max_associations: int = Field(16, ge=1, description="associations served at once; more are rejected")
     network_timeout: float = Field(
         60.0, gt=0, description="seconds: a started PDU must arrive in full, an idle association is aborted"
     )
@@ -101,7 +108,10 @@ class ScpSettings(BaseModel):
 
 
 class StorageSettings(BaseModel):
-    data_dir: Path = Path("./data")
+    data_dir: Path = Field(
+        Path("./data"), description="spool, records, outbox (and the embedded broker); every process must see it at "
+        "the same path"
+    )
     min_free_bytes: int = Field(
         256 << 20, ge=0, description="below this much free space on data_dir, instances are refused with "
         "0xA700 (Out of Resources) until space returns; 0: no reserve"
@@ -109,23 +119,30 @@ class StorageSettings(BaseModel):
     wait_for_data_dir_seconds: float = Field(
         300.0, ge=0, description="a worker waits this long for a data_dir that does not exist yet (a mount)"
     )
+    retention_days: float = Field(
+        7.0, gt=0, description="pacsworker cleanup removes finished series and delivered results older than this"
+    )
 
 
 class QueueSettings(BaseModel):
     broker_url: str = Field("", description="empty: embedded filesystem broker under data_dir")
-    result_backend: str = Field("", description="empty: SQLite file under data_dir")
+    result_backend: str = Field(
+        "", description="empty: the broker's Redis URL, or with the embedded broker a SQLite file under data_dir"
+    )
     visibility_timeout: int = Field(6 * 3600, ge=60, description="seconds; longer than any job")
     job_soft_time_limit: int = Field(1800, ge=1, description="seconds")
     job_time_limit: int = Field(2400, ge=1, description="seconds")
-    heartbeat_seconds: float = Field(5.0, gt=0)
+    heartbeat_seconds: float = Field(5.0, gt=0, description="how often a running job refreshes its record")
     stale_after_seconds: float = Field(60.0, gt=0, description="a running job without heartbeat this long is re-queued")
-    max_attempts: int = Field(3, ge=1)
+    max_attempts: int = Field(3, ge=1, description="a job whose worker was lost this many times is marked failed")
     publish_timeout_seconds: float = Field(
         2.0, gt=0, description="longest wait for the broker when sending a job; unsent jobs are resent later"
     )
-    delivery_max_retries: int = Field(20, ge=0)
-    delivery_backoff_seconds: float = Field(5.0, gt=0)
-    delivery_backoff_max_seconds: float = Field(600.0, gt=0)
+    delivery_max_retries: int = Field(20, ge=0, description="unused: delivery.max_age_seconds bounds retries")
+    delivery_backoff_seconds: float = Field(
+        5.0, gt=0, description="older name of delivery.backoff_base_seconds, used when that is not set")
+    delivery_backoff_max_seconds: float = Field(
+        600.0, gt=0, description="older name of delivery.backoff_max_seconds, used when that is not set")
 
     @model_validator(mode="after")
     def _limits(self) -> "QueueSettings":
@@ -137,17 +154,20 @@ class QueueSettings(BaseModel):
 
 
 class MatchRule(BaseModel):
-    modalities: list[str] = Field(default_factory=lambda: ["CT"])
+    modalities: list[str] = Field(default_factory=lambda: ["CT"], description="Modality values; empty: any")
     sop_class_uids: list[str] = Field(
-        default_factory=lambda: ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"]
+        default_factory=lambda: ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"],
+        description="SOP Class UIDs (default: CT and Enhanced CT Image Storage); empty: any",
     )
     body_parts: list[str] = Field(default_factory=list, description="Body Part Examined, upper case; empty: any")
     mr_acquisition_types: list[str] = Field(default_factory=list, description="2D, 3D; empty: any")
     image_type: list[str] = Field(default_factory=list, description="values Image Type must all contain")
     series_description: str = Field("", description="regular expression the description must match")
     series_description_exclude: str = Field("", description="regular expression the description must not match")
-    orientations: list[Literal["axial", "coronal", "sagittal", "oblique"]] = Field(default_factory=list)
-    min_instances: int = Field(10, ge=1)
+    orientations: list[Literal["axial", "coronal", "sagittal", "oblique"]] = Field(
+        default_factory=list, description="slice orientations, from the direction cosines; empty: any"
+    )
+    min_instances: int = Field(10, ge=1, description="a series with fewer instances is skipped")
     max_instances: int = Field(0, ge=0, description="0: no maximum")
     calling_aets: list[str] = Field(default_factory=list, description="empty: any sender")
 
@@ -174,11 +194,11 @@ class SegmentConfig(BaseModel):
 
     model_config = {"extra": "forbid", "populate_by_name": True}
 
-    label: int = Field(ge=1, le=255)
-    name: str = Field(min_length=1, max_length=64)
+    label: int = Field(ge=1, le=255, description="its value in the label map (probability maps: channel, from 1)")
+    name: str = Field(min_length=1, max_length=64, description="the segment's label, as viewers show it")
     category: CodeTriple = Field(default_factory=lambda: ["SCT", "85756007", "Tissue"])
     property_type: CodeTriple = Field(default_factory=lambda: ["SCT", "123037004", "Anatomical Structure"], alias="type")
-    description: str = ""
+    description: str = Field("", description="free text: the segment's description")
     color: list[int] | None = Field(None, min_length=3, max_length=3, description="[r, g, b] 0..255 for viewers")
 
 
@@ -187,9 +207,10 @@ class OutputConfig(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    kind: Literal["labelmap", "probabilities", "score", "classification", "boxes"]
+    kind: Literal["labelmap", "probabilities", "score", "classification", "boxes"] = Field(
+        description="what the model returns under this key")
     segments: list[SegmentConfig] = Field(default_factory=list)
-    name: CodeTriple | None = None
+    name: CodeTriple | None = Field(None, description="score, classification: its coded name [scheme, value, meaning]")
     values: dict[str, CodeTriple] = Field(
         default_factory=dict, description="class value (classification) or box label (boxes) -> coded meaning"
     )
@@ -208,8 +229,8 @@ class TransformConfig(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    name: str
-    args: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(description="a MONAI transform class, such as LoadImaged or ScaleIntensityRanged")
+    args: dict[str, Any] = Field(default_factory=dict, description="its keyword arguments")
 
 
 class PipelineConfig(BaseModel):
@@ -233,7 +254,7 @@ class ReferenceCase(BaseModel):
 
     input: Path = Field(description="folder of one series")
     expected_mask: Path | None = Field(None, description="NIfTI mask in the series' grid, as `pacsworker run` writes")
-    min_dice: float = Field(0.98, gt=0, le=1)
+    min_dice: float = Field(0.98, gt=0, le=1, description="lowest Dice coefficient with expected_mask that passes")
     expected_volume_ml: dict[str, float] = Field(default_factory=dict, description="segment name -> mL")
     volume_tolerance: float = Field(0.02, ge=0, description="relative, 0.02 = 2 %")
     expected_values: dict[str, float] = Field(default_factory=dict, description="score output key -> value")
@@ -256,7 +277,7 @@ class SegOptions(BaseModel):
         "binary", description="binary: what every viewer loads; labelmap: the compact LABELMAP SEG (opt-in)")
     probabilities_as: Literal["fractional", "binary"] = Field(
         "fractional", description="fractional: PROBABILITY SEG; binary: exclusive labels where >= threshold")
-    threshold: float = Field(0.5, gt=0, lt=1)
+    threshold: float = Field(0.5, gt=0, lt=1, description="probabilities_as: binary: the probability a voxel needs")
 
 
 class Range(BaseModel):
@@ -264,8 +285,8 @@ class Range(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    min: float | None = None
-    max: float | None = None
+    min: float | None = Field(None, description="lower end, included; null: open")
+    max: float | None = Field(None, description="upper end, included; null: open")
 
     def holds(self, value: float) -> bool:
         return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
@@ -278,7 +299,7 @@ class CheckCondition(BaseModel):
     model_config = {"extra": "forbid"}
 
     age_months: Range | None = None
-    sex: list[Literal["M", "F", "O"]] | None = None
+    sex: list[Literal["M", "F", "O"]] | None = Field(None, description="Patient's Sex values it applies to; null: any")
 
 
 class ResultCheck(BaseModel):
@@ -290,9 +311,9 @@ class ResultCheck(BaseModel):
 
     segment: str | None = Field(None, description="segment name (volume_ml, components, fov_fraction)")
     output: str | None = Field(None, description="score output key (value)")
-    measure: Literal["volume_ml", "components", "fov_fraction", "value"]
-    min: float | None = None
-    max: float | None = None
+    measure: Literal["volume_ml", "components", "fov_fraction", "value"] = Field(description="the fact bounded")
+    min: float | None = Field(None, description="the lowest plausible value")
+    max: float | None = Field(None, description="the highest plausible value")
     when: CheckCondition | None = None
 
     @model_validator(mode="after")
@@ -318,8 +339,8 @@ class InputCheck(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    kind: Literal["head_like"]
-    min_variation: float = Field(0.2, ge=0)
+    kind: Literal["head_like"] = Field(description="the check")
+    min_variation: float = Field(0.2, ge=0, description="lowest coefficient of variation of the foreground")
     extent_mm: Range = Field(default_factory=lambda: Range(min=100, max=320))
 
 
@@ -330,7 +351,8 @@ class PlausibilityChecks(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    on_fail: Literal["withhold", "flag"] = "withhold"
+    on_fail: Literal["withhold", "flag"] = Field(
+        "withhold", description="withhold: nothing is delivered; flag: delivered, marked as failing")
     inputs: list[InputCheck] = Field(default_factory=list)
     results: list[ResultCheck] = Field(default_factory=list)
 
@@ -360,8 +382,11 @@ BUILTIN_CHECKS = {
 
 
 class ModelSettings(BaseModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    kind: Literal["builtin", "python", "torchscript", "monai-bundle", "triton", "arterys", "monai-deploy"] = "builtin"
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="the model's name; its queue is model.<name>"
+    )
+    kind: Literal["builtin", "python", "torchscript", "monai-bundle", "triton", "arterys", "monai-deploy"] = Field(
+        "builtin", description="how the model is loaded, or reached when it runs elsewhere")
     source: str = Field(
         "ct-body",
         description="builtin: the model's name; python: 'package.module:Class' or '/path/file.py:Class'; "
@@ -392,11 +417,24 @@ class ModelSettings(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model class")
     outputs: dict[str, OutputConfig] = Field(default_factory=dict, description="output key -> what it is")
     match: MatchRule = Field(default_factory=MatchRule)
+    scope: Literal["series", "study"] = Field(
+        "series", description="series: one job per matching series; study: one job per study with every matching "
+        "series, once the study is quiet (kind python: predict(study))"
+    )
     tests: list[ReferenceCase] = Field(default_factory=list, description="reference cases with known answers")
     seg: SegOptions = Field(default_factory=SegOptions)
     checks: PlausibilityChecks | None = Field(
         None, description="plausibility checks; default: the built-in model's own, else none"
     )
+    destinations: list[str] = Field(
+        default_factory=list, description="names of the destinations its results go to; empty: every destination"
+    )
+
+    @model_validator(mode="after")
+    def _study_scope(self) -> "ModelSettings":
+        if self.scope == "study" and self.kind != "python":
+            raise ValueError(f"scope: study needs kind: python (a class with predict(study)), not kind: {self.kind}")
+        return self
 
     def effective_checks(self) -> PlausibilityChecks:
         """The configured checks, else the built-in model's defaults, else none."""
@@ -413,7 +451,7 @@ class ModelSettings(BaseModel):
 
         text = self.model_dump_json(include={"kind", "source", "version", "options", "outputs", "pipeline", "seg"})
         served = self.model_dump_json(exclude_defaults=True, include={
-            "url", "model_name", "model_version", "inference_command", "command", "model_path"})
+            "url", "model_name", "model_version", "inference_command", "command", "model_path", "scope"})
         if served != "{}":  # model servers' settings; absent for the other kinds, whose names stay as they were
             text += served
         return hashlib.sha256(text.encode()).hexdigest()[:8]
@@ -445,31 +483,215 @@ def default_models() -> list[ModelSettings]:
     return models
 
 
-class BasicAuth(BaseModel):
+class _NamedSecret(BaseModel):
+    """An auth method whose secret the YAML names (an environment variable or a file), never holds."""
+
+    model_config = {"extra": "forbid"}
+    secret_key: ClassVar[str]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_inline(cls, data: Any) -> Any:
+        if isinstance(data, dict) and cls.secret_key in data:
+            key = cls.secret_key
+            raise ValueError(
+                f"{key} may not be written in the configuration: name an environment variable ({key}_env) "
+                f"or a file ({key}_file) that holds it"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "_NamedSecret":
+        key = self.secret_key
+        given = [name for name in (f"{key}_env", f"{key}_file") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {key}_env or {key}_file (got {', '.join(given) or 'neither'})")
+        return self
+
+
+class NoAuth(BaseModel):
+    """No authentication (the same as leaving ``auth`` out)."""
+
+    model_config = {"extra": "forbid"}
+
+    kind: Literal["none"]
+
+
+class BasicAuth(_NamedSecret):
+    """HTTP basic authentication; the password is read from an environment variable or a file when sending."""
+
+    secret_key = "password"
+
     kind: Literal["basic"] = "basic"
-    username: str
-    password: str
+    username: str = Field(min_length=1, description="the user name")
+    password_env: str | None = Field(None, description="environment variable that holds the password")
+    password_file: Path | None = Field(None, description="file that holds the password (a trailing newline is ignored)")
+
+
+class BearerAuth(_NamedSecret):
+    """A static bearer token (``Authorization: Bearer ...``) read from an environment variable or a file."""
+
+    secret_key = "token"
+
+    kind: Literal["bearer"]
+    token_env: str | None = Field(None, description="environment variable that holds the token")
+    token_file: Path | None = Field(
+        None, description="file that holds the token, read again for every request (a rotated token is picked up)"
+    )
+
+
+class OAuth2Auth(_NamedSecret):
+    """OAuth2 client credentials grant (RFC 6749 4.4): a bearer token fetched from ``token_url``, cached and
+    renewed before it expires; a 401 with a cached token fetches a new one once and resends."""
+
+    secret_key = "client_secret"
+
+    kind: Literal["oauth2"]
+    token_url: str = Field(pattern=r"^https?://", description="the authorization server's token endpoint")
+    client_id: str = Field(min_length=1, description="the client's id")
+    client_secret_env: str | None = Field(None, description="environment variable that holds the client secret")
+    client_secret_file: Path | None = Field(None, description="file that holds the client secret")
+    scope: str = Field("", description="space-separated scopes to ask for; empty: the server's default")
+    audience: str = Field("", description="the audience parameter some servers need (Auth0, Keycloak); empty: none")
+    client_auth: Literal["basic", "post"] = Field(
+        "basic", description="basic: client id and secret as HTTP basic (client_secret_basic); post: in the form body"
+    )
+    renew_before_seconds: float = Field(
+        30.0, ge=0, description="renew a token this long before it expires, or at 10 % of its lifetime if sooner"
+    )
+    timeout_seconds: float = Field(30.0, gt=0, description="time limit of one token request")
+
+
+HttpAuth = Annotated[NoAuth | BasicAuth | BearerAuth | OAuth2Auth, Field(discriminator="kind")]
+
+
+class ClientTlsSettings(BaseModel):
+    """How pacsworker checks a destination's TLS certificate, and the certificate it shows (mutual TLS)."""
+
+    model_config = {"extra": "forbid"}
+
+    ca_bundle: Path | None = Field(
+        None, description="CA certificates (PEM) the server's certificate must chain to; default: the system's "
+        "(dicomweb: requests' bundle, or $REQUESTS_CA_BUNDLE)"
+    )
+    verify: bool = Field(True, description="false: accept any server certificate (for tests only, never in production)")
+    client_certificate: Path | None = Field(None, description="certificate (PEM) to present for mutual TLS")
+    client_key: Path | None = Field(
+        None, description="its private key (PEM, unencrypted); omit when client_certificate holds it too"
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> "ClientTlsSettings":
+        if self.client_key is not None and self.client_certificate is None:
+            raise ValueError("client_key needs client_certificate")
+        return self
 
 
 class DicomwebDestination(BaseModel):
+    """DICOMweb STOW-RS (``POST {url}/studies``) with per-instance outcomes from the response."""
+
+    model_config = {"extra": "forbid"}
+
     kind: Literal["dicomweb"]
-    name: str = "dicomweb"
-    url: str = Field(pattern=r"^https?://")
-    auth: BasicAuth | None = None
-    timeout_seconds: float = Field(60.0, gt=0)
+    name: str = Field("dicomweb", description="names the destination in records, logs, status and model routes")
+    url: str = Field(pattern=r"^https?://", description="the DICOMweb root, e.g. https://pacs.example.org/dicom-web")
+    auth: HttpAuth | None = Field(None, description="none (default), basic, bearer or oauth2")
+    tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings, description="https: CA bundle and client certificate")
+    timeout_seconds: float = Field(60.0, gt=0, description="time limit of one request")
+    instances_per_request: int = Field(
+        0, ge=0, description="at most this many instances in one STOW-RS request; 0: all of a result in one"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        if urllib.parse.urlsplit(value).username is not None:
+            raise ValueError("credentials may not be part of the URL: give them in auth (from env or a file)")
+        return value
+
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _basic_by_default(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "kind" not in value and "username" in value:
+            return {"kind": "basic", **value}  # written before kinds existed: {username, password_env}
+        return value
+
+
+class DimseDestination(BaseModel):
+    """DICOM C-STORE (SCU) to a PACS; only the SOP classes and transfer syntaxes of the files sent are proposed."""
+
+    model_config = {"extra": "forbid"}
+
+    kind: Literal["dimse"]
+    name: str = Field("dimse", description="names the destination in records, logs, status and model routes")
+    host: str = Field(min_length=1, description="the PACS's host name or address")
+    port: int = Field(104, ge=1, le=65535, description="its DICOM port")
+    ae_title: str = Field(description="the PACS's AE title (called AE)")
+    calling_ae_title: str = Field("PACSWORKER", description="pacsworker's AE title in the association (calling AE)")
+    timeout_seconds: float = Field(60.0, gt=0, description="time limit of association, each C-STORE and network reads")
+    tls: ClientTlsSettings | None = Field(None, description="DICOM TLS (PS3.15 B.1); none: plain TCP")
+
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae(value)
 
 
 class FolderDestination(BaseModel):
+    """A folder: ``<path>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``, each file written atomically."""
+
+    model_config = {"extra": "forbid"}
+
     kind: Literal["folder"]
-    name: str = "folder"
-    path: Path
+    name: str = Field("folder", description="names the destination in records, logs, status and model routes")
+    path: Path = Field(description="the folder (created when missing)")
 
 
-Destination = Annotated[DicomwebDestination | FolderDestination, Field(discriminator="kind")]
+Destination = Annotated[DicomwebDestination | DimseDestination | FolderDestination, Field(discriminator="kind")]
+AnyDestination = DicomwebDestination | DimseDestination | FolderDestination
+
+
+class DeliverySettings(BaseModel):
+    """How results are retried: exponential backoff with jitter, per destination, until a maximum age;
+    then (or at once on a permanent failure) the result is dead-lettered: kept in the outbox, shown by
+    ``pacsworker status`` and sent again by ``pacsworker deliveries retry``."""
+
+    model_config = {"extra": "forbid"}
+
+    max_age_seconds: float = Field(
+        86400.0, gt=0, description="how long a result is retried (from its first attempt) before it is dead-lettered"
+    )
+    backoff_base_seconds: float = Field(5.0, gt=0, description="the wait after the first failed attempt; doubles after each")
+    backoff_max_seconds: float = Field(600.0, gt=0, description="the longest wait between two attempts")
+
+    @model_validator(mode="after")
+    def _order(self) -> "DeliverySettings":
+        if self.backoff_max_seconds < self.backoff_base_seconds:
+            raise ValueError("delivery.backoff_max_seconds must not be lower than delivery.backoff_base_seconds")
+        return self
+
+
+class MetricsSettings(BaseModel):
+    """The operator's HTTP port of each process: Prometheus /metrics, /healthz, /readyz and a status page."""
+
+    enabled: bool = Field(True, description="serve metrics, health and the status page")
+    host: str = Field("0.0.0.0", description="address the metrics port listens on")
+    port: int = Field(9100, ge=1, le=65535, description="the receiver's (and serve's, for all its processes)")
+    worker_port: int = Field(
+        9101, ge=0, le=65535, description="a stand-alone worker's (pacsworker worker --metrics-port overrides it); "
+        "0: none"
+    )
+    records_cache_seconds: float = Field(
+        5.0, ge=0, description="how long counts read from data_dir's records are reused between scrapes"
+    )
 
 
 class LoggingSettings(BaseModel):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level of every process")
+    format: Literal["plain", "json"] = Field(
+        "plain", description="plain text, or one JSON object per line (time, level, logger, process, correlation, "
+        "message); the correlation is the series UID or job id a line is about"
+    )
 
 
 class Settings(BaseSettings):
@@ -483,8 +705,12 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     models: list[ModelSettings] = Field(default_factory=default_models)
-    destinations: list[Destination] = Field(default_factory=list)
+    destinations: list[Destination] = Field(
+        default_factory=list, description="where results go; empty: a folder data_dir/results"
+    )
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @field_validator("models")
     @classmethod
@@ -493,6 +719,23 @@ class Settings(BaseSettings):
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
         return value
+
+    @model_validator(mode="after")
+    def _routes(self) -> "Settings":
+        names = [d.name for d in self.destinations]
+        if len(set(names)) != len(names):
+            raise ValueError(f"destination names must be unique (give each a name:), got {names}")
+        for model in self.models:
+            unknown = [name for name in model.destinations if name not in names]
+            if unknown:
+                raise ValueError(f"model {model.name} routes to {unknown}, which no destination is named; "
+                                 f"destinations: {names or 'none configured (the default folder)'}")
+        # the older queue.delivery_backoff_* keys, where the delivery section does not say otherwise
+        for old, new in (("delivery_backoff_seconds", "backoff_base_seconds"),
+                         ("delivery_backoff_max_seconds", "backoff_max_seconds")):
+            if old in self.queue.model_fields_set and new not in self.delivery.model_fields_set:
+                setattr(self.delivery, new, getattr(self.queue, old))
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -510,10 +753,16 @@ class Settings(BaseSettings):
     def data_dir(self) -> Path:
         return self.storage.data_dir.resolve()
 
-    def effective_destinations(self) -> list[DicomwebDestination | FolderDestination]:
-        if self.destinations:
-            return list(self.destinations)
-        return [FolderDestination(kind="folder", name="results", path=self.data_dir / "results")]
+    def effective_destinations(self, model: str | None = None) -> list[AnyDestination]:
+        """The destinations results go to: a model's route (its ``destinations``, else all), else all."""
+        configured = list(self.destinations) or [
+            FolderDestination(kind="folder", name="results", path=self.data_dir / "results")]
+        route = self.model(model).destinations if model is not None else []
+        return [d for d in configured if d.name in route] if route else configured
+
+    def destination(self, name: str) -> AnyDestination | None:
+        """The destination of that name (the default folder is ``results``), None if not configured."""
+        return next((d for d in self.effective_destinations() if d.name == name), None)
 
     def model(self, name: str) -> ModelSettings:
         for model in self.models:
@@ -530,7 +779,12 @@ def _format_errors(err: ValidationError, origin: str) -> str:
     lines = [f"invalid configuration ({origin}):"]
     for item in err.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+        got = item.get("input")
+        if isinstance(got, dict) and {"password", "token", "client_secret"} & set(got):
+            got = "(not shown: it holds a secret)"
+        elif isinstance(got, str) and "://" in got and urllib.parse.urlsplit(got).password is not None:
+            got = "(not shown: it holds a password)"
+        lines.append(f"  {key}: {item['msg']} (got {got!r})")
     return "\n".join(lines)
 
 

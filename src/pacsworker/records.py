@@ -63,11 +63,11 @@ class JobState(str, enum.Enum):
 
 
 class DeliveryState(str, enum.Enum):
-    """Where the delivery of one job's results to one destination stands."""
+    """Where the delivery of a result (or one of its instances) to one destination stands."""
 
-    PENDING = "pending"
+    PENDING = "pending"  # not yet sent, or waiting for its next attempt
     DELIVERED = "delivered"
-    FAILED = "failed"
+    DEAD_LETTER = "dead-letter"  # given up: kept in the outbox until `pacsworker deliveries retry`
 
 
 class SeriesRecord(BaseModel):
@@ -93,6 +93,7 @@ class SeriesRecord(BaseModel):
     completed_by: str = Field("", description="what made the series complete: quiet time, evidence, or forced")
     contiguous: bool | None = Field(None, description="no gap wider than the series' spacing; None: not checked")
     contiguity: str = Field("", description="what the contiguity check found")
+    study_models: list[str] = Field(default_factory=list, description="models of scope study it was held for")
 
 
 class JobRecord(BaseModel):
@@ -101,10 +102,12 @@ class JobRecord(BaseModel):
     study_uid: str
     model: str
     spool_dir: str
+    series_uids: list[str] = Field(default_factory=list, description="a study job: every series it was given")
     state: JobState = JobState.QUEUED
     attempts: int = 0
     worker: str = ""
     heartbeat: float = 0.0
+    stage: str = Field("", description="while running: loading, model, encoding or validating")
     queued_at: float = Field(default_factory=time.time)
     sent_at: float = Field(0.0, description="when the broker took the job's message; 0: not yet")
     started_at: float = 0.0
@@ -116,22 +119,63 @@ class JobRecord(BaseModel):
     reason: str = ""
 
 
-class DestinationOutcome(BaseModel):
+class StudyRecord(BaseModel):
+    """A study that models of ``scope: study`` wait for: its complete series, until the study is quiet."""
+
+    study_uid: str
+    series: dict[str, str] = Field(default_factory=dict, description="Series Instance UID -> content digest")
+    models: list[str] = Field(default_factory=list, description="study models its series matched")
+    last_seen: float = Field(default_factory=time.time, description="the newest instance of any of its series")
+    jobs: list[str] = Field(default_factory=list, description="the study jobs of its latest content")
+    waiting: bool = True  # series changed since the last study jobs were made
+
+
+class InstanceOutcome(BaseModel):
+    """One result instance at one destination."""
+
     state: DeliveryState = DeliveryState.PENDING
-    attempts: int = 0
-    last_error: str = ""
+    detail: str = Field("", description="what the destination said: a warning, 'already stored', a failure reason")
     delivered_at: float = 0.0
 
 
+class DestinationOutcome(BaseModel):
+    """A job's results at one destination: delivered once every instance is."""
+
+    state: DeliveryState = DeliveryState.PENDING
+    attempts: int = 0
+    last_error: str = ""
+    permanent: bool = Field(False, description="the last failure cannot heal by waiting (401, 403, 400, refused AE)")
+    delivered_at: float = 0.0
+    next_attempt_at: float = Field(0.0, description="when it is tried next; 0: as soon as possible")
+    dead_lettered_at: float = 0.0
+    instances: dict[str, InstanceOutcome] = Field(default_factory=dict, description="outbox file name -> outcome")
+
+
 class DeliveryRecord(BaseModel):
+    """``outbox/<job_id>/delivery.json``: the job's result files and their outcome at each destination."""
+
     job_id: str
     files: list[str]
+    sop_instance_uids: dict[str, str] = Field(default_factory=dict, description="outbox file name -> SOP Instance UID")
     destinations: dict[str, DestinationOutcome] = Field(default_factory=dict)
-    next_attempt_at: float = 0.0
+    started_at: float = Field(
+        default_factory=time.time, description="first attempt, or the latest `deliveries retry`: max age counts from here"
+    )
+    next_attempt_at: float = Field(0.0, description="the earliest next attempt of any pending destination")
 
     @property
     def complete(self) -> bool:
         return all(d.state == DeliveryState.DELIVERED for d in self.destinations.values())
+
+    @property
+    def pending(self) -> bool:
+        """Some destination still waits for an attempt."""
+        return any(d.state == DeliveryState.PENDING for d in self.destinations.values())
+
+    @property
+    def dead_lettered(self) -> bool:
+        """Settled (nothing pending) with some destination given up."""
+        return not self.pending and any(d.state == DeliveryState.DEAD_LETTER for d in self.destinations.values())
 
 
 def write_json_atomic(path: Path, record: BaseModel) -> None:
@@ -168,9 +212,10 @@ class DataLayout:
         self.broker = self.root / "broker"
         self.incoming = self.root / "incoming"
         self.quarantine = self.root / "quarantine"
+        self.studies = self.root / "studies"
 
     def create(self) -> "DataLayout":
-        for folder in (self.spool, self.incoming, self.series, self.jobs, self.outbox, self.broker):
+        for folder in (self.spool, self.incoming, self.series, self.jobs, self.outbox, self.broker, self.studies):
             folder.mkdir(parents=True, exist_ok=True)
         return self
 
@@ -187,6 +232,11 @@ class DataLayout:
 
     def series_record(self, series_uid: str) -> Path:
         return self.series / f"{series_uid}.json"
+
+    def study_record(self, study_uid: str) -> Path:
+        if not is_valid_uid(study_uid):
+            raise ValueError(f"invalid Study Instance UID {study_uid!r}")
+        return self.studies / f"{study_uid}.json"
 
     def job_record(self, job_id: str) -> Path:
         return self.jobs / f"{job_id}.json"
@@ -264,9 +314,10 @@ def save_series(layout: DataLayout, record: SeriesRecord) -> SeriesRecord:
     return settled
 
 
-def settle_series_of(layout: DataLayout, series_uid: str) -> None:
-    """After a job ended: bring its series record up to date (called by workers)."""
-    with series_lock(layout, series_uid):
-        record = read_json(layout.series_record(series_uid), SeriesRecord)
-        if record is not None:
-            write_json_atomic(layout.series_record(series_uid), settle_series(layout, record))
+def settle_series_of(layout: DataLayout, *series_uids: str) -> None:
+    """After a job ended: bring its series' records up to date (called by workers)."""
+    for series_uid in series_uids:
+        with series_lock(layout, series_uid):
+            record = read_json(layout.series_record(series_uid), SeriesRecord)
+            if record is not None:
+                write_json_atomic(layout.series_record(series_uid), settle_series(layout, record))

@@ -8,9 +8,13 @@ the Storage handler checks that file and renames it into the spool, or it is del
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import os
-import tempfile
+import queue
+import struct
+import threading
 from io import BytesIO
 from pathlib import Path
 
@@ -18,6 +22,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.pdu_primitives import P_DATA
 
@@ -27,6 +32,9 @@ PREAMBLE = b"\x00" * 128 + b"DICM"
 PLACEHOLDER_UID = "0"  # for a command whose UIDs cannot go into a file meta: the instance is refused
 MAX_COMMAND_BYTES = 64 * 1024  # a DIMSE command set is a few hundred bytes
 MAX_IN_MEMORY_DATASET = 1 << 20  # datasets of anything but C-STORE (none this receiver serves)
+START_WRITEBACK = hasattr(os, "posix_fadvise")
+IDLE_WAIT = 0.02  # the association loop's longest wait for a message: its timers are checked at least this often
+_NEVER_SET = threading.Event()  # for a DUL without a wake-up event: the loop waits IDLE_WAIT and polls
 
 
 class IncomingDataset:
@@ -43,10 +51,10 @@ class IncomingDataset:
         self.error: OSError | None = None
         self.received = 0
         self.name = ""
-        self._handle = None
+        self._fd: int | None = None
+        self._written = 0
         try:
-            fd, self.name = tempfile.mkstemp(prefix="in-", suffix=".dcm", dir=folder)
-            self._handle = os.fdopen(fd, "wb")
+            self._fd, self.name = _create(folder)
         except OSError as exc:
             self.error = exc
         self.dataset_offset = len(PREAMBLE) + len(file_meta)
@@ -56,31 +64,36 @@ class IncomingDataset:
     def write(self, fragment: bytes) -> None:
         self.received += len(fragment)
         if self.error is None:
+            view = memoryview(fragment)
             try:
-                self._handle.write(fragment)
+                start = self._written
+                while view:  # unbuffered: fragments are large, and nothing waits in user space at sync
+                    done = os.write(self._fd, view)
+                    view = view[done:]
+                    self._written += done
+                if START_WRITEBACK:
+                    # the kernel starts writing these pages now, while the rest arrives: the fsync
+                    # before Success then waits for little (pages being written stay cached)
+                    os.posix_fadvise(self._fd, start, self._written - start, os.POSIX_FADV_DONTNEED)
             except OSError as exc:
                 self.error = exc
 
     def flush(self) -> None:
-        if self.error is None:
-            try:
-                self._handle.flush()
-            except OSError as exc:
-                self.error = exc
+        pass  # writes are unbuffered
 
     def sync(self) -> None:
-        """Flush and fsync; raises the first error the disk gave."""
-        self.flush()
+        """fsync; raises the first error the disk gave."""
         if self.error is not None:
             raise self.error
-        os.fsync(self._handle.fileno())
+        os.fsync(self._fd)
 
     def close(self) -> None:
-        if self._handle is None:
+        if self._fd is None:
             return
+        fd, self._fd = self._fd, None
         try:
-            self._handle.close()
-        except OSError as exc:  # a full disk can refuse the last buffered bytes here
+            os.close(fd)
+        except OSError as exc:
             self.error = self.error or exc
 
     def discard(self) -> None:
@@ -89,19 +102,63 @@ class IncomingDataset:
             Path(self.name).unlink(missing_ok=True)
 
 
+_SEQUENCE = itertools.count()
+
+
+def _create(folder: Path) -> tuple[int, str]:
+    """A new file ``in-<pid>-<n>.dcm`` in ``folder``; O_EXCL, so never one another process left."""
+    while True:
+        name = os.path.join(folder, f"in-{os.getpid()}-{next(_SEQUENCE)}.dcm")
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), name
+        except FileExistsError:
+            continue
+
+
+INSTANCE_UID_ELEMENT = b"\x02\x00\x03\x00UI"  # (0002,0003) Media Storage SOP Instance UID, explicit VR LE
+
+
+@functools.lru_cache(maxsize=256)
+def _file_meta_template(sop_class_uid: str, syntax: str, uid_length: int) -> tuple[bytes, int]:
+    """The file meta pydicom writes for an instance UID of ``uid_length`` bytes (padded), and where that UID goes."""
+    meta = BytesIO()
+    write_file_meta_info(meta, create_file_meta(sop_class_uid=UID(sop_class_uid), sop_instance_uid=UID("1" * uid_length),
+                                                transfer_syntax=syntax), enforce_standard=True)
+    encoded = meta.getvalue()
+    return encoded, encoded.index(INSTANCE_UID_ELEMENT + struct.pack("<H", uid_length)) + 8
+
+
 def _file_meta(message, syntax: str) -> bytes:
     command = message.command_set
-    meta = BytesIO()
     try:
-        values = (UID(str(command.AffectedSOPClassUID)), UID(str(command.AffectedSOPInstanceUID)))
-        write_file_meta_info(meta, create_file_meta(sop_class_uid=values[0], sop_instance_uid=values[1],
-                                                    transfer_syntax=syntax), enforce_standard=True)
+        sop_class = str(command.AffectedSOPClassUID)
+        instance = str(command.AffectedSOPInstanceUID).encode("ascii")
+        instance += b"\0" * (len(instance) % 2)  # UI values are padded with NUL to even length
+        # pydicom's encoding of the same meta with a placeholder of the same length: only the UID differs
+        template, offset = _file_meta_template(sop_class, syntax, len(instance))
+        return template[:offset] + instance + template[offset + len(instance):]
     except Exception:  # noqa: BLE001 - UIDs from the wire that pydicom cannot write; refused later
         meta = BytesIO()
         placeholder = UID(PLACEHOLDER_UID)
         write_file_meta_info(meta, create_file_meta(sop_class_uid=placeholder, sop_instance_uid=placeholder,
                                                     transfer_syntax=syntax), enforce_standard=True)
-    return meta.getvalue()
+        return meta.getvalue()
+
+
+class _RequestQueue(queue.Queue):
+    """An association's received DIMSE requests; a C-STORE is served as it is put, in the thread that received it.
+
+    pynetdicom hands each request to the association's own thread and its response back to the DUL's:
+    two thread switches (and waits for the GIL) per instance, on the path the sender waits on.
+    """
+
+    def __init__(self, dimse: SpoolingDIMSE):
+        super().__init__()
+        self.dimse = dimse
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        if not self.dimse.serve_now(*reversed(item)):
+            super().put(item, block, timeout)
 
 
 class SpoolingDIMSE(DIMSEServiceProvider):
@@ -112,6 +169,18 @@ class SpoolingDIMSE(DIMSEServiceProvider):
     def __init__(self, assoc, folder: Path):
         super().__init__(assoc)
         self.folder = folder
+        self.msg_queue = _RequestQueue(self)
+
+    def serve_now(self, request, context_id: int) -> bool:
+        """Serve ``request`` in the calling (DUL) thread if it is a C-STORE pynetdicom would serve as a Storage
+        SCP; the requests it would refuse or abort on go to the association's loop as usual."""
+        if not isinstance(request, C_STORE) or not request.is_valid_request or self.assoc._sent_release:
+            return False
+        context = self.assoc._accepted_cx.get(context_id)
+        if context is None or context.abstract_syntax != request.AffectedSOPClassUID:
+            return False
+        self.assoc._serve_request(request, context_id)
+        return True
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         # one value at a time: a dataset's first fragment may share a PDU with its command
@@ -135,6 +204,20 @@ class SpoolingDIMSE(DIMSEServiceProvider):
                     f"more than {MAX_IN_MEMORY_DATASET} bytes of dataset without a C-STORE command"
                 )
                 return
+        if not self.msg_queue.empty():
+            self._user_wake().set()
+
+    def _user_wake(self) -> threading.Event:
+        return getattr(self.assoc.dul, "user_wake", None) or _NEVER_SET
+
+    def get_msg(self, block: bool = False):
+        # pynetdicom's association loop polls this every millisecond; waiting here until a message is
+        # complete (or the DUL has news for the loop) serves it the moment its last fragment arrives
+        if not block and self.msg_queue.empty():
+            wake = self._user_wake()
+            wake.wait(IDLE_WAIT)
+            wake.clear()
+        return super().get_msg(block)
 
     def discard_unserved(self) -> None:
         """Delete the files of datasets the association ended before serving (partial or queued)."""

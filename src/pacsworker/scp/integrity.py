@@ -41,6 +41,11 @@ HEADER_KEYWORDS = [
 ]
 HEADER_TAGS = {tag_for_keyword(k) for k in HEADER_KEYWORDS}
 MAX_HEADER_VALUE = 64 * 1024
+# element and item headers, by byte order: tag + 4-byte length (implicit VR, items), tag + VR + 2-byte length
+# (explicit VR; for a long VR the 2 bytes are reserved and a 4-byte length follows)
+SHORT_HEADER = {order: struct.Struct(order + "HHL") for order in "<>"}
+EXPLICIT_HEADER = {order: struct.Struct(order + "HH2sH") for order in "<>"}
+LONG_LENGTH = {order: struct.Struct(order + "L") for order in "<>"}
 
 
 class IncompleteDataset(ValueError):
@@ -65,6 +70,14 @@ class _BytesSource:
         chunk = self.data[self.pos:end]
         self.pos = end
         return chunk
+
+    def unpack(self, layout: struct.Struct) -> tuple:
+        end = self.pos + layout.size
+        if end > len(self.data):
+            raise _Truncated
+        values = layout.unpack_from(self.data, self.pos)
+        self.pos = end
+        return values
 
     def skip(self, count: int) -> None:
         if self.pos + count > len(self.data):
@@ -125,6 +138,9 @@ class _InflatingSource:
         self._consume(count)
         return chunk
 
+    def unpack(self, layout: struct.Struct) -> tuple:
+        return layout.unpack(self.read(layout.size))
+
     def skip(self, count: int) -> None:
         while count:
             if not self.buffer:
@@ -157,36 +173,32 @@ class _Walker:
         self.pixel_length: int | None = None
         self.fragments = 0
 
-    def _tag(self, order: str) -> int:
-        group, element = struct.unpack(order + "HH", self.src.read(4))
-        return group << 16 | element
-
-    def _vr_and_length(self, implicit: bool, order: str) -> tuple[bytes, int]:
-        if implicit:
-            return b"", struct.unpack(order + "L", self.src.read(4))[0]
-        vr = bytes(self.src.read(2))
-        if vr in LONG_VRS:
-            self.src.skip(2)
-            return vr, struct.unpack(order + "L", self.src.read(4))[0]
-        return vr, struct.unpack(order + "H", self.src.read(2))[0]
-
     def walk(self) -> None:
         self._dataset(self.implicit, self.order, depth=0)
 
     def _dataset(self, implicit: bool, order: str, depth: int) -> None:
         """Walk elements to the end of the data (top level) or to an item delimiter (nested)."""
-        while depth or not self.src.at_end():
-            start = self.src.pos
-            tag = self._tag(order)
+        src = self.src
+        header = SHORT_HEADER[order] if implicit else EXPLICIT_HEADER[order]
+        long_length = LONG_LENGTH[order]
+        while depth or not src.at_end():
+            start = src.pos
+            # an item delimiter's 4-byte length fills the same 8 bytes as an element header
+            if implicit:
+                group, element, length = src.unpack(header)
+                vr = b""
+            else:
+                group, element, vr, length = src.unpack(header)
+            tag = group << 16 | element
             if tag == ITEM_END:
-                self.src.skip(4)
                 if depth:
                     return
                 raise IncompleteDataset(f"item delimiter outside a sequence at byte {start}")
             if tag in (ITEM, SEQUENCE_END):
                 raise IncompleteDataset(f"item tag outside a sequence at byte {start}")
             top_pixels = depth == 0 and tag in PIXEL_TAGS
-            vr, length = self._vr_and_length(implicit, order)
+            if vr in LONG_VRS:
+                (length,) = src.unpack(long_length)
             if depth == 0 and tag in HEADER_TAGS and length != UNDEFINED:
                 self._keep(tag, vr, length, implicit, order)
                 continue
@@ -222,9 +234,10 @@ class _Walker:
     def _sequence(self, implicit: bool, order: str, depth: int, tag: int) -> None:
         if depth > MAX_NESTING:
             raise IncompleteDataset(f"sequences nested deeper than {MAX_NESTING} levels")
+        layout = SHORT_HEADER[order]
         while True:
-            item = self._tag(order)
-            length = struct.unpack(order + "L", self.src.read(4))[0]
+            group, element, length = self.src.unpack(layout)
+            item = group << 16 | element
             if item == SEQUENCE_END:
                 return
             if item != ITEM:
@@ -236,9 +249,10 @@ class _Walker:
 
     def _fragments(self, order: str) -> int:
         count = -1  # the first item is the Basic Offset Table
+        layout = SHORT_HEADER[order]
         while True:
-            item = self._tag(order)
-            length = struct.unpack(order + "L", self.src.read(4))[0]
+            group, element, length = self.src.unpack(layout)
+            item = group << 16 | element
             if item == SEQUENCE_END:
                 return max(count, 0)
             if item != ITEM or length == UNDEFINED:

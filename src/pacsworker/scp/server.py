@@ -31,6 +31,7 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
+from .. import metrics
 from ..config import Settings
 from ..records import DataLayout, SeriesRecord, is_valid_uid
 from .incoming import PREAMBLE, IncomingDataset
@@ -138,6 +139,7 @@ class Receiver:
         )
         self.on_series_complete = on_series_complete
         self.periodic: list[Callable[[], None]] = []
+        self.on_stop: list[Callable[[], None]] = []  # what else stops with the receiver (the metrics port)
         self._servers: list = []  # the plain listener and the TLS one, as configured
         self._short_of_space = False
         self._stop = threading.Event()
@@ -247,18 +249,23 @@ class Receiver:
         except (IncompleteDataset, ValueError) as exc:
             # the reason as text: the exception's frames hold views of the received bytes
             log.warning("refused C-STORE %s from %s: %s", announced, calling, str(exc))
+            metrics.REFUSED.labels(metrics.ae_label(calling), "cannot-understand").inc()
             return STATUS_CANNOT_UNDERSTAND
         if meta.sop_instance_uid != announced:
             log.warning(
                 "refused C-STORE from %s: SOP Instance UID %s differs from the command's %s",
                 calling, meta.sop_instance_uid, announced,
             )
+            metrics.REFUSED.labels(metrics.ae_label(calling), "uid-mismatch").inc()
             return STATUS_DATASET_MISMATCH
         try:
             store(meta)
         except OSError as exc:
             return self._refuse_unstored(event, exc)
         self.tracker.observe(meta)
+        label = metrics.ae_label(calling)
+        metrics.INSTANCES.labels(label, "dimse").inc()
+        metrics.BYTES.labels(label, "dimse").inc(len(dataset))
         return 0x0000
 
     def _refuse_unstored(self, event, exc: OSError) -> int:
@@ -267,6 +274,8 @@ class Receiver:
             "could not store %s from %s: %s", printable(str(event.request.AffectedSOPInstanceUID or "")),
             printable(event.assoc.requestor.ae_title or ""), exc.strerror or exc,
         )
+        metrics.REFUSED.labels(metrics.ae_label(printable(event.assoc.requestor.ae_title or "")),
+                               "out-of-resources" if status == STATUS_OUT_OF_RESOURCES else "not-stored").inc()
         return status
 
     def _handle_echo(self, event) -> int:
@@ -274,6 +283,7 @@ class Receiver:
         return 0x0000
 
     def _handle_assoc(self, event) -> None:
+        metrics.ASSOCIATIONS.labels(metrics.ae_label(printable(event.assoc.requestor.ae_title or "")), "accepted").inc()
         log.info(
             "association from %s (%s) accepted",
             printable(event.assoc.requestor.ae_title or ""), event.assoc.requestor.address,
@@ -287,12 +297,14 @@ class Receiver:
         if key == (0x02, 0x03, 0x02):
             reason += f" (max_associations {self.settings.scp.max_associations})"
         called = printable(rq.called_ae_title) if rq is not None and rq.called_ae_title else "(none)"
+        metrics.ASSOCIATIONS.labels(metrics.ae_label(printable(assoc.requestor.ae_title or "")), "rejected").inc()
         log.warning(
             "association from %s (%s) to %s rejected: %s",
             printable(assoc.requestor.ae_title or ""), assoc.requestor.address, called, reason,
         )
 
     def _handle_abort(self, event) -> None:
+        metrics.ASSOCIATIONS.labels(metrics.ae_label(printable(event.assoc.requestor.ae_title or "")), "aborted").inc()
         log.warning(
             "association from %s aborted; instances already stored are kept",
             printable(event.assoc.requestor.ae_title or ""),
@@ -355,6 +367,8 @@ class Receiver:
 
     def stop(self) -> None:
         self._stop.set()
+        for duty in self.on_stop:
+            duty()
         for server in self._servers:
             server.shutdown()
         self._servers = []

@@ -20,6 +20,7 @@ from io import BytesIO
 
 from pydicom.filereader import read_dataset
 
+from .. import metrics
 from ..multipart import decode_multipart
 from .integrity import IncompleteDataset, check_dataset
 from .server import read_instance_meta
@@ -102,6 +103,8 @@ class StowServer:
         except OSError as exc:
             return OUT_OF_RESOURCES, instance.sop_class_uid, instance.sop_instance_uid, exc.strerror or str(exc)
         receiver.tracker.observe(instance)
+        metrics.INSTANCES.labels(metrics.ae_label(instance.calling_aet), "stow").inc()
+        metrics.BYTES.labels(metrics.ae_label(instance.calling_aet), "stow").inc(len(payload))
         return 0, instance.sop_class_uid, instance.sop_instance_uid, ""
 
     def pull(self, study_uid: str, series_uid: str | None, peer: str) -> dict:

@@ -14,6 +14,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from .. import metrics
+from ..logs import correlated
 from ..records import DataLayout, SeriesRecord, SeriesState, read_json, save_series
 from .routing import series_facts
 from .spool import series_files
@@ -265,7 +267,8 @@ class SeriesTracker:
                 snapshot.content_digest = content_digest(entry.sop_uids)
                 snapshot.contiguous, snapshot.contiguity = entry.contiguity()
             try:
-                on_complete(snapshot)
+                with correlated(snapshot.series_uid):
+                    on_complete(snapshot)
             except Exception as exc:  # noqa: BLE001 - keep serving, retry next tick
                 log.error("series %s complete but not routed: %s; will retry", snapshot.series_uid, exc)
                 continue
@@ -276,6 +279,9 @@ class SeriesTracker:
                     done += 1
             save_series(self.layout, snapshot)
             self.layout.completion_request(snapshot.series_uid).unlink(missing_ok=True)
+            metrics.SERIES_COMPLETED.labels(metrics.completed_by_kind(why)).inc()
+            metrics.observe_stage("receive", snapshot.last_seen - snapshot.first_seen)
+            metrics.observe_stage("complete", time.time() - snapshot.last_seen)
             log.info("series %s complete (%d instances): %s", snapshot.series_uid, snapshot.instances, why)
         return done
 

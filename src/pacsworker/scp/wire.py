@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import queue
 import select
 import socket
 import ssl
@@ -42,6 +43,8 @@ PDU_NAMES = {
 }
 P_DATA_TF = 0x04
 A_ASSOCIATE_RQ = 0x01
+# longest idle wait of either association loop: only timers and kill flags are found by polling
+IDLE_WAIT = 0.02
 
 
 @dataclass(frozen=True)
@@ -108,12 +111,28 @@ def _reject_pdu(result: int, source: int, diagnostic: int) -> bytes:
     return struct.pack(">BBLBBBB", 0x03, 0, 4, 0, result, source, diagnostic)
 
 
+class _WakingQueue(queue.Queue):
+    """A queue whose ``put`` also sets ``wake``."""
+
+    def __init__(self, wake: threading.Event):
+        super().__init__()
+        self.wake = wake
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self.wake.set()
+
+
 class GuardedDUL(DULServiceProvider):
     """pynetdicom's DUL provider with bounded, timed PDU reads (acceptor side only)."""
 
     def __init__(self, assoc, policy: WirePolicy):
         super().__init__(assoc)
         self.policy = policy
+        # set when the association's own loop has something to do: a complete DIMSE message, a
+        # primitive for the user (release, abort), the end of this provider
+        self.user_wake = threading.Event()
+        self.to_user_queue = _WakingQueue(self.user_wake)
         self._store_waiting: tuple[int, float] | None = None
         # pynetdicom's loop sleeps 1 ms when idle; waiting on the socket and on this pair instead
         # wakes it the moment the peer sends or the association has something to send
@@ -123,31 +142,37 @@ class GuardedDUL(DULServiceProvider):
         self._run_loop_delay = 0
 
     # -- reading PDUs -------------------------------------------------------------------------
-    def _recv_exact(self, count: int, deadline: float) -> bytes:
+    def _recv_into(self, view: memoryview, deadline: float) -> None:
+        """Fill ``view`` from the socket by ``deadline``."""
         sock = self.socket.socket
-        buf = bytearray()
-        while len(buf) < count:
+        got, count = 0, len(view)
+        while got < count:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise PeerGone(f"{len(buf)} of {count} bytes arrived within {self.policy.network_timeout:g} s")
-            try:
+                raise PeerGone(f"{got} of {count} bytes arrived within {self.policy.network_timeout:g} s")
+            # lower the socket's timeout only when it exceeds the time left by over 10 %: each change is a
+            # system call, and a read that stalls still ends by its deadline (+10 % of what was left)
+            current = sock.gettimeout()
+            if current is None or current * 0.9 > remaining:
                 sock.settimeout(remaining)
-                chunk = sock.recv(min(count - len(buf), 65536))
+            try:
+                chunk = sock.recv_into(view[got:], count - got)
             except (TimeoutError, socket.timeout):
                 continue  # the deadline check above reports it
             except OSError as exc:
                 raise PeerGone(f"connection error ({exc.strerror or exc})") from None
             if not chunk:
-                raise PeerGone("connection closed by the peer" + (f" after {len(buf)} of {count} bytes" if buf else ""))
-            buf += chunk
-        sock.settimeout(self.policy.network_timeout)  # bounds pynetdicom's blocking sends too
-        return bytes(buf)
+                raise PeerGone("connection closed by the peer" + (f" after {got} of {count} bytes" if got else ""))
+            got += chunk
+        if sock.gettimeout() != self.policy.network_timeout:
+            sock.settimeout(self.policy.network_timeout)  # bounds pynetdicom's blocking sends too
 
     def _read_pdu_data(self) -> None:
         deadline = time.monotonic() + self.policy.network_timeout
         peer = self._peer()
         try:
-            header = self._recv_exact(6, deadline)
+            header = bytearray(6)
+            self._recv_into(memoryview(header), deadline)
             pdu_type, _, length = struct.unpack(">BBL", header)
             name = PDU_NAMES.get(pdu_type)
             if name is None:
@@ -157,15 +182,17 @@ class GuardedDUL(DULServiceProvider):
             if length > limit:
                 self._drop(f"{name} from {peer} announces {length} bytes, more than the {limit} allowed; aborted", abort=True)
                 return
-            body = self._recv_exact(length, deadline)
+            pdu_bytes = bytearray(6 + length)  # the body is received in place, not copied
+            pdu_bytes[:6] = header
+            self._recv_into(memoryview(pdu_bytes)[6:], deadline)
         except PeerGone as exc:
             quiet = str(exc) == "connection closed by the peer"
             self._drop(f"connection from {peer}: {exc}", level=logging.INFO if quiet else logging.WARNING)
             return
-        if pdu_type == A_ASSOCIATE_RQ and not self._associate_rq_is_sane(body, peer):
+        if pdu_type == A_ASSOCIATE_RQ and not self._associate_rq_is_sane(bytes(pdu_bytes[6:]), peer):
             return
         try:
-            pdu, event = self._decode_pdu(bytearray(header + body))
+            pdu, event = self._decode_pdu(pdu_bytes)
         except Exception as exc:  # noqa: BLE001 - malformed PDU contents: abort, keep serving
             self._drop(f"undecodable {name} from {peer} ({type(exc).__name__}); aborted", abort=True)
             return
@@ -214,12 +241,16 @@ class GuardedDUL(DULServiceProvider):
 
     def send_pdu(self, primitive) -> None:
         super().send_pdu(primitive)
+        if threading.current_thread() is not self:  # a response sent from this thread is picked up next loop
+            self._wake()
+
+    def _wake(self) -> None:
         try:
             self._wake_w.send(b"\0")
         except OSError:  # full (a wake-up is pending anyway) or closed
             pass
 
-    def _wait_for_work(self, timeout: float = 0.001) -> None:
+    def _wait_for_work(self, timeout: float = IDLE_WAIT) -> None:
         sock = self.socket.socket if self.socket is not None and self.socket._is_connected else None
         if sock is None or not self.event_queue.empty() or not self.to_provider_queue.empty():
             time.sleep(timeout if sock is None else 0)
@@ -238,6 +269,7 @@ class GuardedDUL(DULServiceProvider):
         try:
             super().run_reactor()
         finally:
+            self.user_wake.set()
             self._wake_r.close()
             self._wake_w.close()
             self._release_unassociated_slot()  # also when the reactor ended on an exception
@@ -253,6 +285,7 @@ class GuardedDUL(DULServiceProvider):
 
     def kill_dul(self) -> None:
         super().kill_dul()
+        self._wake()
         self._release_unassociated_slot()
 
     def _release_unassociated_slot(self) -> None:

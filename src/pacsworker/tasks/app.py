@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 from celery import Celery
+from celery.signals import heartbeat_sent
 
 from ..config import Settings, load_settings
 from ..records import DataLayout
@@ -93,3 +97,39 @@ def current_settings() -> Settings:
 def _load_default(sender, **kwargs) -> None:  # `celery -A pacsworker.tasks.app flower` path
     if _settings is None:
         configure(load_settings())
+
+
+def expire_event_queues(connection, older_than: float) -> list[str]:
+    """Unbind and empty the embedded broker's event queues whose oldest message waited over ``older_than`` s.
+
+    A monitor (Flower, ``celery events``) binds its own event queue; kombu's filesystem transport
+    ignores the queue's expiry (Celery's ``event_queue_expires``), so once the monitor is gone every
+    worker's heartbeat would land in ``data_dir/broker`` as a file, for ever. Returns the queues removed.
+    """
+    channel = connection.default_channel
+    exchange, prefix = app.conf.event_exchange, f"{app.conf.event_queue_prefix}."
+    bindings = {binding.queue: binding for binding in channel.get_table(exchange)}
+    now = time.time()
+    oldest: dict[str, float] = {}
+    with os.scandir(channel.data_folder_in) as entries:
+        for entry in entries:
+            queue = entry.name.partition(".")[2].removesuffix(".msg")  # kombu's "<ms>_<uuid>.<queue>.msg"
+            if queue in bindings or queue.startswith(prefix):
+                try:
+                    oldest[queue] = min(oldest.get(queue, now), entry.stat().st_mtime)
+                except FileNotFoundError:  # consumed meanwhile
+                    pass
+    expired = [queue for queue, mtime in oldest.items() if now - mtime > older_than]
+    for queue in expired:
+        if queue in bindings:  # the filesystem transport's _delete purges the queue and unbinds it
+            channel._delete(queue, exchange, bindings[queue].routing_key, bindings[queue].pattern)
+        else:  # an event sent while its queue was being unbound
+            channel.queue_purge(queue)
+    return expired
+
+
+@heartbeat_sent.connect
+def _expire_event_queues(sender, **kwargs) -> None:  # in every worker, at each heartbeat (2 s)
+    if app.conf.broker_url == "filesystem://":
+        with app.connection_for_write() as connection:
+            expire_event_queues(connection, app.conf.event_queue_expires)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from .. import metrics
+from ..logs import set_correlation
 from ..records import (
     DataLayout,
     DeliveryRecord,
@@ -30,6 +32,7 @@ FINISHED = {JobState.DELIVERING, JobState.DONE, JobState.FAILED, JobState.NO_RES
 @app.task(name="pacsworker.process_series", bind=True, acks_late=True, reject_on_worker_lost=True)
 def process_series(self, job_id: str) -> str:
     """Run the job's model over its spooled series; write the results to the outbox."""
+    set_correlation(job_id)
     settings = current_settings()
     layout = DataLayout(settings.data_dir)
     job = load_job(layout, job_id)
@@ -42,7 +45,7 @@ def process_series(self, job_id: str) -> str:
     if job.attempts >= settings.queue.max_attempts:
         job.state, job.reason = JobState.FAILED, f"gave up after {job.attempts} attempts (worker lost each time)"
         save_job(layout, job)
-        settle_series_of(layout, job.series_uid)
+        settle_series_of(layout, *job.series_uids or [job.series_uid])
         log.error("job %s failed: %s", job_id, job.reason)
         return job.state.value
     job.attempts += 1
@@ -53,19 +56,24 @@ def process_series(self, job_id: str) -> str:
     from ..scp.spool import series_files
     from ..worker.adapters import ModelLoadError
     from ..worker.outputs import ModelOutputError, ModelRunError
-    from ..worker.runtime import run_model
+    from ..worker.runtime import run_model, run_study_model
     from ..worker.volume import NotAVolumeError
 
     outcome = None
     try:
-        with Heartbeat(layout.job_record(job_id), settings.queue.heartbeat_seconds):
+        with Heartbeat(layout.job_record(job_id), settings.queue.heartbeat_seconds) as heartbeat:
             spool = Path(job.spool_dir)
             if not spool.is_dir():
                 raise FileNotFoundError(
                     f"spool folder {spool} is not visible from this worker: data_dir must be shared storage"
                 )
-            files = series_files(spool)
-            outcome = run_model(files, settings.model(job.model), earlier_report(layout, job))
+            if job.series_uids:  # a study job: every series of the study its model wanted
+                files = [series_files(layout.series_dir(uid)) for uid in job.series_uids]
+                outcome = run_study_model(files, settings.model(job.model), earlier_report(layout, job),
+                                          on_stage=heartbeat.set_stage)
+            else:
+                outcome = run_model(series_files(spool), settings.model(job.model), earlier_report(layout, job),
+                                    on_stage=heartbeat.set_stage)
     except NotAVolumeError as exc:
         job.state, job.reason = JobState.NO_RESULT, str(exc)
     except SoftTimeLimitExceeded:
@@ -94,8 +102,10 @@ def process_series(self, job_id: str) -> str:
         else:
             _write_outbox(layout, job, outcome, settings)
     job.finished_at = time.time()
+    job.stage = ""
     save_job(layout, job)
-    settle_series_of(layout, job.series_uid)
+    _count_job(job)
+    settle_series_of(layout, *job.series_uids or [job.series_uid])
     log.info("job %s %s%s", job_id, job.state.value, f": {job.reason}" if job.reason else "")
     if job.state == JobState.DELIVERING:
         deliver.apply_async((job_id,), queue=DELIVERY_QUEUE)
@@ -110,6 +120,17 @@ def _merge(layout: DataLayout, job: JobRecord) -> JobRecord:
     return job
 
 
+def _count_job(job: JobRecord) -> None:
+    """The job's end and its stages, in the worker's metrics."""
+    metrics.JOBS_FINISHED.labels(job.model, "results" if job.state == JobState.DELIVERING else job.state.value).inc()
+    if job.started_at and job.queued_at:
+        metrics.observe_stage("queued", job.started_at - job.queued_at)
+    timings = job.timings
+    for stage, keys in (("load", ("load_s",)), ("model", ("model_s",)), ("encode", ("encode_s", "validate_s"))):
+        if any(key in timings for key in keys):
+            metrics.observe_stage(stage, sum(timings.get(key, 0.0) for key in keys))
+
+
 def earlier_report(layout: DataLayout, job: JobRecord) -> dict:
     """The SRs (by role: sr, image_sr) of the latest earlier job of the same model on the same
     series that wrote one, each the predecessor of the new one of its role."""
@@ -118,7 +139,9 @@ def earlier_report(layout: DataLayout, job: JobRecord) -> dict:
     found = {}
     finished = [
         other for other in layout.iter_records(layout.jobs, JobRecord)
-        if other.series_uid == job.series_uid and other.model == job.model and other.job_id != job.job_id
+        if other.model == job.model and other.job_id != job.job_id
+        and (other.study_uid == job.study_uid and bool(other.series_uids) if job.series_uids
+             else other.series_uid == job.series_uid)
         and other.state in (JobState.DELIVERING, JobState.DONE)
     ]
     for role in ("sr", "image_sr"):
@@ -164,7 +187,7 @@ def _quarantine(layout: DataLayout, job: JobRecord, outcome) -> None:
 def _write_outbox(layout: DataLayout, job: JobRecord, outcome, settings) -> None:
     folder = layout.job_outbox(job.job_id)
     folder.mkdir(parents=True, exist_ok=True)
-    files = []
+    files, uids = [], {}
     # ours: seg.dcm and sr.dcm (the SR alone for scores, classes and boxes); or a model's own objects
     for name, ds in outcome.result_objects().items():
         final = folder / name
@@ -172,6 +195,7 @@ def _write_outbox(layout: DataLayout, job: JobRecord, outcome, settings) -> None
         ds.save_as(tmp, enforce_file_format=True)
         tmp.replace(final)
         files.append(final.name)
+        uids[final.name] = str(ds.SOPInstanceUID)
         role = final.stem  # seg, sr, or e.g. app-seg-1
         job.outputs[role] = str(ds.SOPInstanceUID)
         job.outputs[f"{role}_series"] = str(ds.SeriesInstanceUID)
@@ -182,7 +206,9 @@ def _write_outbox(layout: DataLayout, job: JobRecord, outcome, settings) -> None
     delivery = DeliveryRecord(
         job_id=job.job_id,
         files=files,
-        destinations={d.name: DestinationOutcome() for d in settings.effective_destinations()},
+        sop_instance_uids=uids,
+        destinations={d.name: DestinationOutcome() for d in settings.effective_destinations(job.model)},
+        next_attempt_at=time.time(),  # the recovery sweep sends it if the deliver message is lost
     )
     write_json_atomic(layout.delivery_record(job.job_id), delivery)
     job.state, job.reason = JobState.DELIVERING, ""
@@ -190,43 +216,43 @@ def _write_outbox(layout: DataLayout, job: JobRecord, outcome, settings) -> None
 
 @app.task(name="pacsworker.deliver", bind=True, acks_late=True, reject_on_worker_lost=True)
 def deliver(self, job_id: str) -> str:
-    """Send a job's results to every destination not yet confirmed; retry with exponential backoff."""
-    from ..destinations import DeliveryError, send
+    """Send a job's results to each destination that is due; come back when the next one is due.
+
+    The bookkeeping (per destination and instance, backoff, dead letters) is in
+    :mod:`pacsworker.destinations.outbox`; here: the job's state and the next message.
+    """
+    set_correlation(job_id)
+    from ..destinations.outbox import OutboxBusy, attempt_delivery
 
     settings = current_settings()
     layout = DataLayout(settings.data_dir)
-    record = read_json(layout.delivery_record(job_id), DeliveryRecord)
+    try:
+        record = attempt_delivery(settings, layout, job_id)
+    except OutboxBusy:
+        log.info("delivery %s: another worker is delivering it; message dropped", job_id)
+        return "busy"
     if record is None:
         log.error("delivery %s: no outbox record; nothing to send", job_id)
         return "missing"
-    files = [layout.job_outbox(job_id) / name for name in record.files]
-    errors = []
-    for destination in settings.effective_destinations():
-        outcome = record.destinations.setdefault(destination.name, DestinationOutcome())
-        if outcome.state == DeliveryState.DELIVERED:
-            continue
-        outcome.attempts += 1
-        try:
-            send(destination, files)
-        except DeliveryError as exc:
-            outcome.last_error = str(exc)
-            errors.append(str(exc))
-            continue
-        outcome.state, outcome.delivered_at, outcome.last_error = DeliveryState.DELIVERED, time.time(), ""
-        log.info("job %s delivered to %s (%d instances)", job_id, destination.name, len(files))
-    if not errors:
-        write_json_atomic(layout.delivery_record(job_id), record)
-        job = load_job(layout, job_id)
-        job.state, job.timings["delivered_at"] = JobState.DONE, time.time()
-        save_job(layout, job)
-        settle_series_of(layout, job.series_uid)
-        return "delivered"
-    q = settings.queue
-    countdown = min(q.delivery_backoff_seconds * 2**self.request.retries, q.delivery_backoff_max_seconds)
-    record.next_attempt_at = time.time() + countdown
-    write_json_atomic(layout.delivery_record(job_id), record)
-    log.warning("job %s: delivery failed (%s); retry in %.0f s", job_id, "; ".join(errors), countdown)
-    if self.request.retries >= q.delivery_max_retries:
-        log.error("job %s: delivery retries used up; results stay in the outbox for the recovery sweep", job_id)
-        return "pending"
-    raise self.retry(countdown=countdown, max_retries=q.delivery_max_retries)
+    if record.pending:
+        raise self.retry(countdown=max(0.0, record.next_attempt_at - time.time()), max_retries=None)
+    settle_delivered_job(layout, record)
+    return "delivered" if record.complete else DeliveryState.DEAD_LETTER.value
+
+
+def settle_delivered_job(layout: DataLayout, record: DeliveryRecord) -> None:
+    """A job whose delivery settled: done when every destination has it, else failed with the dead letters' reasons."""
+    job = read_json(layout.job_record(record.job_id), JobRecord)
+    if job is None:
+        return
+    if record.complete:
+        job.state, job.reason, job.timings["delivered_at"] = JobState.DONE, "", time.time()
+    elif record.dead_lettered:
+        reasons = "; ".join(f"{name}: {o.last_error}" for name, o in record.destinations.items()
+                            if o.state == DeliveryState.DEAD_LETTER)
+        job.state = JobState.FAILED
+        job.reason = f"delivery dead-lettered (`pacsworker deliveries retry {record.job_id}`): {reasons}"
+    else:
+        job.state, job.reason = JobState.DELIVERING, ""
+    save_job(layout, job)
+    settle_series_of(layout, *job.series_uids or [job.series_uid])

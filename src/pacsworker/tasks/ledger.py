@@ -31,16 +31,29 @@ class Heartbeat:
 
     def __init__(self, path: Path, interval: float):
         self.path, self.interval = path, interval
+        self.stage = ""
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._beat, name="job-heartbeat", daemon=True)
+
+    def _write(self) -> bool:
+        with self._lock:
+            record = read_json(self.path, JobRecord)
+            if record is None:
+                return False
+            record.heartbeat, record.stage = time.time(), self.stage
+            write_json_atomic(self.path, record)
+            return True
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
-            record = read_json(self.path, JobRecord)
-            if record is None:
+            if not self._write():
                 return
-            record.heartbeat = time.time()
-            write_json_atomic(self.path, record)
+
+    def set_stage(self, stage: str) -> None:
+        """Record where the job is now (``status`` and the status page show it)."""
+        self.stage = stage
+        self._write()
 
     def __enter__(self) -> "Heartbeat":
         self._thread.start()

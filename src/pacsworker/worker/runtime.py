@@ -17,8 +17,8 @@ from ..config import ModelSettings
 from .adapters import LoadedModel, load_model
 from .outputs import Box, Boxes, DicomObjects, LabelMap, ModelOutputError, ModelResult, ModelRunError
 from .plausibility import input_failures, result_failures
-from .series import Series
-from .volume import Volume, load_series
+from .series import Series, Study
+from .volume import NotAVolumeError, Volume, VolumeOutcome, load_series
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,12 @@ class RunOutcome:
         return {f"{role}.dcm": ds for role, ds in ours if ds is not None}
 
 
-def run_model(files: list[Path], settings: ModelSettings, predecessor=None) -> RunOutcome:
+def run_model(files: list[Path], settings: ModelSettings, predecessor=None, on_stage=None) -> RunOutcome:
     """Load the series, run the model and encode the results.
 
     ``predecessor`` (``EarlierReport``s by role, ``sr`` and ``image_sr``) are the SRs an earlier run
     of the model wrote for this series; each new SR names the earlier one of its role as its
-    predecessor.
+    predecessor. ``on_stage`` is told each stage as it starts (loading, model, encoding, validating).
 
     Raises
     ------
@@ -100,33 +100,83 @@ def run_model(files: list[Path], settings: ModelSettings, predecessor=None) -> R
         If the model cannot be loaded, raised while running, or returned something its
         configuration does not allow.
     """
+    stage = on_stage or (lambda name: None)
+    stage("loading")
+    outcome = RunOutcome()
+    started = time.perf_counter()
+    outcome.volume = load_series(files)
+    outcome.timings["load_s"] = time.perf_counter() - started
+    model = get_model(settings)
+    series = Series(outcome.volume)
+    return _run(outcome, model, settings, predecessor, [series], lambda: (series, model.run(series)), stage)
+
+
+def run_study_model(files: list[list[Path]], settings: ModelSettings, predecessor=None, on_stage=None) -> RunOutcome:
+    """A model of ``scope: study`` over several series of one study (each given by its files).
+
+    The series that load as volumes are given to the model as a :class:`Study`; those that do not
+    are named with the reason. The results are encoded on the series the model's outputs are on.
+
+    Raises
+    ------
+    NotAVolumeError
+        If no series of the study is a volume (each reason is given).
+    ModelLoadError, ModelRunError, ModelOutputError
+        As :func:`run_model`.
+    """
+    stage = on_stage or (lambda name: None)
+    stage("loading")
+    outcome = RunOutcome()
+    started = time.perf_counter()
+    loaded, not_volumes = [], {}
+    for series_files in files:
+        try:
+            loaded.append(Series(load_series(series_files)))
+        except NotAVolumeError as exc:
+            not_volumes[series_files[0].parent.name if series_files else "(empty)"] = str(exc)
+    outcome.timings["load_s"] = time.perf_counter() - started
+    if not loaded:
+        reasons = "; ".join(f"{uid}: {why}" for uid, why in not_volumes.items())
+        raise NotAVolumeError(VolumeOutcome.NOT_A_VOLUME, f"no series of the study is a volume ({reasons})")
+    loaded.sort(key=lambda series: (_series_number(series), series.series_uid))
+    model = get_model(settings)
+    study = Study(loaded, not_volumes)
+    return _run(outcome, model, settings, predecessor, loaded, lambda: model.run_study(study), stage)
+
+
+def _series_number(series: Series) -> float:
+    try:
+        return float(series.first.get("SeriesNumber"))
+    except (TypeError, ValueError):
+        return float("inf")
+
+
+def _run(outcome: RunOutcome, model: LoadedModel, settings: ModelSettings, predecessor, inputs: list[Series],
+         call, stage) -> RunOutcome:
+    """Input checks, the model ``call`` (giving the series its outputs are on and its result), encoding."""
     from ..encoders import encode_results
     from ..encoders.results import exclusive_labels
     from ..encoders.validation import validate_results
 
-    outcome = RunOutcome()
-    started = time.perf_counter()
-    outcome.volume = volume = load_series(files)
-    outcome.timings["load_s"] = time.perf_counter() - started
-    model = get_model(settings)
-    series = Series(volume)
     checks = settings.effective_checks()
     outcome.withhold = checks.on_fail == "withhold"
     started = time.perf_counter()
-    outcome.implausible = input_failures(series, checks)
+    outcome.implausible = [failure for series in inputs for failure in input_failures(series, checks)]
     outcome.timings["input_checks_s"] = time.perf_counter() - started
     if outcome.implausible and outcome.withhold:
         outcome.reason = "implausible input: " + "; ".join(outcome.implausible)
         return outcome  # the model is not run on what it is not for
+    stage("model")
     started = time.perf_counter()
     try:
-        result: ModelResult = model.run(series)
+        series, result = call()
     except (ModelOutputError, ModelRunError):
         raise  # the adapter's own words: already the reason
     except Exception as exc:  # noqa: BLE001 - the researcher's code: its message becomes the job's reason
         log.debug("model %s raised", settings.name, exc_info=True)
         raise ModelRunError(f"model {settings.name} raised {type(exc).__name__}: {exc}") from exc
     outcome.timings["model_s"] = time.perf_counter() - started
+    outcome.volume = volume = series.volume
     outcome.values = result.values_json()
     started = time.perf_counter()
     outcome.implausible += result_failures(result, series, checks, settings.seg.threshold)
@@ -147,6 +197,7 @@ def run_model(files: list[Path], settings: ModelSettings, predecessor=None) -> R
     if outcome.implausible and outcome.withhold:
         outcome.reason = "implausible result: " + "; ".join(outcome.implausible)
         return outcome
+    stage("encoding")
     started = time.perf_counter()
     results = encode_results(volume, maps[:1] + result.findings, model.identity, settings.seg, predecessor,
                              flags=outcome.implausible)
@@ -159,6 +210,7 @@ def run_model(files: list[Path], settings: ModelSettings, predecessor=None) -> R
         return outcome
     outcome.seg, outcome.sr, outcome.image_sr = results.seg, results.sr, results.image_sr
     outcome.statistics = results.statistics
+    stage("validating")
     started = time.perf_counter()
     outcome.problems = validate_results(volume, results.seg, results.sr, results.image_sr)
     outcome.timings["validate_s"] = time.perf_counter() - started

@@ -205,3 +205,31 @@ class Series:
 def _per_series(values: list[float]):
     """One value when every slice shares it (the usual case), else the per-slice list."""
     return values[0] if len(set(values)) == 1 else values
+
+
+@dataclass
+class Study:
+    """What a model of ``scope: study`` is given: every series of the study its match rule accepted.
+
+    Attributes
+    ----------
+    series:
+        The series that load as volumes, by Series Number (then UID).
+    not_volumes:
+        Series Instance UID -> why that series did not load as a volume.
+
+    A model's outputs are on the grid of ``series[0]`` unless it returns ``(series, outputs)``
+    with the series they are on.
+    """
+
+    series: list[Series]
+    not_volumes: dict[str, str]
+
+    @property
+    def study_uid(self) -> str:
+        return self.series[0].volume.study_uid
+
+    def find(self, description: str) -> Series | None:
+        """The first series whose Series Description matches a regular expression (case-insensitive)."""
+        pattern = re.compile(description, re.IGNORECASE)
+        return next((series for series in self.series if pattern.search(series.description)), None)

@@ -28,11 +28,12 @@ from ..outputs import (
     ModelIdentity,
     ModelOutputError,
     ModelResult,
+    ModelRunError,
     ProbabilityMaps,
     Score,
     SegmentSpec,
 )
-from ..series import NAMED_INPUTS, Series
+from ..series import NAMED_INPUTS, Series, Study
 
 log = logging.getLogger("pacsworker.worker")
 OUTPUT_TYPES = (LabelMap, ProbabilityMaps, Score, Classification, Boxes)
@@ -110,6 +111,20 @@ class PythonModel:
             else:
                 raw = self.instance.inference(**series.named_inputs(self.wanted))
         return to_result(raw, self.settings.outputs, series)
+
+
+    def run_study(self, study: Study) -> tuple[Series, ModelResult]:
+        """``predict(study)``; outputs are on the study's first series unless it returns ``(series, outputs)``."""
+        if self.contract != "predict":
+            raise ModelRunError("scope: study needs a class with predict(study); this one has inference(...)")
+        with torch.inference_mode():
+            raw = self.instance.predict(study)
+        target = study.series[0]
+        if isinstance(raw, tuple) and len(raw) == 2 and isinstance(raw[0], Series):
+            target, raw = raw
+            if all(target is not series for series in study.series):
+                raise ModelOutputError("predict(study) returned a series that is not one of the study's")
+        return target, to_result(raw, self.settings.outputs, target)
 
 
 def to_result(raw, outputs: dict[str, OutputConfig], series: Series) -> ModelResult:

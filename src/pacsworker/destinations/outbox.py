@@ -1,0 +1,196 @@
+"""The outbox's delivery bookkeeping: one attempt over a job's destinations, backoff, dead letters.
+
+``outbox/<job_id>/delivery.json`` (:class:`DeliveryRecord`) holds an outcome per destination and per
+instance. An attempt sends each due destination only the instances it has not confirmed. A
+retryable failure waits ``backoff_base_seconds * 2**(attempts-1)`` (at most ``backoff_max_seconds``,
+with "equal jitter": half of it fixed, half random; at least what a Retry-After asked) until
+``delivery.max_age_seconds`` after the first attempt; then, or at once on a permanent failure, the
+destination is dead-lettered: the files stay, ``pacsworker status`` shows why, and
+``pacsworker deliveries retry`` starts it again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydicom
+
+from ..config import Settings
+from ..records import DataLayout, DeliveryRecord, DeliveryState, DestinationOutcome, InstanceOutcome, read_json, write_json_atomic
+from . import send
+from .outcome import DeliveryError, InstanceResult, Verdict
+
+log = logging.getLogger("pacsworker.delivery")
+
+
+class OutboxBusy(Exception):
+    """Another process or thread is delivering this job right now."""
+
+
+@contextmanager
+def outbox_lock(layout: DataLayout, job_id: str, wait: bool = False) -> Iterator[None]:
+    """Serialise work on one job's outbox (delivery attempts, sweeps, retries) across processes.
+
+    Raises
+    ------
+    OutboxBusy
+        Without ``wait``, when someone else holds it.
+    """
+    folder = layout.job_outbox(job_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutboxBusy(job_id) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def backoff_seconds(settings: Settings, attempts: int, retry_after: float | None = None) -> float:
+    """The wait after the ``attempts``-th failed attempt: exponential, capped, half of it random."""
+    d = settings.delivery
+    ceiling = min(d.backoff_max_seconds, d.backoff_base_seconds * 2 ** min(max(attempts - 1, 0), 30))
+    wait = ceiling / 2 + random.uniform(0, ceiling / 2)
+    return max(wait, retry_after or 0.0)
+
+
+def attempt_delivery(settings: Settings, layout: DataLayout, job_id: str, now: float | None = None) -> DeliveryRecord | None:
+    """Try every destination of a job that is due; record the outcomes. None: the job has no outbox record.
+
+    Raises
+    ------
+    OutboxBusy
+        When another worker is delivering the same job at this moment.
+    """
+    with outbox_lock(layout, job_id):
+        record = read_json(layout.delivery_record(job_id), DeliveryRecord)
+        if record is None:
+            return None
+        now = time.time() if now is None else now
+        folder = layout.job_outbox(job_id)
+        for name, outcome in record.destinations.items():
+            if outcome.state == DeliveryState.PENDING and outcome.next_attempt_at <= now:
+                _attempt(settings, record, folder, name, outcome, now)
+        pending = [o.next_attempt_at for o in record.destinations.values() if o.state == DeliveryState.PENDING]
+        record.next_attempt_at = min(pending) if pending else 0.0
+        write_json_atomic(layout.delivery_record(job_id), record)
+        return record
+
+
+def _attempt(settings: Settings, record: DeliveryRecord, folder: Path, name: str, outcome: DestinationOutcome,
+             now: float) -> None:
+    job_id = record.job_id
+    for file in record.files:
+        outcome.instances.setdefault(file, InstanceOutcome())
+    todo = [file for file in record.files if outcome.instances[file].state != DeliveryState.DELIVERED]
+    destination = settings.destination(name)
+    outcome.attempts += 1
+    retry_after = None
+    if destination is None:
+        results = DeliveryError(f"destination {name} is no longer configured", permanent=True).results(
+            [folder / file for file in todo])
+    else:
+        try:
+            results = send(destination, [folder / file for file in todo]) if todo else []
+        except DeliveryError as exc:
+            results, retry_after = exc.results([folder / file for file in todo]), exc.retry_after
+    _record_results(outcome, results, now)
+    failures = [r for r in results if r.verdict != Verdict.STORED]
+    warnings = [r for r in results if r.verdict == Verdict.STORED and r.detail not in ("stored", "")]
+    for result in warnings:
+        log.warning("job %s: %s: instance %s %s", job_id, name, _uid(record, result.path), result.detail)
+    if not failures:
+        outcome.state, outcome.delivered_at, outcome.last_error, outcome.permanent = DeliveryState.DELIVERED, now, "", False
+        log.info("job %s delivered to %s (%d instance(s) this attempt, %d in all)", job_id, name, len(todo),
+                 len(record.files))
+        return
+    permanent = [r for r in failures if r.verdict == Verdict.PERMANENT]
+    shown = permanent or failures
+    outcome.last_error = _summary(record, shown, len(todo))
+    outcome.permanent = bool(permanent)
+    if permanent:
+        _dead_letter(outcome, now)
+        log.error("job %s: delivery to %s failed permanently, dead-lettered (fix it, then `pacsworker deliveries "
+                  "retry %s`): %s", job_id, name, job_id, outcome.last_error)
+        return
+    deadline = record.started_at + settings.delivery.max_age_seconds
+    if now >= deadline:
+        _dead_letter(outcome, now)
+        outcome.last_error = (f"gave up after {outcome.attempts} attempts in {_age(now - record.started_at)}: "
+                              f"{outcome.last_error}")
+        log.error("job %s: delivery to %s dead-lettered (delivery.max_age_seconds reached; `pacsworker deliveries "
+                  "retry %s` starts it again): %s", job_id, name, job_id, outcome.last_error)
+        return
+    wait = backoff_seconds(settings, outcome.attempts, retry_after)
+    outcome.next_attempt_at = min(now + wait, deadline)
+    log.warning("job %s: delivery failed to %s (%s); attempt %d, retry in %.1f s", job_id, name, outcome.last_error,
+                outcome.attempts, outcome.next_attempt_at - now)
+
+
+def _record_results(outcome: DestinationOutcome, results: list[InstanceResult], now: float) -> None:
+    for result in results:
+        instance = outcome.instances[result.path.name]
+        instance.detail = result.detail
+        if result.verdict == Verdict.STORED:
+            instance.state, instance.delivered_at = DeliveryState.DELIVERED, now
+
+
+def _dead_letter(outcome: DestinationOutcome, now: float) -> None:
+    outcome.state, outcome.dead_lettered_at, outcome.next_attempt_at = DeliveryState.DEAD_LETTER, now, 0.0
+
+
+def _summary(record: DeliveryRecord, failures: list[InstanceResult], sent: int) -> str:
+    """One line: the reason, and which instances it concerns when not all that were sent."""
+    reasons: dict[str, list[str]] = {}
+    for result in failures:
+        reasons.setdefault(result.detail, []).append(_uid(record, result.path))
+    parts = []
+    for reason, uids in reasons.items():
+        parts.append(reason if len(uids) == sent else f"{reason} ({len(uids)} of {sent}: {', '.join(uids[:3])}"
+                     f"{', ...' if len(uids) > 3 else ''})")
+    return "; ".join(parts)
+
+
+def _uid(record: DeliveryRecord, path: Path) -> str:
+    uid = record.sop_instance_uids.get(path.name)
+    if uid is None:
+        try:
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+        except Exception:  # noqa: BLE001 - a name is enough to point at the file
+            uid = path.name
+    return uid
+
+
+def _age(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
+
+
+def retry_delivery(layout: DataLayout, job_id: str, now: float | None = None) -> list[str]:
+    """Make a job's dead-lettered (and waiting) destinations due now, with a fresh max age.
+
+    Returns the names of the destinations made due; empty when everything was delivered.
+    """
+    now = time.time() if now is None else now
+    with outbox_lock(layout, job_id, wait=True):
+        record = read_json(layout.delivery_record(job_id), DeliveryRecord)
+        if record is None:
+            raise FileNotFoundError(f"no outbox record for job {job_id} in {layout.outbox}")
+        names = []
+        for name, outcome in record.destinations.items():
+            if outcome.state != DeliveryState.DELIVERED:
+                outcome.state, outcome.next_attempt_at, outcome.permanent = DeliveryState.PENDING, 0.0, False
+                outcome.dead_lettered_at = 0.0
+                names.append(name)
+        if names:
+            record.started_at = record.next_attempt_at = now
+            write_json_atomic(layout.delivery_record(job_id), record)
+        return names
