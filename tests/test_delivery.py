@@ -30,7 +30,7 @@ from pydicom.uid import generate_uid
 from pacsworker.config import ConfigError, Settings, load_settings
 from pacsworker.destinations.dicomweb import read_store_response
 from pacsworker.destinations.dimse import status_verdict
-from pacsworker.destinations.outbox import attempt_delivery, backoff_seconds
+from pacsworker.destinations.outbox import Superseded, attempt_delivery, backoff_seconds
 from pacsworker.destinations.outcome import Verdict
 from pacsworker.records import (
     DataLayout,
@@ -196,6 +196,7 @@ def test_pacs_down_then_up_everything_arrives_once(tmp_path, results, pacs, monk
         wait_until(lambda: all(record_of(data, job).complete for job in jobs), 90, what="delivery once Orthanc is up")
     finally:
         worker.stop()
+        print(worker.output()[-6000:])  # shown when the test fails
     received = pacs.received()
     for job in jobs:
         for uid in uids_of(data, job).values():
@@ -470,7 +471,10 @@ def test_recovery_sweep_resends_overdue_deliveries_only(tmp_path):
     from pacsworker.tasks.app import configure
     from pacsworker.tasks.submit import recover
 
-    settings = Settings(storage={"data_dir": str(tmp_path / "data")}, queue={"stale_after_seconds": 60})
+    # queue settings of its own: configure() drops its broker connections only when they differ, and the
+    # next test that configures this process must not publish into this test's broker folder
+    settings = Settings(storage={"data_dir": str(tmp_path / "data")},
+                        queue={"stale_after_seconds": 60, "publish_timeout_seconds": 1.75})
     configure(settings)
     layout = DataLayout(settings.data_dir).create()
     now = 10**9
@@ -484,7 +488,12 @@ def test_recovery_sweep_resends_overdue_deliveries_only(tmp_path):
         assert recover(settings, now=now) == 0
     assert recover(settings, now=now) == 1 and messages() == 1  # only the one whose message was lost
     assert recover(settings, now=now + 1) == 0  # not again before another stale period
-    assert record_of(settings.data_dir, "lost").next_attempt_at == now + 60
+    record = record_of(settings.data_dir, "lost")
+    assert record.next_attempt_at == now + 60 and record.task_id
+    # the new message is in charge: the lost one, should it turn up after all, does nothing
+    with pytest.raises(Superseded):
+        attempt_delivery(settings, layout, "lost", task_id="the-lost-message")
+    assert record_of(settings.data_dir, "lost") == record
 
 
 # --- how answers are read, and the settings ------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import Pacsworker, free_port, missing, port_open, status_json, storescu, wait_until, write_config
@@ -14,8 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 CT02 = "ct02_philips_ingenuity_headphantom_5mm"
 CT04 = "ct04_philips_ingenuity_headphantom_scout"
+CT06 = "ct06_ge_lightspeed_liver_3slice"
 CT02_SERIES = "1.3.46.670589.33.1.6002432791750815306.26862469513794233732"
 CT04_SERIES = "1.3.46.670589.33.1.17491953482334658115.21841165151607525240"
+CT06_SERIES = "1.2.392.200103.20080913.113635.1.2009.6.22.21.43.10.23430.1"
+MODELS = Path(__file__).parent / "models"
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -73,6 +77,9 @@ def test_metrics_count_what_happened_across_serve_processes(served):
     for stage in ("receive", "complete", "queued", "load", "model", "encode"):
         assert values[("pacsworker_stage_seconds_count", (("stage", stage),))] >= 1, stage
     assert values[("pacsworker_stage_seconds_sum", (("stage", "model"),))] > 0
+    # counted in the delivery worker (a third process)
+    assert values[("pacsworker_deliveries_total", (("destination", "results"), ("outcome", "delivered")))] == 1
+    assert values[("pacsworker_stage_seconds_count", (("stage", "deliver"),))] == 1
     # read from the records and the embedded broker at the scrape
     assert values[("pacsworker_jobs", (("model", "ct-body"), ("state", "done")))] == 1
     assert values[("pacsworker_series", (("state", "done"),))] == 1
@@ -138,3 +145,41 @@ def test_status_page_in_a_browser_lists_series_and_jobs_with_state_and_reason(se
         browser.screenshot(tmp_path / "status.png")
     finally:
         browser.close()
+
+
+def test_status_shows_the_receiver_series_receiving_and_running_jobs_with_their_stage(tmp_path, dicom_dir):
+    hold = tmp_path / "hold"
+    hold.touch()
+    code = ["SCT", "272673000", "Bone"]
+    model = {"name": "bones", "kind": "python", "source": f"{MODELS / 'switchable.py'}:Switchable",
+             "options": {"hold_while": str(hold)},
+             "outputs": {"bone": {"kind": "labelmap", "segments": [{"label": 1, "name": "Bone", "category": code,
+                                                                     "type": code}]}}}
+    port = free_port()
+    config = write_config(
+        tmp_path / "c.yaml", storage={"data_dir": str(tmp_path / "data")}, models=[model],
+        scp={"port": port, "host": "127.0.0.1", "series_quiet_seconds": 3600, "complete_on_release": ["SCANNER"]},
+        destinations=[{"kind": "folder", "name": "results", "path": str(tmp_path / "results")}],
+    )
+    (tmp_path / "results").mkdir()
+    serve = Pacsworker(["serve"], config, tmp_path / "serve.log")
+    try:
+        wait_until(lambda: port_open(port), 60, what="the receiver to listen")
+        assert storescu(port, dicom_dir / CT02, aet="SCANNER").returncode == 0  # complete on release
+        assert storescu(port, dicom_dir / CT06, aet="WORKSTATION").returncode == 0  # receiving for an hour
+        state = wait_until(lambda: (s := status_json(config))["running_jobs"]
+                           and next(iter(s["running_jobs"].values()))["stage"] == "model" and s, 120,
+                           what="the job running its model")
+        [(job_id, running)] = state["running_jobs"].items()
+        assert job_id.startswith(f"bones_{CT02_SERIES}_") and running["model"] == "bones" and running["attempt"] == 1
+        [(name, receiver)] = state["receivers"].items()
+        assert name.startswith("PACSWORKER@") and receiver["state"] == "up" and receiver["ports"]["dimse"] == port
+        wait_until(lambda: status_json(config)["receiving"], 30, what="the receiver's heartbeat to list the series")
+        assert status_json(config)["receiving"] == {CT06_SERIES: {"instances": 3, "calling_aet": "WORKSTATION",
+                                                                  "modality": "CT"}}
+        assert state["queue_depth"] == {"model.bones": 0, "delivery": 0}
+        hold.unlink()
+        wait_until(lambda: status_json(config)["jobs"] == {"done": 1}, 60, what="the job to finish")
+        assert status_json(config)["running_jobs"] == {}
+    finally:
+        serve.stop()

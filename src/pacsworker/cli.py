@@ -64,6 +64,7 @@ def _receiver(settings: Settings):
             recover(settings)
 
     receiver.periodic.append(sweep)
+    receiver.periodic.append(_receiver_heartbeat(settings, receiver))
     if any(model.scope == "study" for model in settings.models):
         receiver.periodic.append(
             lambda: complete_studies(settings, {record.study_uid for record in receiver.tracker.pending()})
@@ -90,6 +91,37 @@ def _serve_or_exit(receiver) -> None:
                       f"{f', TLS {cfg.tls.port}' if cfg.tls else ''}{f', STOW-RS {cfg.stow_port}' if cfg.stow_port else ''}"
                       f"): {exc.strerror or exc}[/red]")
         raise typer.Exit(2) from None
+
+
+RECEIVER_HEARTBEAT_SECONDS = 5.0
+
+
+def _receiver_heartbeat(settings: Settings, receiver):
+    """A duty that records, every few seconds, that this receiver is up (``status`` reads it)."""
+    import socket
+
+    from .records import DataLayout, ReceiverRecord, write_json_atomic
+
+    cfg = settings.scp
+    ports = {"dimse": cfg.port} if cfg.plain else {}
+    ports.update({"tls": cfg.tls.port} if cfg.tls else {})
+    ports.update({"stow": cfg.stow_port} if cfg.stow_port else {})
+    ports.update({"metrics": settings.metrics.port} if settings.metrics.enabled else {})
+    record = ReceiverRecord(host=socket.gethostname(), pid=os.getpid(), ae_title=cfg.ae_title, ports=ports,
+                            started_at=time.time(), heartbeat=0.0)
+    path = DataLayout(settings.data_dir).receivers / f"{record.host}-{cfg.port}.json"
+    last = [0.0]
+
+    def beat() -> None:
+        if time.time() - last[0] < RECEIVER_HEARTBEAT_SECONDS:
+            return
+        last[0] = record.heartbeat = time.time()
+        record.receiving = {r.series_uid: r.instances for r in receiver.tracker.pending()}
+        record.short_of_space = receiver.space_short() is not None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, record)
+
+    return beat
 
 
 def _multiprocess_metrics() -> None:
@@ -298,9 +330,8 @@ def _print_start_up(settings: Settings) -> None:
         lines.append(f"DICOM TLS  {cfg.ae_title} on {cfg.host}:{cfg.tls.port}")
     if cfg.stow_port is not None:
         lines.append(f"STOW-RS    http://{cfg.host}:{cfg.stow_port}/studies")
-    metrics = getattr(settings, "metrics", None)
-    if metrics is not None and getattr(metrics, "port", None):
-        lines.append(f"metrics    http://{getattr(metrics, 'host', cfg.host)}:{metrics.port}/ (status page, /metrics, "
+    if settings.metrics.enabled:
+        lines.append(f"metrics    http://{settings.metrics.host}:{settings.metrics.port}/ (status page, /metrics, "
                      "/healthz, /readyz)")
     lines.append(f"data_dir   {settings.data_dir}")
     broker = settings.queue.broker_url or "embedded (under data_dir)"
@@ -689,17 +720,38 @@ def status(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Pending series, jobs by state, pending and dead-lettered deliveries (read from data_dir)."""
+    """Receivers, series receiving, queue depth, running jobs and their stage, failures, pending and
+    dead-lettered deliveries (read from data_dir and the broker)."""
     settings = _setup(config)
     from .records import DataLayout, JobRecord, SeriesRecord, SeriesState
+
+    from .metrics import queue_depths
+    from .records import ReceiverRecord
 
     layout = DataLayout(settings.data_dir).create()
     series = list(layout.iter_records(layout.series, SeriesRecord))
     jobs = list(layout.iter_records(layout.jobs, JobRecord))
     deliveries = [d for d in layout.iter_deliveries() if not d.complete]
+    receivers = list(layout.iter_records(layout.receivers, ReceiverRecord))
+    counts = {uid: n for r in receivers for uid, n in r.receiving.items()}
+    now = time.time()
     report = {
+        "receivers": {
+            f"{r.ae_title}@{r.host}": {
+                "state": "up" if now - r.heartbeat < 3 * RECEIVER_HEARTBEAT_SECONDS else "not running",
+                "ports": r.ports, "pid": r.pid, "last_heartbeat_seconds_ago": round(now - r.heartbeat, 1),
+                "started_at": r.started_at, "short_of_space": r.short_of_space,
+            } for r in receivers
+        },
         "series": dict(Counter(s.state.value for s in series)),
         "pending_series": [s.series_uid for s in series if s.state == SeriesState.RECEIVING],
+        "receiving": {s.series_uid: {"instances": counts.get(s.series_uid, s.instances), "calling_aet": s.calling_aet,
+                                     "modality": s.modality}
+                      for s in series if s.state == SeriesState.RECEIVING},
+        "queue_depth": queue_depths(settings),
+        "running_jobs": {j.job_id: {"model": j.model, "stage": j.stage, "worker": j.worker, "attempt": j.attempts,
+                                    "running_seconds": round(now - j.started_at, 1)}
+                         for j in jobs if j.state.value == "running"},
         "series_jobs": {s.series_uid: {"state": s.state.value, "jobs": s.jobs} for s in series if s.jobs},
         "skipped_series": {s.series_uid: s.reason for s in series if s.state == SeriesState.SKIPPED},
         "jobs": dict(Counter(j.state.value for j in jobs)),
@@ -720,8 +772,22 @@ def status(
     table = Table(title=f"pacsworker status ({layout.root})")
     table.add_column("what")
     table.add_column("count / detail")
+    for name, receiver in report["receivers"].items():
+        ports = ", ".join(f"{kind} {port}" for kind, port in receiver["ports"].items())
+        state = receiver["state"] + (" (data_dir below its reserve: refusing)" if receiver["short_of_space"] else "")
+        table.add_row(f"receiver {name}", f"{state}; {ports}; heartbeat {receiver['last_heartbeat_seconds_ago']} s ago")
+    if not report["receivers"]:
+        table.add_row("receiver", "never started on this data_dir")
     for state, count in sorted(report["series"].items()):
         table.add_row(f"series {state}", str(count))
+    for uid, detail in report["receiving"].items():
+        table.add_row(f"receiving {uid}", f"{detail['instances']} instances so far from {detail['calling_aet'] or '?'} "
+                      f"({detail['modality']})")
+    for queue, depth in sorted(report["queue_depth"].items()):
+        table.add_row(f"queue {queue}", f"{depth} waiting")
+    for job_id, detail in report["running_jobs"].items():
+        table.add_row(f"running {job_id}", f"{detail['model']}: {detail['stage'] or 'starting'} for "
+                      f"{detail['running_seconds']:.0f} s on {detail['worker']} (attempt {detail['attempt']})")
     for state, count in sorted(report["jobs"].items()):
         table.add_row(f"jobs {state}", str(count))
     table.add_row("pending deliveries", str(len(report["pending_deliveries"])))
@@ -790,11 +856,11 @@ def deliveries_retry(
             raise typer.Exit(2)
     retried = {}
     for jid in job_ids:
-        names = retry_delivery(layout, jid)
+        names, task_id = retry_delivery(layout, jid)
         if not names:
             console.print(f"job {jid}: every destination has its results already")
             continue
-        retried[jid] = names
+        retried[jid] = names, task_id
         job = read_json(layout.job_record(jid), JobRecord)
         if job is not None and job.state != JobState.DELIVERING:
             job.state, job.reason = JobState.DELIVERING, ""
@@ -809,10 +875,80 @@ def deliveries_retry(
     from .tasks.jobs import deliver
 
     configure(settings)
-    for jid, names in retried.items():
+    for jid, (names, task_id) in retried.items():
         try:
-            deliver.apply_async((jid,), queue=DELIVERY_QUEUE, retry=False)
+            deliver.apply_async((jid,), queue=DELIVERY_QUEUE, task_id=task_id, retry=False)
             console.print(f"job {jid}: sending again to {', '.join(names)}")
         except Exception as exc:  # noqa: BLE001 - the receiver's recovery sweep sends it once the broker is back
             console.print(f"job {jid}: due again for {', '.join(names)}; the broker is unavailable "
                           f"({type(exc).__name__}), the recovery sweep will send it")
+
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Model jobs: run failed ones again.")
+app.add_typer(jobs_app, name="jobs")
+
+RETRYABLE_JOB_STATES = ("failed", "no-result", "implausible")
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    job_ids: Annotated[Optional[list[str]], typer.Argument(help="the jobs to run again")] = None,
+    failed: Annotated[bool, typer.Option("--failed", help="every failed job")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Run jobs again from the start (a fixed model, a freed GPU): failed, no-result or withheld ones.
+
+    The job keeps its id; its new results supersede nothing, being its first. Exit 2: no such job
+    or one that has not ended badly; 1: nothing to retry.
+    """
+    settings = _setup(config)
+    from .records import DataLayout, JobRecord, JobState, read_json, settle_series_of
+    from .tasks.app import configure
+    from .tasks.ledger import save_job
+    from .tasks.submit import send_job
+
+    if bool(job_ids) == failed:
+        console.print("[red]name job ids, or give --failed[/red]")
+        raise typer.Exit(2)
+    layout = DataLayout(settings.data_dir)
+    def results_waiting(job) -> bool:  # it ran; its delivery failed: deliveries retry resends, no re-run
+        return layout.delivery_record(job.job_id).exists()
+
+    if failed:
+        jobs = [j for j in layout.iter_records(layout.jobs, JobRecord)
+                if j.state == JobState.FAILED and not results_waiting(j)]
+        for job in layout.iter_records(layout.jobs, JobRecord):
+            if job.state == JobState.FAILED and results_waiting(job):
+                console.print(f"job {job.job_id}: its results wait in the outbox, not run again "
+                              f"(pacsworker deliveries retry {job.job_id})", soft_wrap=True)
+    else:
+        jobs = []
+        for jid in job_ids:
+            job = read_json(layout.job_record(jid), JobRecord) if "/" not in jid and not jid.startswith(".") else None
+            if job is None:
+                console.print(f"[red]no job {jid} in {layout.jobs}[/red]")
+                raise typer.Exit(2)
+            if results_waiting(job):
+                console.print(f"[red]job {jid} has results waiting in the outbox: pacsworker deliveries retry "
+                              f"{jid} sends them again[/red]", soft_wrap=True)
+                raise typer.Exit(2)
+            if job.state.value not in RETRYABLE_JOB_STATES:
+                console.print(f"[red]job {jid} is {job.state.value}; only {', '.join(RETRYABLE_JOB_STATES)} jobs run "
+                              "again[/red]")
+                raise typer.Exit(2)
+            jobs.append(job)
+    if not jobs:
+        console.print("nothing to retry")
+        raise typer.Exit(1)
+    configure(settings)
+    for job in jobs:
+        previous = f"{job.state.value}: {job.reason}" if job.reason else job.state.value
+        job.state, job.attempts, job.sent_at, job.reason, job.stage = JobState.QUEUED, 0, 0.0, "", ""
+        save_job(layout, job)
+        settle_series_of(layout, *job.series_uids or [job.series_uid])
+        logging.getLogger("pacsworker.tasks").info("job %s retried by the operator (was %s)", job.job_id, previous)
+        if send_job(settings, layout, job):
+            console.print(f"job {job.job_id}: queued again (was {previous})", soft_wrap=True)
+        else:
+            console.print(f"job {job.job_id}: queued again; the broker is unavailable, the recovery sweep will send it",
+                          soft_wrap=True)

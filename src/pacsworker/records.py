@@ -119,6 +119,19 @@ class JobRecord(BaseModel):
     reason: str = ""
 
 
+class ReceiverRecord(BaseModel):
+    """A running receiver's heartbeat (``receivers/<host>-<port>.json``), for ``status``."""
+
+    host: str
+    pid: int
+    ae_title: str
+    ports: dict[str, int] = Field(default_factory=dict, description="dimse, tls, stow, metrics")
+    started_at: float
+    heartbeat: float
+    receiving: dict[str, int] = Field(default_factory=dict, description="series still receiving -> instances so far")
+    short_of_space: bool = False
+
+
 class StudyRecord(BaseModel):
     """A study that models of ``scope: study`` wait for: its complete series, until the study is quiet."""
 
@@ -162,6 +175,7 @@ class DeliveryRecord(BaseModel):
         default_factory=time.time, description="first attempt, or the latest `deliveries retry`: max age counts from here"
     )
     next_attempt_at: float = Field(0.0, description="the earliest next attempt of any pending destination")
+    task_id: str = Field("", description="the deliver message (Celery task id) in charge; others are duplicates")
 
     @property
     def complete(self) -> bool:
@@ -213,9 +227,11 @@ class DataLayout:
         self.incoming = self.root / "incoming"
         self.quarantine = self.root / "quarantine"
         self.studies = self.root / "studies"
+        self.receivers = self.root / "receivers"
 
     def create(self) -> "DataLayout":
-        for folder in (self.spool, self.incoming, self.series, self.jobs, self.outbox, self.broker, self.studies):
+        for folder in (self.spool, self.incoming, self.series, self.jobs, self.outbox, self.broker, self.studies,
+                       self.receivers):
             folder.mkdir(parents=True, exist_ok=True)
         return self
 

@@ -30,7 +30,11 @@ FAILURE_MEANINGS = {
     0x0124: "not authorized",
     0xC122: "transfer syntax not supported",
 }
-WARNING_MEANINGS = {0xB000: "coercion of data elements", 0xB006: "elements discarded", 0xB007: "data set does not match SOP class"}
+WARNING_MEANINGS = {
+    0xB000: "coercion of data elements",
+    0xB006: "elements discarded",
+    0xB007: "data set does not match SOP class",
+}
 
 
 def failure_verdict(reason: int) -> tuple[Verdict, str]:
@@ -105,7 +109,7 @@ def send_stow(destination: DicomwebDestination, files: list[Path]) -> list[Insta
 
 def _store(client: DICOMwebClient, files: list[Path], what: str) -> list[InstanceResult]:
     datasets = [pydicom.dcmread(path) for path in files]
-    sent = {str(ds.SOPInstanceUID): path for ds, path in zip(datasets, files)}
+    sent = {str(ds.SOPInstanceUID): path for ds, path in zip(datasets, files, strict=True)}
     try:
         response = client.store_instances(datasets=datasets)
     except requests.HTTPError as exc:

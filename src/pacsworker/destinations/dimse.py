@@ -61,15 +61,17 @@ def send_cstore(destination: DimseDestination, files: list[Path]) -> list[Instan
     if not assoc.is_established:
         raise _association_failure(assoc, where)
     results = []
+    ended = f"{where}: the association ended before it was sent"
+    silent = f"{where}: no response (timed out, or the connection was lost)"
     try:
-        for path, ds in zip(files, datasets):
+        for path, ds in zip(files, datasets, strict=True):
             if not assoc.is_established:
-                results.append(InstanceResult(path, Verdict.RETRYABLE, f"{where}: the association ended before it was sent"))
+                results.append(InstanceResult(path, Verdict.RETRYABLE, ended))
                 continue
             try:
                 status = assoc.send_c_store(ds)
             except RuntimeError:  # the association ended between two instances
-                results.append(InstanceResult(path, Verdict.RETRYABLE, f"{where}: the association ended before it was sent"))
+                results.append(InstanceResult(path, Verdict.RETRYABLE, ended))
                 continue
             except ValueError:  # pynetdicom: no accepted presentation context for it
                 results.append(InstanceResult(path, Verdict.PERMANENT, (
@@ -77,7 +79,7 @@ def send_cstore(destination: DimseDestination, files: list[Path]) -> list[Instan
                     f"in transfer syntax {ds.file_meta.TransferSyntaxUID}")))
                 continue
             if "Status" not in status:
-                results.append(InstanceResult(path, Verdict.RETRYABLE, f"{where}: no response (timeout or connection lost)"))
+                results.append(InstanceResult(path, Verdict.RETRYABLE, silent))
                 continue
             verdict, detail = status_verdict(int(status.Status))
             results.append(InstanceResult(path, verdict, detail))

@@ -15,14 +15,24 @@ import fcntl
 import logging
 import random
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
 
+from .. import metrics
 from ..config import Settings
-from ..records import DataLayout, DeliveryRecord, DeliveryState, DestinationOutcome, InstanceOutcome, read_json, write_json_atomic
+from ..records import (
+    DataLayout,
+    DeliveryRecord,
+    DeliveryState,
+    DestinationOutcome,
+    InstanceOutcome,
+    read_json,
+    write_json_atomic,
+)
 from . import send
 from .outcome import DeliveryError, InstanceResult, Verdict
 
@@ -31,6 +41,10 @@ log = logging.getLogger("pacsworker.delivery")
 
 class OutboxBusy(Exception):
     """Another process or thread is delivering this job right now."""
+
+
+class Superseded(Exception):
+    """Another deliver message is in charge of this job (the sweep or the operator sent a new one)."""
 
 
 @contextmanager
@@ -63,18 +77,29 @@ def backoff_seconds(settings: Settings, attempts: int, retry_after: float | None
     return max(wait, retry_after or 0.0)
 
 
-def attempt_delivery(settings: Settings, layout: DataLayout, job_id: str, now: float | None = None) -> DeliveryRecord | None:
+def attempt_delivery(
+    settings: Settings, layout: DataLayout, job_id: str, now: float | None = None, task_id: str = ""
+) -> DeliveryRecord | None:
     """Try every destination of a job that is due; record the outcomes. None: the job has no outbox record.
+
+    ``task_id`` names the deliver message making the attempt: the first one takes charge of the job,
+    and one that a newer message replaced (see :func:`hand_over`) makes none.
 
     Raises
     ------
     OutboxBusy
         When another worker is delivering the same job at this moment.
+    Superseded
+        When another deliver message is in charge of the job.
     """
     with outbox_lock(layout, job_id):
         record = read_json(layout.delivery_record(job_id), DeliveryRecord)
         if record is None:
             return None
+        if task_id:
+            if record.task_id and record.task_id != task_id:
+                raise Superseded(job_id)
+            record.task_id = task_id
         now = time.time() if now is None else now
         folder = layout.job_outbox(job_id)
         for name, outcome in record.destinations.items():
@@ -109,7 +134,10 @@ def _attempt(settings: Settings, record: DeliveryRecord, folder: Path, name: str
     for result in warnings:
         log.warning("job %s: %s: instance %s %s", job_id, name, _uid(record, result.path), result.detail)
     if not failures:
-        outcome.state, outcome.delivered_at, outcome.last_error, outcome.permanent = DeliveryState.DELIVERED, now, "", False
+        outcome.state, outcome.delivered_at = DeliveryState.DELIVERED, now
+        outcome.last_error, outcome.permanent = "", False
+        metrics.DELIVERIES.labels(name, "delivered").inc()
+        metrics.observe_stage("deliver", time.time() - record.started_at)
         log.info("job %s delivered to %s (%d instance(s) this attempt, %d in all)", job_id, name, len(todo),
                  len(record.files))
         return
@@ -119,17 +147,20 @@ def _attempt(settings: Settings, record: DeliveryRecord, folder: Path, name: str
     outcome.permanent = bool(permanent)
     if permanent:
         _dead_letter(outcome, now)
+        metrics.DELIVERIES.labels(name, "permanent-failure").inc()
         log.error("job %s: delivery to %s failed permanently, dead-lettered (fix it, then `pacsworker deliveries "
                   "retry %s`): %s", job_id, name, job_id, outcome.last_error)
         return
     deadline = record.started_at + settings.delivery.max_age_seconds
     if now >= deadline:
         _dead_letter(outcome, now)
+        metrics.DELIVERIES.labels(name, "dead-letter").inc()
         outcome.last_error = (f"gave up after {outcome.attempts} attempts in {_age(now - record.started_at)}: "
                               f"{outcome.last_error}")
         log.error("job %s: delivery to %s dead-lettered (delivery.max_age_seconds reached; `pacsworker deliveries "
                   "retry %s` starts it again): %s", job_id, name, job_id, outcome.last_error)
         return
+    metrics.DELIVERIES.labels(name, "retry").inc()
     wait = backoff_seconds(settings, outcome.attempts, retry_after)
     outcome.next_attempt_at = min(now + wait, deadline)
     log.warning("job %s: delivery failed to %s (%s); attempt %d, retry in %.1f s", job_id, name, outcome.last_error,
@@ -174,10 +205,11 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
 
 
-def retry_delivery(layout: DataLayout, job_id: str, now: float | None = None) -> list[str]:
+def retry_delivery(layout: DataLayout, job_id: str, now: float | None = None) -> tuple[list[str], str]:
     """Make a job's dead-lettered (and waiting) destinations due now, with a fresh max age.
 
-    Returns the names of the destinations made due; empty when everything was delivered.
+    Returns the names of the destinations made due (empty when everything was delivered), and the
+    task id the deliver message to send must have (it takes charge; an older one is dropped).
     """
     now = time.time() if now is None else now
     with outbox_lock(layout, job_id, wait=True):
@@ -192,5 +224,22 @@ def retry_delivery(layout: DataLayout, job_id: str, now: float | None = None) ->
                 names.append(name)
         if names:
             record.started_at = record.next_attempt_at = now
+            record.task_id = uuid.uuid4().hex
             write_json_atomic(layout.delivery_record(job_id), record)
-        return names
+        return names, record.task_id
+
+
+def hand_over(layout: DataLayout, job_id: str, now: float, stale: float) -> str | None:
+    """For the recovery sweep: if a pending delivery is overdue by more than ``stale`` seconds (its
+    message was lost), name a new deliver message in charge and return its task id; else None.
+    The next hand-over can come ``stale`` seconds later at the earliest."""
+    try:
+        with outbox_lock(layout, job_id):
+            record = read_json(layout.delivery_record(job_id), DeliveryRecord)
+            if record is None or not record.pending or now - record.next_attempt_at <= stale:
+                return None
+            record.task_id, record.next_attempt_at = uuid.uuid4().hex, now + stale
+            write_json_atomic(layout.delivery_record(job_id), record)
+            return record.task_id
+    except OutboxBusy:
+        return None  # a worker is delivering it right now

@@ -32,7 +32,6 @@ PREAMBLE = b"\x00" * 128 + b"DICM"
 PLACEHOLDER_UID = "0"  # for a command whose UIDs cannot go into a file meta: the instance is refused
 MAX_COMMAND_BYTES = 64 * 1024  # a DIMSE command set is a few hundred bytes
 MAX_IN_MEMORY_DATASET = 1 << 20  # datasets of anything but C-STORE (none this receiver serves)
-START_WRITEBACK = hasattr(os, "posix_fadvise")
 IDLE_WAIT = 0.02  # the association loop's longest wait for a message: its timers are checked at least this often
 _NEVER_SET = threading.Event()  # for a DUL without a wake-up event: the loop waits IDLE_WAIT and polls
 
@@ -52,7 +51,6 @@ class IncomingDataset:
         self.received = 0
         self.name = ""
         self._fd: int | None = None
-        self._written = 0
         try:
             self._fd, self.name = _create(folder)
         except OSError as exc:
@@ -66,20 +64,19 @@ class IncomingDataset:
         if self.error is None:
             view = memoryview(fragment)
             try:
-                start = self._written
                 while view:  # unbuffered: fragments are large, and nothing waits in user space at sync
-                    done = os.write(self._fd, view)
-                    view = view[done:]
-                    self._written += done
-                if START_WRITEBACK:
-                    # the kernel starts writing these pages now, while the rest arrives: the fsync
-                    # before Success then waits for little (pages being written stay cached)
-                    os.posix_fadvise(self._fd, start, self._written - start, os.POSIX_FADV_DONTNEED)
+                    view = view[os.write(self._fd, view):]
             except OSError as exc:
                 self.error = exc
 
     def flush(self) -> None:
         pass  # writes are unbuffered
+
+    def fileno(self) -> int:
+        """The open file (readable too, so that the handler can map it)."""
+        if self._fd is None:
+            raise ValueError(f"{self.name} is closed")
+        return self._fd
 
     def sync(self) -> None:
         """fsync; raises the first error the disk gave."""
@@ -110,7 +107,7 @@ def _create(folder: Path) -> tuple[int, str]:
     while True:
         name = os.path.join(folder, f"in-{os.getpid()}-{next(_SEQUENCE)}.dcm")
         try:
-            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), name
+            return os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), name
         except FileExistsError:
             continue
 

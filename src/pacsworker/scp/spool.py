@@ -10,12 +10,15 @@ from pathlib import Path
 from ..records import DataLayout, is_valid_uid
 
 log = logging.getLogger("pacsworker.scp")
+KNOWN_FOLDERS = 4096
 
 class Spool:
     """Writes received instances to ``spool/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``."""
 
     def __init__(self, layout: DataLayout):
         self.layout = layout
+        # series folders known to exist: no stat and mkdir per instance
+        self._folders: dict[Path, None] = {}
 
     def remove_orphans(self) -> int:
         """Delete temporaries of writes a crash interrupted (never acknowledged); returns the count."""
@@ -76,14 +79,27 @@ class Spool:
         if not is_valid_uid(sop_instance_uid):
             raise ValueError(f"invalid SOP Instance UID {sop_instance_uid!r}")
         folder = self.layout.series_dir(series_uid)
-        new_folder = not folder.is_dir()
-        folder.mkdir(parents=True, exist_ok=True)
         final = folder / f"{sop_instance_uid}.dcm"
-        os.replace(durable(folder), final)
-        if new_folder:
-            _fsync_dir(self.layout.spool)
+        if folder not in self._folders:
+            self._make_folder(folder)
+        try:
+            os.replace(durable(folder), final)
+        except FileNotFoundError:  # the series folder was removed meanwhile (cleanup): make it again
+            self._folders.pop(folder, None)
+            self._make_folder(folder)
+            os.replace(durable(folder), final)
         _fsync_dir(folder)
         return final
+
+    def _make_folder(self, folder: Path) -> None:
+        """Create a series folder (its entry made durable) unless it exists; remember it as existing."""
+        new_folder = not folder.is_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        if new_folder:
+            _fsync_dir(self.layout.spool)
+        if len(self._folders) >= KNOWN_FOLDERS:
+            self._folders.clear()
+        self._folders[folder] = None
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -9,6 +9,7 @@ whose dataset never starts is completed empty (the Storage handler then refuses 
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import queue
@@ -251,19 +252,20 @@ class GuardedDUL(DULServiceProvider):
             pass
 
     def _wait_for_work(self, timeout: float = IDLE_WAIT) -> None:
-        sock = self.socket.socket if self.socket is not None and self.socket._is_connected else None
-        if sock is None or not self.event_queue.empty() or not self.to_provider_queue.empty():
-            time.sleep(timeout if sock is None else 0)
+        if not self.event_queue.empty() or not self.to_provider_queue.empty():
             return
+        sock = self.socket.socket if self.socket is not None and self.socket._is_connected else None
         try:
-            select.select([sock, self._wake_r], [], [], timeout)
+            ready, _, _ = select.select([self._wake_r] if sock is None else [sock, self._wake_r], [], [], timeout)
         except (OSError, ValueError):  # the socket closed meanwhile
-            time.sleep(timeout)
-        try:
-            while self._wake_r.recv(4096):
+            time.sleep(0.001)
+            return
+        if self._wake_r in ready:
+            try:
+                while self._wake_r.recv(4096):
+                    pass
+            except OSError:
                 pass
-        except OSError:
-            pass
 
     def run_reactor(self) -> None:
         try:
@@ -287,6 +289,17 @@ class GuardedDUL(DULServiceProvider):
         super().kill_dul()
         self._wake()
         self._release_unassociated_slot()
+
+    def stop_dul(self) -> bool:
+        # pynetdicom asks again every 10 ms until the connection is closed (Sta1); waiting here in finer
+        # steps ends the association, and frees its slot for the sender's next one, as soon as it is
+        deadline = time.monotonic() + 0.01
+        while self.state_machine.current_state != "Sta1" and self.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        if self.state_machine.current_state == "Sta1":
+            self._kill_thread = True
+            self._wake()  # pynetdicom's stop_dul then waits for this thread to see the flag
+        return super().stop_dul()
 
     def _release_unassociated_slot(self) -> None:
         # The acceptor thread waits for an A-ASSOCIATE indication for acse_timeout seconds; a
@@ -361,6 +374,23 @@ class GuardedRequestHandler(RequestHandler):
         return assoc
 
 
+class _SupportedContexts(list):
+    """A server's presentation contexts, copied for each association as pynetdicom does, but cheaply.
+
+    pynetdicom deep-copies them per association: every storage class times every transfer syntax UID,
+    tens of milliseconds holding the GIL while other associations wait. A context holds immutable
+    values besides its list of transfer syntaxes, so a copy of each with its own list is the same.
+    """
+
+    def __deepcopy__(self, memo) -> list:
+        copies = []
+        for context in self:
+            twin = copy.copy(context)
+            twin._transfer_syntax = list(context._transfer_syntax)
+            copies.append(twin)
+        return copies
+
+
 class GuardedServer(ThreadedAssociationServer):
     """pynetdicom's threaded acceptor, but a TLS handshake happens in each connection's thread
     (pynetdicom's does it in the accept loop, where one silent peer would hold up every other)."""
@@ -384,6 +414,7 @@ def start_guarded_server(ae, address: tuple[str, int], policy: WirePolicy, evt_h
         ssl_context=ssl_context,
         request_handler=functools.partial(GuardedRequestHandler, policy=policy),
     )
+    server.contexts = _SupportedContexts(server.contexts)
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")
     thread = threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{stamp}", daemon=True)
     thread.start()

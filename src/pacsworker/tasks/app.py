@@ -74,7 +74,9 @@ def celery_conf(settings: Settings) -> dict:
 def configure(settings: Settings) -> Celery:
     """Point the app at the broker and backend the settings name; returns the app."""
     global _settings
-    reconfigured = _settings is not None and _settings.queue != settings.queue
+    reconfigured = _settings is not None and (
+        _settings.queue != settings.queue or _settings.data_dir != settings.data_dir  # the embedded broker's folder
+    )
     _settings = settings
     app.conf.update(celery_conf(settings))
     if reconfigured:  # connections to the previous broker must not carry the next messages

@@ -222,15 +222,17 @@ def deliver(self, job_id: str) -> str:
     :mod:`pacsworker.destinations.outbox`; here: the job's state and the next message.
     """
     set_correlation(job_id)
-    from ..destinations.outbox import OutboxBusy, attempt_delivery
+    from ..destinations.outbox import OutboxBusy, Superseded, attempt_delivery
 
     settings = current_settings()
     layout = DataLayout(settings.data_dir)
     try:
-        record = attempt_delivery(settings, layout, job_id)
-    except OutboxBusy:
-        log.info("delivery %s: another worker is delivering it; message dropped", job_id)
-        return "busy"
+        record = attempt_delivery(settings, layout, job_id, task_id=self.request.id or "")
+    except Superseded:
+        log.info("delivery %s: a newer deliver message is in charge; this one is dropped", job_id)
+        return "superseded"
+    except OutboxBusy:  # another message, the sweep or the operator has it this moment: come back
+        raise self.retry(countdown=settings.delivery.backoff_base_seconds, max_retries=None) from None
     if record is None:
         log.error("delivery %s: no outbox record; nothing to send", job_id)
         return "missing"

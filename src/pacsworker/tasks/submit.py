@@ -15,7 +15,7 @@ import time
 from .. import metrics
 from ..config import ModelSettings, Settings
 from ..records import (
-    DataLayout, DeliveryRecord, JobRecord, JobState, SeriesRecord, SeriesState, StudyRecord, read_json, series_lock,
+    DataLayout, JobRecord, JobState, SeriesRecord, SeriesState, StudyRecord, read_json, series_lock,
     settle_series, write_json_atomic,
 )
 from ..scp.routing import route
@@ -214,23 +214,21 @@ def recover(settings: Settings, now: float | None = None) -> int:
 
 
 def _resend_delivery(layout: DataLayout, job_id: str, now: float, stale: float) -> int | None:
-    """Send a deliver message for an overdue delivery; 1 if sent, 0 if not needed, None if the broker is down."""
-    from ..destinations.outbox import OutboxBusy, outbox_lock
+    """Send a deliver message for an overdue delivery; 1 if sent, 0 if not needed, None if the broker is down.
+
+    The new message is put in charge first, so that the lost one, should it turn up, is dropped; if
+    the broker refuses it, the next sweep after ``stale`` seconds tries again.
+    """
+    from ..destinations.outbox import hand_over
     from .jobs import deliver
 
+    task_id = hand_over(layout, job_id, now, stale)
+    if task_id is None:
+        return 0
     try:
-        with outbox_lock(layout, job_id):
-            delivery = read_json(layout.delivery_record(job_id), DeliveryRecord)
-            if delivery is None or not delivery.pending or now - delivery.next_attempt_at <= stale:
-                return 0
-            try:
-                deliver.apply_async((job_id,), queue=DELIVERY_QUEUE, retry=False)
-            except Exception as exc:  # noqa: BLE001
-                log.warning("delivery of job %s not re-sent, the broker is unavailable (%s)", job_id, exc)
-                return None
-            log.warning("job %s: undelivered results found in the outbox; delivery re-queued", job_id)
-            delivery.next_attempt_at = now + stale
-            write_json_atomic(layout.delivery_record(job_id), delivery)
-            return 1
-    except OutboxBusy:
-        return 0  # a worker is delivering it right now
+        deliver.apply_async((job_id,), queue=DELIVERY_QUEUE, task_id=task_id, retry=False)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("delivery of job %s not re-sent, the broker is unavailable (%s)", job_id, exc)
+        return None
+    log.warning("job %s: undelivered results found in the outbox; delivery re-queued", job_id)
+    return 1
