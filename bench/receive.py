@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import pydicom
 from pydicom.uid import generate_uid
@@ -134,7 +135,7 @@ class PeakRSS:
         while not self._stop.wait(0.005):
             self.peak_kb = max(self.peak_kb, sum(_status_kb(p, "VmRSS") for p in _tree(self.pid)))
 
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self) -> Self:
         self._stop.clear()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()

@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import DICOM_DIR  # noqa: E402
-from receive import make_long_series  # noqa: E402
+from conftest import DICOM_DIR
+from receive import make_long_series
 
-from pacsworker.worker.volume import load_series  # noqa: E402
+from pacsworker.worker.volume import load_series
 
 
 def children_cpu() -> float:

@@ -111,7 +111,7 @@ def test_flower_on_the_embedded_broker(tmp_path, dicom_dir):
 
 def test_a_stopped_flower_leaves_no_event_queue_in_the_embedded_broker(tmp_path):
     port, flower_port = free_port(), free_port()
-    config = _config(tmp_path, port)
+    config = _config(tmp_path, port, event_queue_expires_seconds=10)
     broker = tmp_path / "data" / "broker"
     serve = Pacsworker(["serve"], config, tmp_path / "serve.log")
     flower = None
@@ -131,8 +131,8 @@ def test_a_stopped_flower_leaves_no_event_queue_in_the_embedded_broker(tmp_path)
         assert len(event_queues()) == 1  # Flower's own event queue, which the workers write to
         flower.kill(signal.SIGKILL)  # gone without a word, as after a crash
         wait_until(queued_events, 30, what="heartbeats to pile up for the stopped Flower")
-        # the workers drop a queue nobody has read for Celery's event_queue_expires (60 s)
-        wait_until(lambda: not event_queues() and not queued_events(), 120,
+        # the workers drop a queue nobody has read for queue.event_queue_expires_seconds (10 s here)
+        wait_until(lambda: not event_queues() and not queued_events(), 60,
                    what="the stopped Flower's event queue to be removed")
         assert "Traceback" not in serve.output()
     finally:

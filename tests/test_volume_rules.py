@@ -158,3 +158,16 @@ def test_deflated_series_loads_like_its_native_original(dicom_dir, tmp_path):
     volume = load_series(deflated)
     assert np.array_equal(volume.pixels, load_series(files).pixels)
     assert all("PixelData" not in source.dataset for source in volume.sources)
+
+
+def test_monochrome1_keeps_its_stored_values_as_dcm2niix_does(dicom_dir, tmp_path):
+    """MONOCHROME1 only says that low values display bright: the volume keeps the modality values
+    (dcm2niix does not invert either), and a model reads the interpretation from the headers."""
+    original = _files(dicom_dir / "mr05_ge_signa_hdxt_prostate_adc")
+    for path in original:
+        ds = pydicom.dcmread(path)
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.save_as(tmp_path / path.name)
+    inverted = load_series(sorted(tmp_path.glob("*.dcm")))
+    assert np.array_equal(inverted.pixels, load_series(original).pixels)
+    assert {str(s.dataset.PhotometricInterpretation) for s in inverted.sources} == {"MONOCHROME1"}

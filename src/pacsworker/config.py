@@ -135,6 +135,10 @@ class QueueSettings(BaseModel):
     heartbeat_seconds: float = Field(5.0, gt=0, description="how often a running job refreshes its record")
     stale_after_seconds: float = Field(60.0, gt=0, description="a running job without heartbeat this long is re-queued")
     max_attempts: int = Field(3, ge=1, description="a job whose worker was lost this many times is marked failed")
+    event_queue_expires_seconds: float = Field(
+        60.0, gt=0, description="a monitor's (Flower's) event queue unread this long is removed; the embedded broker "
+        "has workers do it, Redis expires it by itself"
+    )
     publish_timeout_seconds: float = Field(
         2.0, gt=0, description="longest wait for the broker when sending a job; unsent jobs are resent later"
     )
@@ -417,6 +421,10 @@ class ModelSettings(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model class")
     outputs: dict[str, OutputConfig] = Field(default_factory=dict, description="output key -> what it is")
     match: MatchRule = Field(default_factory=MatchRule)
+    irregular_spacing: Literal["refuse", "process"] = Field(
+        "refuse", description="a series with uneven slice gaps (a missing slice): refuse it with the reason, or give "
+        "it to the model at its true slice positions (spacing: the median gap; the job's reason notes the gaps)"
+    )
     scope: Literal["series", "study"] = Field(
         "series", description="series: one job per matching series; study: one job per study with every matching "
         "series, once the study is quiet (kind python: predict(study))"
@@ -451,7 +459,8 @@ class ModelSettings(BaseModel):
 
         text = self.model_dump_json(include={"kind", "source", "version", "options", "outputs", "pipeline", "seg"})
         served = self.model_dump_json(exclude_defaults=True, include={
-            "url", "model_name", "model_version", "inference_command", "command", "model_path", "scope"})
+            "url", "model_name", "model_version", "inference_command", "command", "model_path", "scope",
+            "irregular_spacing"})
         if served != "{}":  # model servers' settings; absent for the other kinds, whose names stay as they were
             text += served
         return hashlib.sha256(text.encode()).hexdigest()[:8]

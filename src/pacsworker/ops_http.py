@@ -126,7 +126,7 @@ def page(settings: Settings, role: str) -> str:
         stage = getattr(j, "stage", "") if j.state.value == "running" else ""
         rows.append(f"<tr class='{e(j.state.value)}'><td>{e(j.job_id)}</td><td>{e(j.model)}</td>"
                     f"<td>{e(j.state.value)}</td><td>{e(stage)}</td><td>{j.attempts}</td><td>{_when(j.queued_at)}</td>"
-                    f"<td>{_when(j.finished_at)}</td><td>{e(j.reason)}</td></tr>")
+                    f"<td>{_when(j.finished_at)}</td><td>{e(j.reason or '; '.join(j.notes))}</td></tr>")
     rows.append("</table><h2>Results not yet delivered</h2><table id='deliveries'><tr><th>job</th>"
                 "<th>destination</th><th>state</th><th>attempts</th><th>last error</th></tr>")
     for delivery in layout.iter_deliveries():

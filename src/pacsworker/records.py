@@ -116,6 +116,8 @@ class JobRecord(BaseModel):
     outputs: dict[str, str] = Field(default_factory=dict)
     values: dict = Field(default_factory=dict, description="scores, classes and other non-DICOM outputs")
     implausible: list[str] = Field(default_factory=list, description="failed plausibility checks (withheld or flagged)")
+    notes: list[str] = Field(default_factory=list, description="irregularities the input was processed with, as "
+                             "configured (uneven slice gaps)")
     reason: str = ""
 
 

@@ -158,7 +158,7 @@ class GuardedDUL(DULServiceProvider):
                 sock.settimeout(remaining)
             try:
                 chunk = sock.recv_into(view[got:], count - got)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue  # the deadline check above reports it
             except OSError as exc:
                 raise PeerGone(f"connection error ({exc.strerror or exc})") from None

@@ -45,6 +45,7 @@ def celery_conf(settings: Settings) -> dict:
         "task_ignore_result": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
+        "event_queue_expires": q.event_queue_expires_seconds,
     }
     if q.broker_url:
         conf["broker_url"] = q.broker_url

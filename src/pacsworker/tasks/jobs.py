@@ -101,6 +101,9 @@ def process_series(self, job_id: str) -> str:
             _quarantine(layout, job, outcome)
         else:
             _write_outbox(layout, job, outcome, settings)
+            if outcome.notes:  # processed as configured, but the operator should know
+                job.notes = list(outcome.notes)
+                log.warning("job %s: series processed as configured despite: %s", job_id, "; ".join(job.notes))
     job.finished_at = time.time()
     job.stage = ""
     save_job(layout, job)

@@ -64,6 +64,7 @@ class RunOutcome:
     label_map: LabelMap | None = None
     boxes: list[Box] = field(default_factory=list)
     implausible: list[str] = field(default_factory=list)  # failed plausibility checks, as sentences
+    notes: list[str] = field(default_factory=list)  # what the loader accepted that is not regular (irregular gaps)
     withhold: bool = True  # what the model's checks say to do when one fails
 
     @property
@@ -104,7 +105,7 @@ def run_model(files: list[Path], settings: ModelSettings, predecessor=None, on_s
     stage("loading")
     outcome = RunOutcome()
     started = time.perf_counter()
-    outcome.volume = load_series(files)
+    outcome.volume = load_series(files, irregular_spacing=settings.irregular_spacing)
     outcome.timings["load_s"] = time.perf_counter() - started
     model = get_model(settings)
     series = Series(outcome.volume)
@@ -131,7 +132,7 @@ def run_study_model(files: list[list[Path]], settings: ModelSettings, predecesso
     loaded, not_volumes = [], {}
     for series_files in files:
         try:
-            loaded.append(Series(load_series(series_files)))
+            loaded.append(Series(load_series(series_files, irregular_spacing=settings.irregular_spacing)))
         except NotAVolumeError as exc:
             not_volumes[series_files[0].parent.name if series_files else "(empty)"] = str(exc)
     outcome.timings["load_s"] = time.perf_counter() - started
@@ -177,6 +178,7 @@ def _run(outcome: RunOutcome, model: LoadedModel, settings: ModelSettings, prede
         raise ModelRunError(f"model {settings.name} raised {type(exc).__name__}: {exc}") from exc
     outcome.timings["model_s"] = time.perf_counter() - started
     outcome.volume = volume = series.volume
+    outcome.notes = list(volume.notes)
     outcome.values = result.values_json()
     started = time.perf_counter()
     outcome.implausible += result_failures(result, series, checks, settings.seg.threshold)

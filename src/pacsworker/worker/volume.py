@@ -15,8 +15,8 @@ from typing import Literal
 
 import numpy as np
 import pydicom
-from pydicom.dataelem import RawDataElement
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
 
@@ -600,12 +600,12 @@ def _arrange(planes: list[_Plane], tolerance: float, irregular_spacing: str) -> 
             outcome = VolumeOutcome.VOLUME_TILTED
         else:
             notes.append(f"slice positions lie up to {shear:.3f} mm off the line along the normal (tilted grid)")
-    return planes, dict(
-        orientation=tuple(float(v) for v in orientation),
-        row_spacing=planes[0].spacing[0],
-        column_spacing=planes[0].spacing[1],
-        slice_spacing=median,
-        slice_thickness=planes[0].thickness,
-        outcome=outcome,
-        notes=notes,
-    )
+    return planes, {
+        "orientation": tuple(float(v) for v in orientation),
+        "row_spacing": planes[0].spacing[0],
+        "column_spacing": planes[0].spacing[1],
+        "slice_spacing": median,
+        "slice_thickness": planes[0].thickness,
+        "outcome": outcome,
+        "notes": notes,
+    }
