@@ -45,3 +45,23 @@ def test_a_model_that_takes_irregular_series_gets_the_true_positions(dicom_dir, 
         ref = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
         position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
         assert np.allclose(position, sources[ref], atol=1e-3)
+
+
+def test_undecodable_pixel_data_fails_the_job_naming_the_instance(dicom_dir, tmp_path):
+    """A corrupt JPEG stream in one instance: the reason names it and the codec's complaint."""
+    study = tmp_path / "study"
+    study.mkdir()
+    files = sorted((dicom_dir / "mr13_siemens_trio_4sl_jpeg_lossless").glob("*"))
+    for index, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        if index == 1:
+            broken, data = str(ds.SOPInstanceUID), bytearray(ds.PixelData)
+            middle = len(data) // 2  # the fragment items stay whole; the entropy-coded data does not
+            data[middle:middle + 400] = b"\x00\xff" * 200
+            ds.PixelData = bytes(data)
+        ds.save_as(study / f"{index}.dcm")
+    result = pacsworker_run(study, tmp_path / "out", _config(tmp_path), "bones")
+    said = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 4, said[-2000:]
+    assert f"instance {broken} (JPEG Lossless" in said and "pixel data cannot be decoded" in said
+    assert "Traceback" not in said

@@ -423,7 +423,7 @@ def run(
     from .worker.outputs import ModelOutputError, ModelRunError
     from .worker.runtime import run_model, write_values
     from .worker.series import Series
-    from .worker.volume import NotAVolumeError
+    from .worker.volume import NotAVolumeError, UndecodablePixelData
 
     model_settings = _model_or_exit(settings, model)
     try:
@@ -431,7 +431,7 @@ def run(
     except NotAVolumeError as exc:
         console.print(f"[yellow]no result: {exc}[/yellow]")
         raise typer.Exit(3) from None
-    except (ModelLoadError, ModelOutputError, ModelRunError) as exc:
+    except (ModelLoadError, ModelOutputError, ModelRunError, UndecodablePixelData) as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(4) from None
     out.mkdir(parents=True, exist_ok=True)

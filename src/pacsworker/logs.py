@@ -67,3 +67,5 @@ def configure_logging(level: str, form: str) -> None:
     # pynetdicom's own INFO/DEBUG lines can dump dataset contents; keep them out of the log
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    # a decoder's failure is logged by pydicom with a traceback per plugin; the job's reason names it
+    logging.getLogger("pydicom.pixels.decoders.base").setLevel(logging.CRITICAL)

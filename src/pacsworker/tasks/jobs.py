@@ -57,7 +57,7 @@ def process_series(self, job_id: str) -> str:
     from ..worker.adapters import ModelLoadError
     from ..worker.outputs import ModelOutputError, ModelRunError
     from ..worker.runtime import run_model, run_study_model
-    from ..worker.volume import NotAVolumeError
+    from ..worker.volume import NotAVolumeError, UndecodablePixelData
 
     outcome = None
     try:
@@ -76,6 +76,8 @@ def process_series(self, job_id: str) -> str:
                                     on_stage=heartbeat.set_stage)
     except NotAVolumeError as exc:
         job.state, job.reason = JobState.NO_RESULT, str(exc)
+    except UndecodablePixelData as exc:
+        job.state, job.reason = JobState.FAILED, str(exc)
     except SoftTimeLimitExceeded:
         job.state, job.reason = JobState.FAILED, f"exceeded the soft time limit of {settings.queue.job_soft_time_limit} s"
     except (ModelLoadError, ModelOutputError, ModelRunError) as exc:

@@ -39,6 +39,10 @@ class NotAVolumeError(ValueError):
         self.reason = reason
 
 
+class UndecodablePixelData(ValueError):
+    """An instance's pixel data cannot be decoded (a corrupt compressed stream, a codec missing)."""
+
+
 @dataclass(frozen=True)
 class SliceSource:
     """Where one slice of the volume came from: an instance and, for multi-frame, a frame (1-based)."""
@@ -222,7 +226,15 @@ class _Instance:
 
 
 def _decode(ds: Dataset, shape: tuple[int, ...]) -> np.ndarray:
-    values = _stored_values(ds)
+    try:
+        values = _stored_values(ds)
+    except Exception as exc:  # noqa: BLE001 - any decoder's failure: the instance is named with the first line
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", str(syntax or "unknown transfer syntax"))
+        detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc).strip())
+        raise UndecodablePixelData(
+            f"instance {ds.get('SOPInstanceUID', '?')} ({name}): pixel data cannot be decoded: {detail[:300]}"
+        ) from None
     values = values.reshape(shape) if values.size == math.prod(shape) else values
     if values.shape != shape:
         raise NotAVolumeError(VolumeOutcome.NOT_A_VOLUME, f"decoded pixel data {values.shape}, header says {shape}")
