@@ -65,10 +65,14 @@ def _receiver(settings: Settings):
 
     receiver.periodic.append(sweep)
     receiver.periodic.append(_receiver_heartbeat(settings, receiver))
-    if any(model.scope == "study" for model in settings.models):
-        receiver.periodic.append(
-            lambda: complete_studies(settings, {record.study_uid for record in receiver.tracker.pending()})
-        )
+    last_studies = [0.0]
+
+    def studies() -> None:  # also when no study model is left: their waiting series are settled
+        if time.time() - last_studies[0] >= 5.0:
+            last_studies[0] = time.time()
+            complete_studies(settings, {record.study_uid for record in receiver.tracker.pending()})
+
+    receiver.periodic.append(studies)
     return receiver
 
 
@@ -149,12 +153,19 @@ def _multiprocess_metrics() -> None:
 
 
 def _ops_port(settings: Settings, role: str, receiver=None, port: int | None = None) -> None:
-    """The metrics/health/status port of this process, stopped with the receiver when there is one."""
+    """The metrics/health/status port of this process, stopped with the receiver when there is one.
+
+    A worker's pool processes, forked after it started, close their inherited copy of the socket.
+    """
     from .ops_http import start_ops_server
 
     server = start_ops_server(settings, role, port)
     if server is not None and receiver is not None:
         receiver.on_stop.append(server.shutdown)
+    if server is not None and role == "worker":
+        from celery.signals import worker_process_init
+
+        worker_process_init.connect(lambda **_: server.close_inherited(), weak=False)
 
 
 def _all_queues(settings: Settings) -> list[str]:

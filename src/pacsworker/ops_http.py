@@ -157,6 +157,8 @@ class OpsServer:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = 10  # a client that connects and says nothing does not hold a thread for ever
+
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 path = urlsplit(self.path).path
                 try:
@@ -173,17 +175,26 @@ class OpsServer:
                         self._send(200, "text/html; charset=utf-8", page(owner.settings, owner.role).encode())
                     else:
                         self._send(404, "text/plain; charset=utf-8", b"not found: /metrics /healthz /readyz /\n")
+                except OSError:  # the client went away mid-answer
+                    self.close_connection = True
                 except Exception as exc:  # noqa: BLE001 - a page that fails must not take the process down
                     log.exception("ops page %s failed", path)
-                    self._send(500, "text/plain; charset=utf-8", f"{type(exc).__name__}: {exc}\n".encode())
+                    if not self._answered:
+                        self._send(500, "text/plain; charset=utf-8", f"{type(exc).__name__}: {exc}\n".encode())
+
+            _answered = False
 
             def _send(self, status: int, content_type: str, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                self.wfile.write(body)
+                self._answered = True
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", content_type)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.send_header("Cache-Control", "no-store")
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:  # the client went away mid-answer
+                    self.close_connection = True
 
             def log_message(self, *args) -> None:  # scrapes every few seconds would flood the log
                 pass
@@ -201,6 +212,10 @@ class OpsServer:
     def shutdown(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def close_inherited(self) -> None:
+        """In a forked child (a worker's pool process): let go of the listening socket it inherited."""
+        self._server.socket.close()
 
 
 def start_ops_server(settings: Settings, role: str, port: int | None = None) -> OpsServer | None:

@@ -101,9 +101,9 @@ def send_stow(destination: DicomwebDestination, files: list[Path]) -> list[Insta
         try:
             results += _store(client, batch, what)
         except DeliveryError as exc:
-            if not results or exc.permanent:
+            if not results:
                 raise
-            results += exc.results(batch)
+            results += exc.results(batch)  # what earlier batches stored stays stored
     return results
 
 

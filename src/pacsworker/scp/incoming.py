@@ -32,8 +32,8 @@ PREAMBLE = b"\x00" * 128 + b"DICM"
 PLACEHOLDER_UID = "0"  # for a command whose UIDs cannot go into a file meta: the instance is refused
 MAX_COMMAND_BYTES = 64 * 1024  # a DIMSE command set is a few hundred bytes
 MAX_IN_MEMORY_DATASET = 1 << 20  # datasets of anything but C-STORE (none this receiver serves)
-IDLE_WAIT = 0.02  # the association loop's longest wait for a message: its timers are checked at least this often
-_NEVER_SET = threading.Event()  # for a DUL without a wake-up event: the loop waits IDLE_WAIT and polls
+# the longest idle wait of an association's loops: their timers and kill flags are checked this often
+IDLE_WAIT = 0.02
 
 
 class IncomingDataset:
@@ -154,7 +154,8 @@ class _RequestQueue(queue.Queue):
         self.dimse = dimse
 
     def put(self, item, block: bool = True, timeout: float | None = None) -> None:
-        if not self.dimse.serve_now(*reversed(item)):
+        context_id, request = item
+        if not self.dimse.serve_now(request, context_id):
             super().put(item, block, timeout)
 
 
@@ -167,6 +168,8 @@ class SpoolingDIMSE(DIMSEServiceProvider):
         super().__init__(assoc)
         self.folder = folder
         self.msg_queue = _RequestQueue(self)
+        # set by the DUL when the association's loop has something to do (see get_msg)
+        self.wake: threading.Event = getattr(assoc.dul, "user_wake", None) or threading.Event()
 
     def serve_now(self, request, context_id: int) -> bool:
         """Serve ``request`` in the calling (DUL) thread if it is a C-STORE pynetdicom would serve as a Storage
@@ -202,18 +205,14 @@ class SpoolingDIMSE(DIMSEServiceProvider):
                 )
                 return
         if not self.msg_queue.empty():
-            self._user_wake().set()
-
-    def _user_wake(self) -> threading.Event:
-        return getattr(self.assoc.dul, "user_wake", None) or _NEVER_SET
+            self.wake.set()
 
     def get_msg(self, block: bool = False):
         # pynetdicom's association loop polls this every millisecond; waiting here until a message is
         # complete (or the DUL has news for the loop) serves it the moment its last fragment arrives
         if not block and self.msg_queue.empty():
-            wake = self._user_wake()
-            wake.wait(IDLE_WAIT)
-            wake.clear()
+            self.wake.wait(IDLE_WAIT)
+            self.wake.clear()
         return super().get_msg(block)
 
     def discard_unserved(self) -> None:

@@ -168,32 +168,48 @@ class SeriesTracker:
 
     def observe(self, meta: InstanceMeta) -> None:
         now = time.time()
-        with self._lock:
-            entry = self._pending.get(meta.series_uid)
-            if entry is None:
-                record = read_json(self.layout.series_record(meta.series_uid), SeriesRecord)
-                entry = _Pending(record)
-                if record is None:
-                    entry.record = SeriesRecord(
-                        series_uid=meta.series_uid,
-                        study_uid=meta.study_uid,
-                        modality=meta.modality,
-                        sop_class_uid=meta.sop_class_uid,
-                        calling_aet=meta.calling_aet,
-                        **meta.facts,
-                    )
-                else:
-                    # received again after routing: process the series anew, with what it already holds
-                    for earlier in _metas_of(series_files(self.layout.series_dir(meta.series_uid))):
-                        entry.add(earlier)
-                entry.record.state, entry.record.reason, entry.record.first_seen = SeriesState.RECEIVING, "", now
-                self._pending[meta.series_uid] = entry
-                save_series(self.layout, entry.record)
-            entry.add(meta)
-            entry.record.instances = len(entry.sop_uids)
-            entry.record.last_seen = now
-            if meta.association is not None:
-                self._by_association.setdefault(meta.association, set()).add(meta.series_uid)
+        while True:
+            with self._lock:
+                entry = self._pending.get(meta.series_uid)
+                if entry is not None:
+                    self._add(entry, meta, now)
+                    return
+            # outside the lock: re-reading a routed series' headers must not hold up other senders
+            fresh = self._open(meta, now)
+            with self._lock:
+                if meta.series_uid not in self._pending:
+                    self._pending[meta.series_uid] = fresh
+                    save_series(self.layout, fresh.record)
+                    self._add(fresh, meta, now)
+                    return
+            # another instance of the series opened it meanwhile: add to that entry
+
+    def _add(self, entry: _Pending, meta: InstanceMeta, now: float) -> None:
+        entry.add(meta)
+        entry.record.instances = len(entry.sop_uids)
+        entry.record.last_seen = now
+        if meta.association is not None:
+            self._by_association.setdefault(meta.association, set()).add(meta.series_uid)
+
+    def _open(self, meta: InstanceMeta, now: float) -> _Pending:
+        """A pending entry for a series not pending: new, or received again after routing."""
+        record = read_json(self.layout.series_record(meta.series_uid), SeriesRecord)
+        entry = _Pending(record)
+        if record is None:
+            entry.record = SeriesRecord(
+                series_uid=meta.series_uid,
+                study_uid=meta.study_uid,
+                modality=meta.modality,
+                sop_class_uid=meta.sop_class_uid,
+                calling_aet=meta.calling_aet,
+                **meta.facts,
+            )
+        else:
+            # received again after routing: process the series anew, with what it already holds
+            for earlier in _metas_of(series_files(self.layout.series_dir(meta.series_uid))):
+                entry.add(earlier)
+        entry.record.state, entry.record.reason, entry.record.first_seen = SeriesState.RECEIVING, "", now
+        return entry
 
     def association_ended(self, association: int, released_by: str | None) -> None:
         """An association closed; ``released_by`` names a sender trusted to release after whole series."""

@@ -29,7 +29,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from .incoming import SpoolingDIMSE, dataset_started
+from .incoming import IDLE_WAIT, SpoolingDIMSE, dataset_started
 
 log = logging.getLogger("pacsworker.scp")
 
@@ -44,8 +44,6 @@ PDU_NAMES = {
 }
 P_DATA_TF = 0x04
 A_ASSOCIATE_RQ = 0x01
-# longest idle wait of either association loop: only timers and kill flags are found by polling
-IDLE_WAIT = 0.02
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from ..records import (
     write_json_atomic,
 )
 from .app import DELIVERY_QUEUE, app, current_settings
-from .ledger import Heartbeat, load_job, save_job, worker_identity
+from .ledger import Heartbeat, job_lock, load_job, save_job, worker_identity
 
 log = logging.getLogger("pacsworker.tasks")
 
@@ -35,22 +35,11 @@ def process_series(self, job_id: str) -> str:
     set_correlation(job_id)
     settings = current_settings()
     layout = DataLayout(settings.data_dir)
-    job = load_job(layout, job_id)
-    if job.state in FINISHED:
-        log.info("job %s already %s; message ignored", job_id, job.state.value)
-        return job.state.value
-    if job.state == JobState.RUNNING and time.time() - job.heartbeat < settings.queue.stale_after_seconds:
-        log.info("job %s is running on %s; duplicate message ignored", job_id, job.worker)
-        return job.state.value
-    if job.attempts >= settings.queue.max_attempts:
-        job.state, job.reason = JobState.FAILED, f"gave up after {job.attempts} attempts (worker lost each time)"
-        save_job(layout, job)
-        settle_series_of(layout, *job.series_uids or [job.series_uid])
-        log.error("job %s failed: %s", job_id, job.reason)
-        return job.state.value
-    job.attempts += 1
-    job.state, job.worker, job.heartbeat, job.started_at = JobState.RUNNING, worker_identity(), time.time(), time.time()
-    save_job(layout, job)
+    with job_lock(layout, job_id):
+        claimed = _claim(settings, layout, job_id)
+    if isinstance(claimed, str):
+        return claimed
+    job = claimed
     log.info("job %s: series %s, model %s, attempt %d", job_id, job.series_uid, job.model, job.attempts)
 
     from ..scp.spool import series_files
@@ -61,7 +50,7 @@ def process_series(self, job_id: str) -> str:
 
     outcome = None
     try:
-        with Heartbeat(layout.job_record(job_id), settings.queue.heartbeat_seconds) as heartbeat:
+        with Heartbeat(layout.job_record(job_id), settings.queue.heartbeat_seconds, job.worker) as heartbeat:
             spool = Path(job.spool_dir)
             if not spool.is_dir():
                 raise FileNotFoundError(
@@ -87,28 +76,35 @@ def process_series(self, job_id: str) -> str:
     except Exception as exc:  # noqa: BLE001 - the job fails with its reason, the worker keeps serving
         log.exception("job %s raised", job_id)
         job.state, job.reason = JobState.FAILED, f"{type(exc).__name__}: {exc}"
-    job = _merge(layout, job)
-    if outcome is not None:
-        job.timings.update(outcome.timings)
-        job.values = outcome.values
-        job.implausible = list(outcome.implausible)
-        if outcome.app_log:
-            _keep_app_log(layout, job_id, outcome.app_log)
-        if outcome.withheld:
-            job.state, job.reason = JobState.IMPLAUSIBLE, outcome.reason
-            log.warning("job %s: results withheld: %s", job_id, outcome.reason)
-        elif not outcome.has_results:
-            job.state, job.reason = JobState.NO_RESULT, outcome.reason
-        elif outcome.problems:
-            _quarantine(layout, job, outcome)
-        else:
-            _write_outbox(layout, job, outcome, settings)
-            if outcome.notes:  # processed as configured, but the operator should know
-                job.notes = list(outcome.notes)
-                log.warning("job %s: series processed as configured despite: %s", job_id, "; ".join(job.notes))
-    job.finished_at = time.time()
-    job.stage = ""
-    save_job(layout, job)
+    with job_lock(layout, job_id):  # no other worker claims or finishes this job meanwhile
+        on_disk = read_json(layout.job_record(job_id), JobRecord)
+        if on_disk is not None and (on_disk.worker, on_disk.attempts) != (job.worker, job.attempts):
+            log.warning("job %s: attempt %d was taken over by %s (attempt %d) while it ran; its results are dropped",
+                        job_id, job.attempts, on_disk.worker, on_disk.attempts)
+            return "superseded"
+        if on_disk is not None:
+            job.heartbeat = on_disk.heartbeat  # the heartbeat thread's last write
+        if outcome is not None:
+            job.timings.update(outcome.timings)
+            job.values = outcome.values
+            job.implausible = list(outcome.implausible)
+            if outcome.app_log:
+                _keep_app_log(layout, job_id, outcome.app_log)
+            if outcome.withheld:
+                job.state, job.reason = JobState.IMPLAUSIBLE, outcome.reason
+                log.warning("job %s: results withheld: %s", job_id, outcome.reason)
+            elif not outcome.has_results:
+                job.state, job.reason = JobState.NO_RESULT, outcome.reason
+            elif outcome.problems:
+                _quarantine(layout, job, outcome)
+            else:
+                _write_outbox(layout, job, outcome, settings)
+                if outcome.notes:  # processed as configured, but the operator should know
+                    job.notes = list(outcome.notes)
+                    log.warning("job %s: series processed as configured despite: %s", job_id, "; ".join(job.notes))
+        job.finished_at = time.time()
+        job.stage = ""
+        save_job(layout, job)
     _count_job(job)
     settle_series_of(layout, *job.series_uids or [job.series_uid])
     log.info("job %s %s%s", job_id, job.state.value, f": {job.reason}" if job.reason else "")
@@ -117,11 +113,24 @@ def process_series(self, job_id: str) -> str:
     return job.state.value
 
 
-def _merge(layout: DataLayout, job: JobRecord) -> JobRecord:
-    """Keep the heartbeat thread's last write from being lost (only the heartbeat differs)."""
-    on_disk = read_json(layout.job_record(job.job_id), JobRecord)
-    if on_disk is not None:
-        job.heartbeat = on_disk.heartbeat
+def _claim(settings, layout: DataLayout, job_id: str) -> JobRecord | str:
+    """Take the job for this worker (under its lock), or say why not (its state, as the task's result)."""
+    job = load_job(layout, job_id)
+    if job.state in FINISHED:
+        log.info("job %s already %s; message ignored", job_id, job.state.value)
+        return job.state.value
+    if job.state == JobState.RUNNING and time.time() - job.heartbeat < settings.queue.stale_after_seconds:
+        log.info("job %s is running on %s; duplicate message ignored", job_id, job.worker)
+        return job.state.value
+    if job.attempts >= settings.queue.max_attempts:
+        job.state, job.reason = JobState.FAILED, f"gave up after {job.attempts} attempts (worker lost each time)"
+        save_job(layout, job)
+        settle_series_of(layout, *job.series_uids or [job.series_uid])
+        log.error("job %s failed: %s", job_id, job.reason)
+        return job.state.value
+    job.attempts += 1
+    job.state, job.worker, job.heartbeat, job.started_at = JobState.RUNNING, worker_identity(), time.time(), time.time()
+    save_job(layout, job)
     return job
 
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..records import DataLayout, JobRecord, read_json, write_json_atomic
+
+log = logging.getLogger("pacsworker.tasks")
 
 
 def worker_identity() -> str:
@@ -26,34 +32,56 @@ def save_job(layout: DataLayout, record: JobRecord) -> None:
     write_json_atomic(layout.job_record(record.job_id), record)
 
 
+def job_lock(layout: DataLayout, job_id: str):
+    """Serialise claiming, beating and finishing one job across workers (and hosts sharing data_dir)."""
+    return _record_lock(layout.job_record(job_id))
+
+
+@contextmanager
+def _record_lock(record: Path) -> Iterator[None]:
+    record.parent.mkdir(parents=True, exist_ok=True)
+    with open(record.parent / f".{record.stem}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Heartbeat:
     """Refreshes a running job's heartbeat so that recovery sweeps can tell a dead worker."""
 
-    def __init__(self, path: Path, interval: float):
-        self.path, self.interval = path, interval
+    def __init__(self, path: Path, interval: float, owner: str = ""):
+        self.path, self.interval, self.owner = path, interval, owner  # owner: the worker that claimed it
         self.stage = ""
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._beat, name="job-heartbeat", daemon=True)
 
     def _write(self) -> bool:
-        with self._lock:
+        with self._lock, _record_lock(self.path):
             record = read_json(self.path, JobRecord)
-            if record is None:
-                return False
+            if record is None or (self.owner and record.worker != self.owner):
+                return False  # gone, or another worker took the job over: not ours to beat for
             record.heartbeat, record.stage = time.time(), self.stage
             write_json_atomic(self.path, record)
             return True
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
-            if not self._write():
-                return
+            try:
+                if not self._write():
+                    return
+            except OSError as exc:  # a full disk for a moment: beat again next time, never stop beating
+                log.warning("job heartbeat not written (%s); trying again", exc.strerror or exc)
 
     def set_stage(self, stage: str) -> None:
-        """Record where the job is now (``status`` and the status page show it)."""
+        """Record where the job is now (``status`` and the status page show it); a failed write only logs."""
         self.stage = stage
-        self._write()
+        try:
+            self._write()
+        except OSError as exc:
+            log.warning("job stage %s not written (%s)", stage, exc.strerror or exc)
 
     def __enter__(self) -> "Heartbeat":
         self._thread.start()

@@ -20,7 +20,7 @@ from ..records import (
 )
 from ..scp.routing import route
 from .app import DELIVERY_QUEUE, model_queue
-from .ledger import save_job
+from .ledger import job_lock, save_job
 
 log = logging.getLogger("pacsworker.tasks")
 
@@ -93,70 +93,105 @@ def hold_for_study(layout: DataLayout, record: SeriesRecord, models: list[str]) 
         study.models = sorted(set(study.models) | set(models))
         study.last_seen = max(study.last_seen, record.last_seen)
         write_json_atomic(layout.study_record(record.study_uid), study)
+        if study.waiting:  # what complete_studies looks at: only the studies that wait, not every one kept
+            layout.study_record(record.study_uid).with_suffix(".waiting").touch()
     log.info("series %s held for study %s (%d series so far) for %s", record.series_uid, record.study_uid,
              len(study.series), ", ".join(models))
 
 
-def study_job_id(model: ModelSettings, study: StudyRecord) -> str:
-    """The same series (by content) of a study and the same model always name the same study job."""
-    content = "\n".join(f"{uid}={digest}" for uid, digest in sorted(study.series.items()))
-    return f"{model.name}_study_{study.study_uid}_{hashlib.sha256(content.encode()).hexdigest()[:16]}_{model.fingerprint()}"
+def study_job_id(model: ModelSettings, study_uid: str, members: dict[str, str]) -> str:
+    """The same series (by content) of a study given to the same model always name the same study job.
+
+    ``members``: the series the model is given (Series Instance UID -> content digest); a series
+    only another model wants does not change this model's job.
+    """
+    content = "\n".join(f"{uid}={digest}" for uid, digest in sorted(members.items()))
+    return f"{model.name}_study_{study_uid}_{hashlib.sha256(content.encode()).hexdigest()[:16]}_{model.fingerprint()}"
 
 
 def complete_studies(settings: Settings, receiving: set[str], now: float | None = None) -> int:
     """Make the study jobs of every study that is quiet and has no series still receiving.
 
-    ``receiving``: the Study Instance UIDs with a series the receiver still collects. Returns how
-    many study jobs were made.
+    ``receiving``: Study Instance UIDs this receiver still collects a series of; series records on
+    disk in state receiving (another receiver's) count too. Each study is decided under its lock,
+    so receivers sharing a data_dir make its jobs once. Returns how many study jobs were made.
     """
     layout = DataLayout(settings.data_dir)
     now = time.time() if now is None else now
     made = 0
-    for study in layout.iter_records(layout.studies, StudyRecord):
-        if not study.waiting or study.study_uid in receiving or now - study.last_seen < settings.scp.study_quiet_seconds:
+    for marker in sorted(layout.studies.glob("*.waiting")):
+        study_uid = marker.stem
+        if study_uid in receiving:
             continue
-        jobs = []
-        for name in study.models:
-            try:
-                model = settings.model(name)
-            except KeyError:
-                log.warning("study %s: model %s is no longer configured; not run", study.study_uid, name)
+        with series_lock(layout, f"study-{study_uid}"):
+            current = read_json(layout.study_record(study_uid), StudyRecord)
+            if current is None or not current.waiting:
+                marker.unlink(missing_ok=True)
                 continue
-            job_id = study_job_id(model, study)
-            members = [uid for uid in sorted(study.series) if _matches(layout, uid, name)]
-            job = read_json(layout.job_record(job_id), JobRecord)
-            if job is None and members:
-                job = JobRecord(
-                    job_id=job_id, series_uid=members[0], study_uid=study.study_uid, model=name,
-                    spool_dir=str(layout.series_dir(members[0])), series_uids=members,
-                )
-                save_job(layout, job)
-                log.info("study %s quiet with %d series: queued for %s as job %s", study.study_uid, len(members), name,
-                         job_id)
-                made += 1
-                send_job(settings, layout, job)  # when the broker is down, the recovery sweep sends it
-            if job is not None:
-                jobs.append(job_id)
-        with series_lock(layout, f"study-{study.study_uid}"):
-            current = read_json(layout.study_record(study.study_uid), StudyRecord)
-            if current is not None and current.series == study.series:
-                current.jobs, current.waiting = jobs, False
-                write_json_atomic(layout.study_record(study.study_uid), current)
-        for uid in study.series:  # each series' state follows its study jobs too
-            with series_lock(layout, uid):
-                record = read_json(layout.series_record(uid), SeriesRecord)
-                if record is None:
-                    continue
-                record.earlier_jobs += [j for j in record.jobs if "_study_" in j and j not in jobs]
-                record.jobs = [j for j in record.jobs if "_study_" not in j] + jobs
-                write_json_atomic(layout.series_record(uid), settle_series(layout, record))
+            if now - current.last_seen < settings.scp.study_quiet_seconds:
+                continue
+            records = {uid: read_json(layout.series_record(uid), SeriesRecord) for uid in current.series}
+            if any(r is not None and r.state == SeriesState.RECEIVING for r in records.values()):
+                continue  # a series of it is receiving again (here or at another receiver)
+            made += _make_study_jobs(settings, layout, current, records)
+            marker.unlink(missing_ok=True)
     return made
 
 
-def _matches(layout: DataLayout, series_uid: str, model: str) -> bool:
-    """Whether a series of the study was held for this study model (its record says so)."""
-    record = read_json(layout.series_record(series_uid), SeriesRecord)
-    return record is not None and model in record.study_models
+def _make_study_jobs(settings: Settings, layout: DataLayout, study: StudyRecord,
+                     records: dict[str, SeriesRecord | None]) -> int:
+    made, jobs, gone = 0, {}, []  # jobs: study job id -> the series it is given
+    for name in study.models:
+        try:
+            model = settings.model(name)
+        except KeyError:
+            gone.append(name)
+            continue
+        members = {uid: study.series[uid] for uid in sorted(study.series)
+                   if records.get(uid) is not None and name in records[uid].study_models}
+        if not members:
+            continue
+        job_id = study_job_id(model, study.study_uid, members)
+        job = read_json(layout.job_record(job_id), JobRecord)
+        if job is None:
+            job = JobRecord(
+                job_id=job_id, series_uid=next(iter(members)), study_uid=study.study_uid, model=name,
+                spool_dir=str(layout.series_dir(next(iter(members)))), series_uids=list(members),
+            )
+            save_job(layout, job)
+            log.info("study %s quiet with %d series: queued for %s as job %s", study.study_uid, len(members), name,
+                     job_id)
+        elif job.state == JobState.FAILED:
+            job.state, job.attempts, job.sent_at, job.reason = JobState.QUEUED, 0, 0.0, ""
+            save_job(layout, job)
+            log.info("study %s complete again after job %s failed; the job runs again", study.study_uid, job_id)
+        else:
+            jobs[job_id] = job.series_uids
+            continue
+        jobs[job_id] = job.series_uids
+        made += 1
+        send_job(settings, layout, job)  # when the broker is down, the recovery sweep sends it
+    if gone:
+        log.warning("study %s: model(s) %s no longer configured; not run", study.study_uid, ", ".join(gone))
+        study.models = [name for name in study.models if name not in gone]
+    earlier = [job_id for job_id in study.jobs if job_id not in jobs]
+    study.jobs, study.waiting = list(jobs), False
+    write_json_atomic(layout.study_record(study.study_uid), study)
+    for uid in study.series:  # each series' state follows its study jobs too
+        with series_lock(layout, uid):
+            record = read_json(layout.series_record(uid), SeriesRecord)
+            if record is None:
+                continue
+            record.study_models = [name for name in record.study_models if name not in gone]
+            record.earlier_jobs += [j for j in earlier if j in record.jobs and j not in record.earlier_jobs]
+            mine = [job_id for job_id, members in jobs.items() if uid in members]
+            record.jobs = [j for j in record.jobs if j not in earlier and j not in jobs] + mine
+            if not record.jobs and not record.study_models:
+                record.state, record.reason = SeriesState.SKIPPED, f"model(s) {', '.join(gone)} no longer configured"
+                write_json_atomic(layout.series_record(uid), record)
+            else:
+                write_json_atomic(layout.series_record(uid), settle_series(layout, record))
+    return made
 
 
 def send_job(settings: Settings, layout: DataLayout, job: JobRecord) -> bool:
@@ -182,6 +217,25 @@ def send_job(settings: Settings, layout: DataLayout, job: JobRecord) -> bool:
     return True
 
 
+_heartbeats_seen: dict[str, tuple[float, float]] = {}  # job id -> (its heartbeat, when this process first saw it)
+
+
+def _silent_for(job: JobRecord, now: float) -> float:
+    """How long this process has seen the job's heartbeat not move, by its own clock.
+
+    Workers on other hosts may run clocks behind or ahead of this one, so the heartbeat's own time
+    is not compared with this clock: what counts is that its value stopped changing. After a
+    restart, a job is judged only once it has been watched for the stale time.
+    """
+    beat, seen_at = _heartbeats_seen.get(job.job_id, (None, now))
+    if beat != job.heartbeat:
+        if len(_heartbeats_seen) > 10000:  # forget jobs long finished
+            _heartbeats_seen.clear()
+        beat, seen_at = job.heartbeat, now
+        _heartbeats_seen[job.job_id] = (beat, seen_at)
+    return now - seen_at
+
+
 def recover(settings: Settings, now: float | None = None) -> int:
     """Send unsent jobs, re-queue jobs whose worker stopped beating, re-send stuck deliveries.
 
@@ -197,10 +251,17 @@ def recover(settings: Settings, now: float | None = None) -> int:
                 return count
             log.info("job %s sent by the recovery sweep", job.job_id)
             count += 1
-        elif job.state == JobState.RUNNING and now - job.heartbeat > stale:
-            log.warning("job %s: worker %s silent for %.0f s; re-queued", job.job_id, job.worker, now - job.heartbeat)
-            job.state = JobState.QUEUED
-            if not send_job(settings, layout, job):
+        elif job.state == JobState.RUNNING and _silent_for(job, now) > stale:
+            with job_lock(layout, job.job_id):  # a worker may be claiming or finishing it right now
+                current = read_json(layout.job_record(job.job_id), JobRecord)
+                if current is None or current.state != JobState.RUNNING or current.heartbeat != job.heartbeat:
+                    continue
+                log.warning("job %s: worker %s silent for %.0f s; re-queued", job.job_id, job.worker,
+                            _silent_for(job, now))
+                current.state = JobState.QUEUED
+                save_job(layout, current)
+            _heartbeats_seen.pop(job.job_id, None)
+            if not send_job(settings, layout, current):
                 return count
             count += 1
     for delivery in layout.iter_deliveries():

@@ -344,6 +344,9 @@ def _rescale_into(out: np.ndarray, stored: np.ndarray, rescale: tuple[float, flo
         np.add(out, np.float32(intercept), out=out)
 
 
+POPULATE_LIMIT = 2 << 30  # bytes: a larger guessed volume (a 4D series, say) is not committed before it is checked
+
+
 def _populated(shape: tuple[int, ...]) -> np.ndarray:
     """A float32 array whose memory is mapped with every page in place (zeros).
 
@@ -353,9 +356,13 @@ def _populated(shape: tuple[int, ...]) -> np.ndarray:
     while headers are parsed.
     """
     size = math.prod(shape) * 4
-    if not hasattr(mmap, "MAP_POPULATE") or size < 1 << 20:
+    # only a guess until the series is known to be one volume: never commit more than this up front
+    if not hasattr(mmap, "MAP_POPULATE") or size < 1 << 20 or size > POPULATE_LIMIT:
         return np.zeros(shape, dtype=np.float32)
-    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    try:
+        memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    except OSError:  # no room to map it all now: let numpy fault it in as it is filled
+        return np.zeros(shape, dtype=np.float32)
     return np.frombuffer(memory, dtype=np.float32).reshape(shape)
 
 
