@@ -423,7 +423,7 @@ class ModelSettings(BaseModel):
     match: MatchRule = Field(default_factory=MatchRule)
     irregular_spacing: Literal["refuse", "process"] = Field(
         "refuse", description="a series with uneven slice gaps (a missing slice): refuse it with the reason, or give "
-        "it to the model at its true slice positions (spacing: the median gap; the job's reason notes the gaps)"
+        "it to the model at its true slice positions (spacing: the median gap; the job's notes list the gaps)"
     )
     scope: Literal["series", "study"] = Field(
         "series", description="series: one job per matching series; study: one job per study with every matching "
