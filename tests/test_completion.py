@@ -100,7 +100,9 @@ def test_series_complete_command_completes_a_series_now(receiver, dicom_dir, tmp
     assert asked.returncode == 0 and "(3 instances so far) will be completed by the receiver" in asked.stdout
     wait_until(lambda: receiver.completed, 10, what="the series completed on request")
     assert receiver.completed[0].completed_by == "completed on request" and receiver.completed[0].instances == 3
-    assert not DataLayout(receiver.layout.root).completion_request(series_uid).exists()
+    # the request is removed once the completion is recorded (just after the series is handed on)
+    wait_until(lambda: not DataLayout(receiver.layout.root).completion_request(series_uid).exists(), 10,
+               what="the completion request to be removed")
     record = _record(receiver, series_uid)
     record.state = SeriesState.QUEUED  # as routing leaves it (this receiver's callback only collects)
     receiver.layout.series_record(series_uid).write_text(record.model_dump_json())
