@@ -285,9 +285,8 @@ def serve(config: ConfigOption = None) -> None:
     """Receiver, embedded queue and workers in one command (the single-machine setup)."""
     _multiprocess_metrics()  # its workers count into the folder its port sums
     settings = _setup(config)
-    from .tasks.app import DELIVERY_QUEUE
-
     from .records import DataLayout
+    from .tasks.app import DELIVERY_QUEUE
 
     DataLayout(settings.data_dir).create()  # before the workers start, so none waits for it
     model_queues = ",".join(q for q in _all_queues(settings) if q != DELIVERY_QUEUE)
@@ -734,10 +733,14 @@ def status(
     """Receivers, series receiving, queue depth, running jobs and their stage, failures, pending and
     dead-lettered deliveries (read from data_dir and the broker)."""
     settings = _setup(config)
-    from .records import DataLayout, JobRecord, SeriesRecord, SeriesState
-
     from .metrics import queue_depths
-    from .records import ReceiverRecord
+    from .records import (
+        DataLayout,
+        JobRecord,
+        ReceiverRecord,
+        SeriesRecord,
+        SeriesState,
+    )
 
     layout = DataLayout(settings.data_dir).create()
     series = list(layout.iter_records(layout.series, SeriesRecord))
@@ -852,7 +855,14 @@ def deliveries_retry(
     """
     settings = _setup(config)
     from .destinations.outbox import retry_delivery
-    from .records import DataLayout, DeliveryRecord, JobRecord, JobState, read_json, settle_series_of
+    from .records import (
+        DataLayout,
+        DeliveryRecord,
+        JobRecord,
+        JobState,
+        read_json,
+        settle_series_of,
+    )
     from .tasks.ledger import save_job
 
     if bool(job_ids) == all_:

@@ -286,15 +286,20 @@ JOB_ENDINGS = {JobState.DONE, JobState.FAILED, JobState.NO_RESULT, JobState.IMPL
 
 
 @contextmanager
-def series_lock(layout: DataLayout, series_uid: str) -> Iterator[None]:
-    """Serialise read-modify-write of one series record across processes (receiver and workers)."""
-    layout.series.mkdir(parents=True, exist_ok=True)
-    with open(layout.series / f".{series_uid}.lock", "a") as handle:
+def record_lock(folder: Path, name: str) -> Iterator[None]:
+    """An exclusive lock (``folder/.<name>.lock``, flock) across processes and hosts sharing data_dir."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{name}.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def series_lock(layout: DataLayout, series_uid: str):
+    """Serialise read-modify-write of one series record across processes (receiver and workers)."""
+    return record_lock(layout.series, series_uid)
 
 
 def settle_series(layout: DataLayout, record: SeriesRecord) -> SeriesRecord:

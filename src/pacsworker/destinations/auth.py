@@ -18,7 +18,13 @@ from pathlib import Path
 import requests
 from requests.auth import AuthBase, HTTPBasicAuth
 
-from ..config import BasicAuth, BearerAuth, ClientTlsSettings, DicomwebDestination, OAuth2Auth
+from ..config import (
+    BasicAuth,
+    BearerAuth,
+    ClientTlsSettings,
+    DicomwebDestination,
+    OAuth2Auth,
+)
 from .outcome import DeliveryError
 
 log = logging.getLogger("pacsworker.destinations")

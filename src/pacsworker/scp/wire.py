@@ -344,7 +344,7 @@ class GuardedRequestHandler(RequestHandler):
         request.settimeout(self.policy.tls_handshake_timeout)
         try:
             request.do_handshake()
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             log.warning("TLS handshake with %s not finished within %g s; closed", peer, self.policy.tls_handshake_timeout)
             return False
         except (ssl.SSLError, OSError) as exc:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from ..records import DataLayout, JobRecord, read_json, write_json_atomic
+from ..records import DataLayout, JobRecord, read_json, record_lock, write_json_atomic
 
 log = logging.getLogger("pacsworker.tasks")
 
@@ -34,18 +31,7 @@ def save_job(layout: DataLayout, record: JobRecord) -> None:
 
 def job_lock(layout: DataLayout, job_id: str):
     """Serialise claiming, beating and finishing one job across workers (and hosts sharing data_dir)."""
-    return _record_lock(layout.job_record(job_id))
-
-
-@contextmanager
-def _record_lock(record: Path) -> Iterator[None]:
-    record.parent.mkdir(parents=True, exist_ok=True)
-    with open(record.parent / f".{record.stem}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return record_lock(layout.jobs, job_id)
 
 
 class Heartbeat:
@@ -59,7 +45,7 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._beat, name="job-heartbeat", daemon=True)
 
     def _write(self) -> bool:
-        with self._lock, _record_lock(self.path):
+        with self._lock, record_lock(self.path.parent, self.path.stem):
             record = read_json(self.path, JobRecord)
             if record is None or (self.owner and record.worker != self.owner):
                 return False  # gone, or another worker took the job over: not ours to beat for

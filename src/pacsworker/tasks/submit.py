@@ -15,8 +15,16 @@ import time
 from .. import metrics
 from ..config import ModelSettings, Settings
 from ..records import (
-    DataLayout, JobRecord, JobState, SeriesRecord, SeriesState, StudyRecord, read_json, series_lock,
-    settle_series, write_json_atomic,
+    DataLayout,
+    JobRecord,
+    JobState,
+    SeriesRecord,
+    SeriesState,
+    StudyRecord,
+    read_json,
+    series_lock,
+    settle_series,
+    write_json_atomic,
 )
 from ..scp.routing import route
 from .app import DELIVERY_QUEUE, model_queue

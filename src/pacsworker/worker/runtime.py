@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 
 from ..config import ModelSettings
 from .adapters import LoadedModel, load_model
-from .outputs import Box, Boxes, DicomObjects, LabelMap, ModelOutputError, ModelResult, ModelRunError
+from .outputs import Box, Boxes, DicomObjects, LabelMap, ModelOutputError, ModelRunError
 from .plausibility import input_failures, result_failures
 from .series import Series, Study
 from .volume import NotAVolumeError, Volume, VolumeOutcome, load_series

@@ -19,7 +19,15 @@ import torch
 
 from ...config import ModelSettings
 from ..export import nifti_affine
-from ..outputs import ANATOMICAL_STRUCTURE, TISSUE, LabelMap, ModelIdentity, ModelOutputError, ModelResult, SegmentSpec
+from ..outputs import (
+    ANATOMICAL_STRUCTURE,
+    TISSUE,
+    LabelMap,
+    ModelIdentity,
+    ModelOutputError,
+    ModelResult,
+    SegmentSpec,
+)
 from ..series import Series
 from .python_class import resolve_device, segments_of
 

@@ -40,7 +40,15 @@ import numpy as np
 import pydicom
 
 from ...config import ModelSettings
-from ..outputs import CodedTerm, DicomObjects, LabelMap, ModelIdentity, ModelResult, ModelRunError, SegmentSpec
+from ..outputs import (
+    CodedTerm,
+    DicomObjects,
+    LabelMap,
+    ModelIdentity,
+    ModelResult,
+    ModelRunError,
+    SegmentSpec,
+)
 from ..series import Series
 from . import ModelLoadError
 

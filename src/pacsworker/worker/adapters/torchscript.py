@@ -24,7 +24,13 @@ import yaml
 
 from ...config import ModelSettings, PipelineConfig, TransformConfig
 from ..export import nifti_affine
-from ..outputs import LabelMap, ModelIdentity, ModelOutputError, ModelResult, ProbabilityMaps
+from ..outputs import (
+    LabelMap,
+    ModelIdentity,
+    ModelOutputError,
+    ModelResult,
+    ProbabilityMaps,
+)
 from ..series import Series
 from .python_class import resolve_device, segments_of
 
