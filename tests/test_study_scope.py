@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pydicom
+from conftest import COMPREHENSIVE_3D_SR_CLASS as SR_CLASS
 from conftest import SEG_CLASS, Pacsworker, free_port, port_open, status_json, storescu, wait_until, write_config
 from pydicom.uid import generate_uid
 
@@ -76,5 +77,24 @@ def test_a_study_model_runs_once_on_every_series_of_the_quiet_study(tmp_path, di
         wait_until(lambda: all((r := read_json(layout.series_record(uid), SeriesRecord)).state.value == "done"
                                and r.jobs == [job.job_id] for uid in series), 30, what="every series done by the study job")
         assert status_json(config)["jobs"] == {"done": 1}
+
+        # a series arriving later re-opens the study: the model runs again on all four, and its
+        # results get new UIDs (the same bone series, other inputs), the SRs naming their predecessors
+        first_srs = {item["00080018"]["Value"][0] for item in orthanc.instances_of_class(study, SR_CLASS)}
+        late = _copy(dicom_dir / CT02, tmp_path / "late", study, "Head 5mm late", 4)
+        assert storescu(port, tmp_path / "late").returncode == 0
+        wait_until(lambda: len(orthanc.instances_of_class(study, SEG_CLASS)) == 2, 120, what="the re-run's SEG")
+        [rerun] = [j for j in layout.iter_records(layout.jobs, JobRecord) if j.job_id != job.job_id]
+        assert sorted(rerun.series_uids) == sorted([plain, bone, scout, late])
+        wait_until(lambda: len(orthanc.instances_of_class(study, SR_CLASS)) == 2 * len(first_srs), 60,
+                   what="the re-run's SRs")
+        successors = []
+        for item in orthanc.instances_of_class(study, SR_CLASS):
+            if item["00080018"]["Value"][0] in first_srs:
+                continue
+            sr = orthanc.retrieve(study, item["0020000E"]["Value"][0], item["00080018"]["Value"][0])
+            successors.append({ref.ReferencedSOPInstanceUID for series in sr.PredecessorDocumentsSequence[0]
+                               .ReferencedSeriesSequence for ref in series.ReferencedSOPSequence})
+        assert len(successors) == len(first_srs) and set().union(*successors) == first_srs
     finally:
         serve.stop()

@@ -232,7 +232,7 @@ class EarlierReport:
 def encode_results(volume: Volume, outputs: ModelResult | ModelOutput | list[ModelOutput], model: ModelIdentity,
                    options: SegOptions | None = None,
                    predecessor: EarlierReport | dict[str, EarlierReport] | None = None,
-                   flags: list[str] | None = None) -> EncodedResults | None:
+                   flags: list[str] | None = None, inputs: str = "") -> EncodedResults | None:
     """Build the SEG and the SR for one model run; ``None`` when there is nothing to report (no
     segment found, and no score, class or box).
 
@@ -243,7 +243,8 @@ def encode_results(volume: Volume, outputs: ModelResult | ModelOutput | list[Mod
     earlier run's SR with other UIDs; a dict by role, ``sr`` and ``image_sr``, for both) is named in
     the new SR's Predecessor Documents Sequence. ``flags`` are failed plausibility checks of a
     result delivered anyway: the measurement SR states each as a qualitative evaluation, and every
-    series description says so.
+    series description says so. ``inputs`` names what else the model was given (a study model's
+    other series): other inputs give other result UIDs, as other flags do.
 
     Raises
     ------
@@ -262,7 +263,7 @@ def encode_results(volume: Volume, outputs: ModelResult | ModelOutput | list[Mod
         output = exclusive_labels(output, options.threshold)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = _encode(volume, output, findings, model, options, list(flags or []))
+        results = _encode(volume, output, findings, model, options, list(flags or []), inputs)
     earlier = predecessor if isinstance(predecessor, dict) else {"sr": predecessor} if predecessor else {}
     for role, ds in results.objects() if results is not None else []:
         report = earlier.get(role)
@@ -280,7 +281,7 @@ def _has_content(finding) -> bool:
 
 
 def _encode(volume: Volume, output: LabelMap | ProbabilityMaps | None, findings: list, model: ModelIdentity,
-            options: SegOptions, flags: list[str]) -> EncodedResults | None:
+            options: SegOptions, flags: list[str], inputs: str = "") -> EncodedResults | None:
     segments: list[tuple[SegmentSpec, int]] = []
     if output is not None:
         fractional = isinstance(output, ProbabilityMaps)
@@ -298,6 +299,8 @@ def _encode(volume: Volume, output: LabelMap | ProbabilityMaps | None, findings:
 
     # flagged objects differ from unflagged ones of the same run: they must not share UIDs with them
     variant = model.version + ("|flagged:" + hashlib.sha256("\n".join(flags).encode()).hexdigest()[:16] if flags else "")
+    # results of a model given more than this series (a study model) depend on the others too
+    variant += f"|inputs:{inputs}" if inputs else ""
 
     def uid(role: str) -> str:
         return result_uid(volume.series_uid, instance_uids, model.name, variant, role)

@@ -4,6 +4,7 @@ and the tests all call :func:`run_model`; no queue, no network here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -142,7 +143,10 @@ def run_study_model(files: list[list[Path]], settings: ModelSettings, predecesso
     loaded.sort(key=lambda series: (_series_number(series), series.series_uid))
     model = get_model(settings)
     study = Study(loaded, not_volumes)
-    return _run(outcome, model, settings, predecessor, loaded, lambda: model.run_study(study), stage)
+    # what the model was given, all of it: the results' UIDs depend on it, not only on their series
+    given = sorted(str(ds.SOPInstanceUID) for series in loaded for ds in series.volume.source_datasets)
+    identity = hashlib.sha256("\n".join(given + sorted(not_volumes)).encode()).hexdigest()[:16]
+    return _run(outcome, model, settings, predecessor, loaded, lambda: model.run_study(study), stage, identity)
 
 
 def _series_number(series: Series) -> float:
@@ -153,7 +157,7 @@ def _series_number(series: Series) -> float:
 
 
 def _run(outcome: RunOutcome, model: LoadedModel, settings: ModelSettings, predecessor, inputs: list[Series],
-         call, stage) -> RunOutcome:
+         call, stage, identity: str = "") -> RunOutcome:
     """Input checks, the model ``call`` (giving the series its outputs are on and its result), encoding."""
     from ..encoders import encode_results
     from ..encoders.results import exclusive_labels
@@ -202,7 +206,7 @@ def _run(outcome: RunOutcome, model: LoadedModel, settings: ModelSettings, prede
     stage("encoding")
     started = time.perf_counter()
     results = encode_results(volume, maps[:1] + result.findings, model.identity, settings.seg, predecessor,
-                             flags=outcome.implausible)
+                             flags=outcome.implausible, inputs=identity)
     outcome.timings["encode_s"] = time.perf_counter() - started
     if results is None:
         # only empty maps and empty box lists reach here: scores and classes always make an SR
