@@ -134,7 +134,9 @@ def test_a_stopped_flower_leaves_no_event_queue_in_the_embedded_broker(tmp_path)
         # the workers drop a queue nobody has read for queue.event_queue_expires_seconds (10 s here)
         wait_until(lambda: not event_queues() and not queued_events(), 60,
                    what="the stopped Flower's event queue to be removed")
-        assert "Traceback" not in serve.output()
+        # a Flower killed while writing a control message can leave it cut short: Celery logs that
+        # message's decoding error and goes on; no worker may have died of it
+        assert "worker exited" not in serve.output()
     finally:
         for proc in (flower, serve):
             if proc is not None:
