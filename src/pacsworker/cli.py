@@ -168,12 +168,6 @@ def _ops_port(settings: Settings, role: str, receiver=None, port: int | None = N
         worker_process_init.connect(lambda **_: server.close_inherited(), weak=False)
 
 
-def _all_queues(settings: Settings) -> list[str]:
-    from .tasks.app import DELIVERY_QUEUE, model_queue
-
-    return [model_queue(m.name) for m in settings.models] + [DELIVERY_QUEUE]
-
-
 def _data_dir_problem(layout) -> tuple[str, bool]:
     """Why data_dir cannot be used yet, and whether waiting can help ('' when usable)."""
     root = layout.root
@@ -224,6 +218,8 @@ def worker(
     child_of_serve = bool(os.environ.get(SERVE_CHILD_ENV))
     _multiprocess_metrics()  # before prometheus_client is imported: pool children count into it
     settings = _setup(config)
+    # after _multiprocess_metrics: metrics imports prometheus_client
+    from .metrics import queue_names
     from .records import DataLayout
     from .tasks.app import configure
 
@@ -233,7 +229,7 @@ def worker(
         console.print(f"[red]cannot use data_dir {layout.root}: {problem}[/red]")
         raise typer.Exit(2)
     celery_app = configure(settings)
-    queue_list = (queues or ",".join(_all_queues(settings))).split(",")
+    queue_list = (queues or ",".join(queue_names(settings))).split(",")
     if check_models:
         queue_list = _checked_queues(settings, queue_list)
     quiet = child_of_serve
@@ -289,7 +285,9 @@ def serve(config: ConfigOption = None) -> None:
     from .tasks.app import DELIVERY_QUEUE
 
     DataLayout(settings.data_dir).create()  # before the workers start, so none waits for it
-    model_queues = ",".join(q for q in _all_queues(settings) if q != DELIVERY_QUEUE)
+    from .metrics import queue_names
+
+    model_queues = ",".join(q for q in queue_names(settings) if q != DELIVERY_QUEUE)
     specs = {
         "model": ["--queues", model_queues, "--pool", "prefork", "--concurrency", "1", "--name", "model@%h"],
         "delivery": ["--queues", DELIVERY_QUEUE, "--pool", "threads", "--concurrency", "4", "--name", "delivery@%h"],

@@ -144,9 +144,8 @@ class RecordsCollector:
         pending = dead = 0
         for delivery in layout.iter_deliveries():
             for outcome in delivery.destinations.values():
-                state = outcome.state.value
-                pending += state in ("pending", "failed")
-                dead += state == "dead-letter"
+                pending += outcome.state.value == "pending"
+                dead += outcome.state.value == "dead-letter"
         deliveries = GaugeMetricFamily("pacsworker_outbox_destinations", "Result sets in the outbox per "
                                        "destination: pending (incl. retrying) or dead-lettered", labels=["state"])
         deliveries.add_metric(["pending"], pending)

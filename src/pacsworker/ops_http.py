@@ -15,6 +15,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -142,7 +143,7 @@ def page(settings: Settings, role: str) -> str:
         "table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #ccc;padding:2px 6px;"
         "text-align:left;font-size:13px}tr.failed,tr.bad,tr.dead-letter,tr.implausible{background:#fdd}"
         "tr.done,tr.ok{background:#efe}tr.running,tr.receiving{background:#ffd}</style></head><body>"
-        f"<h1>pacsworker {e(role)}</h1><p>data_dir {e(str(layout.root))}, as of {_when(__import__('time').time())}"
+        f"<h1>pacsworker {e(role)}</h1><p>data_dir {e(str(layout.root))}, as of {_when(time.time())}"
         "</p>" + "".join(rows) + "</body></html>"
     )
 
