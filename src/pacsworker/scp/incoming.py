@@ -128,12 +128,23 @@ def _file_meta_template(sop_class_uid: str, syntax: str, uid_length: int) -> tup
 def _file_meta(message, syntax: str) -> bytes:
     command = message.command_set
     try:
-        sop_class = str(command.AffectedSOPClassUID)
-        instance = str(command.AffectedSOPInstanceUID).encode("ascii")
-        instance += b"\0" * (len(instance) % 2)  # UI values are padded with NUL to even length
+        sop_class, instance = str(command.AffectedSOPClassUID), str(command.AffectedSOPInstanceUID)
+    except Exception:  # noqa: BLE001 - values pydicom cannot convert; refused later
+        sop_class = instance = PLACEHOLDER_UID
+    return file_meta_for(sop_class, instance, syntax)
+
+
+def file_meta_for(sop_class: str, instance: str, syntax: str) -> bytes:
+    """The encoded file meta (group 0002) for an instance of ``sop_class`` in ``syntax``.
+
+    The UIDs come from the wire: ones pydicom cannot write get a placeholder, and the instance is
+    refused later (its dataset does not match its command)."""
+    try:
+        encoded = instance.encode("ascii")
+        encoded += b"\0" * (len(encoded) % 2)  # UI values are padded with NUL to even length
         # pydicom's encoding of the same meta with a placeholder of the same length: only the UID differs
-        template, offset = _file_meta_template(sop_class, syntax, len(instance))
-        return template[:offset] + instance + template[offset + len(instance):]
+        template, offset = _file_meta_template(sop_class, syntax, len(encoded))
+        return template[:offset] + encoded + template[offset + len(encoded):]
     except Exception:  # noqa: BLE001 - UIDs from the wire that pydicom cannot write; refused later
         meta = BytesIO()
         placeholder = UID(PLACEHOLDER_UID)

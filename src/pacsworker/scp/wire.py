@@ -29,6 +29,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
+from .datapath import FastStores
 from .incoming import IDLE_WAIT, SpoolingDIMSE, dataset_started
 
 log = logging.getLogger("pacsworker.scp")
@@ -139,6 +140,8 @@ class GuardedDUL(DULServiceProvider):
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._run_loop_delay = 0
+        # C-STOREs served from their PDUs once the association is established (see datapath)
+        self._fast: FastStores | None = None
 
     # -- reading PDUs -------------------------------------------------------------------------
     def _recv_into(self, view: memoryview, deadline: float) -> None:
@@ -190,6 +193,20 @@ class GuardedDUL(DULServiceProvider):
             return
         if pdu_type == A_ASSOCIATE_RQ and not self._associate_rq_is_sane(bytes(pdu_bytes[6:]), peer):
             return
+        if pdu_type == P_DATA_TF and self._fast_path_open():
+            try:
+                offset = self._fast.take(memoryview(pdu_bytes)[6:])
+            except OSError as exc:  # sending a response
+                self._drop(f"connection from {peer}: connection error ({exc.strerror or exc})")
+                return
+            if self._fast.violation is not None:
+                self.abort_peer(self._fast.violation)
+                return
+            if offset is None:
+                return
+            if offset:  # the PDU's remaining items, as a PDU of their own
+                rest = memoryview(pdu_bytes)[6 + offset:]
+                pdu_bytes = struct.pack(">BBL", P_DATA_TF, 0, len(rest)) + rest
         try:
             pdu, event = self._decode_pdu(pdu_bytes)
         except Exception as exc:  # noqa: BLE001 - malformed PDU contents: abort, keep serving
@@ -197,6 +214,18 @@ class GuardedDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _fast_path_open(self) -> bool:
+        """Whether this P-DATA-TF PDU is for :class:`FastStores`: the association is established, and
+        either a C-STORE of the fast path is in progress or pynetdicom has nothing of its own under way."""
+        if self.policy.incoming_dir is None or self.state_machine.current_state != "Sta6":
+            return False
+        if self._fast is None:
+            self._fast = FastStores(self.assoc, self.policy.incoming_dir, self.socket.socket.sendall)
+        if self._fast.pending is not None:
+            return True
+        return (self.assoc.dimse.message is None and self.event_queue.empty() and self.to_provider_queue.empty()
+                and self.assoc.dimse.msg_queue.empty())
 
     def _associate_rq_is_sane(self, body: bytes, peer: str) -> bool:
         """Refuse AE titles pynetdicom cannot represent with an A-ASSOCIATE-RJ instead of a crash."""
@@ -267,7 +296,7 @@ class GuardedDUL(DULServiceProvider):
 
     def run_reactor(self) -> None:
         try:
-            super().run_reactor()
+            self._reactor()
         finally:
             self.user_wake.set()
             self._wake_r.close()
@@ -275,6 +304,37 @@ class GuardedDUL(DULServiceProvider):
             self._release_unassociated_slot()  # also when the reactor ended on an exception
             if isinstance(self.assoc.dimse, SpoolingDIMSE):
                 self.assoc.dimse.discard_unserved()
+            if self._fast is not None:
+                self._fast.discard()
+
+    def _reactor(self) -> None:
+        """The provider's loop: one outgoing primitive or one incoming PDU, then one state machine event.
+
+        pynetdicom's loop does the same but sleeps (yields the GIL) before every pass that found no
+        event; this one waits in ``_wait_for_work`` only, on the socket and the wake-up pair.
+        """
+        self._idle_timer.start()
+        self.assoc._dul_ready.set()
+        while not self._kill_thread:
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if not self._process_recv_primitive() and self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:  # noqa: BLE001 - the connection's state is unknown: abort it
+                log.error("association from %s aborted: %s in its upper layer", self._peer(), type(exc).__name__)
+                log.debug("upper layer failure", exc_info=True)
+                self._send_raw(_abort_pdu())
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                self._kill_thread = True
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                continue
+            self.state_machine.do_action(event)
 
     def _is_transport_event(self) -> bool:
         self._check_dataset_start()
@@ -306,8 +366,15 @@ class GuardedDUL(DULServiceProvider):
             self.to_user_queue.put(None)
 
     def _check_dataset_start(self) -> None:
-        message = self.assoc.dimse.message
-        if not isinstance(message, C_STORE_RQ) or dataset_started(message):
+        fast = self._fast.pending if self._fast is not None else None
+        message = fast or self.assoc.dimse.message
+        if fast is not None:
+            started = self._fast.dataset_started()
+        elif isinstance(message, C_STORE_RQ):
+            started = dataset_started(message)
+        else:
+            started = True
+        if started:
             self._store_waiting = None
             return
         if not self.event_queue.empty() or self.socket.ready:  # something arrived: maybe the dataset
@@ -318,12 +385,18 @@ class GuardedDUL(DULServiceProvider):
             return
         if now - self._store_waiting[1] < self.policy.dataset_start_timeout:
             return
+        uid = fast.AffectedSOPInstanceUID if fast is not None else message.command_set.AffectedSOPInstanceUID
         log.warning(
             "C-STORE %s from %s announced a dataset but none arrived within %g s; answering with a failure",
-            message.command_set.AffectedSOPInstanceUID, printable(self.assoc.requestor.ae_title or ""),
-            self.policy.dataset_start_timeout,
+            printable(str(uid)), printable(self.assoc.requestor.ae_title or ""), self.policy.dataset_start_timeout,
         )
         self._store_waiting = None
+        if fast is not None:
+            try:
+                self._fast.serve()  # with nothing received: the Storage handler refuses it
+            except OSError as exc:
+                self._drop(f"connection from {self._peer()}: connection error ({exc.strerror or exc})")
+            return
         empty_last_fragment = P_DATA()
         empty_last_fragment.presentation_data_value_list.append((message.context_id, b"\x02"))
         self.assoc.dimse.receive_primitive(empty_last_fragment)

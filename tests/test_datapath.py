@@ -1,0 +1,217 @@
+"""The receiver's C-STORE fast path (scp/datapath.py) and its hand-over to pynetdicom, on raw associations.
+
+Every case checks what the sender sees (the responses, their statuses and message IDs) and what
+was stored (the bytes sent, under the right file meta); the counts of requests each path served
+show which one did.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from io import BytesIO
+
+import pydicom
+import pytest
+from conftest import free_port, wait_until
+from pydicom.filereader import read_dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from wire_bytes import (
+    APPLICATION_CONTEXT,
+    CT_IMAGE,
+    EXPLICIT_LE,
+    IMPLICIT_LE,
+    VERIFICATION,
+    _ae,
+    _item,
+    connect,
+    explicit_le,
+    pdu,
+    read_pdu,
+    store_command,
+)
+
+from pacsworker.config import Settings
+from pacsworker.scp import datapath, incoming
+from pacsworker.scp.server import Receiver
+
+CT_CONTEXT, ECHO_CONTEXT = 1, 3
+
+
+@pytest.fixture
+def receiver(tmp_path):
+    settings = Settings(
+        scp={"host": "127.0.0.1", "port": free_port(), "series_quiet_seconds": 3600},
+        storage={"data_dir": str(tmp_path / "data")},
+    )
+    rx = Receiver(settings, lambda record: None)
+    rx.start()
+    yield rx
+    rx.stop()
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """Counts of C-STOREs served by the fast path and by pynetdicom's."""
+    counts = {"fast": 0, "pynetdicom": 0}
+    fast_serve, slow_serve = datapath.FastStores.serve, incoming.SpoolingDIMSE.serve_now
+
+    def counting_fast(self):
+        counts["fast"] += 1
+        return fast_serve(self)
+
+    def counting_slow(self, request, context_id):
+        served_here = slow_serve(self, request, context_id)
+        counts["pynetdicom"] += served_here
+        return served_here
+
+    monkeypatch.setattr(datapath.FastStores, "serve", counting_fast)
+    monkeypatch.setattr(incoming.SpoolingDIMSE, "serve_now", counting_slow)
+    return counts
+
+
+def associate(port: int, max_pdu: int = 16384):
+    """A raw association proposing CT Image Storage (context 1, explicit VR LE) and Verification (context 3)."""
+    contexts = b""
+    for context_id, abstract, syntax in ((CT_CONTEXT, CT_IMAGE.encode(), EXPLICIT_LE), (ECHO_CONTEXT, VERIFICATION, IMPLICIT_LE)):
+        contexts += _item(0x20, bytes([context_id, 0, 0, 0]) + _item(0x30, abstract) + _item(0x40, syntax))
+    user = _item(0x51, struct.pack(">L", max_pdu)) + _item(0x52, b"1.2.826.0.1.3680043.9.7433")
+    body = struct.pack(">HH", 1, 0) + _ae(b"PACSWORKER") + _ae(b"SCU") + b"\0" * 32
+    sock = connect(port)
+    sock.sendall(pdu(0x01, body + _item(0x10, APPLICATION_CONTEXT) + contexts + _item(0x50, user)))
+    pdu_type, _ = read_pdu(sock)
+    assert pdu_type == 0x02, f"association not accepted (PDU type {pdu_type})"
+    return sock
+
+
+def pdvs(*values: tuple[int, int, bytes]) -> bytes:
+    """One P-DATA-TF holding the given (context id, control, data) values."""
+    return pdu(0x04, b"".join(struct.pack(">LBB", len(data) + 2, cid, control) + data for cid, control, data in values))
+
+
+def command(sop_uid: str, message_id: int) -> bytes:
+    encoded = bytearray(store_command(sop_uid))
+    at = encoded.index(b"\x00\x00\x10\x01")  # (0000,0110) Message ID
+    encoded[at + 8:at + 10] = struct.pack("<H", message_id)
+    return bytes(encoded)
+
+
+def echo_command(message_id: int) -> bytes:
+    body = b"".join((
+        struct.pack("<HHL", 0, 0x0002, 18) + VERIFICATION + b"\0",
+        struct.pack("<HHLH", 0, 0x0100, 2, 0x0030),
+        struct.pack("<HHLH", 0, 0x0110, 2, message_id),
+        struct.pack("<HHLH", 0, 0x0800, 2, 0x0101),
+    ))
+    return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
+
+
+def response(sock, max_pdu: int = 0) -> pydicom.Dataset:
+    """The next DIMSE response, reassembled from its fragments (each PDU's variable field, the part the
+    maximum length limits (PS3.8 D.1), no longer than ``max_pdu``)."""
+    encoded = b""
+    while True:
+        pdu_type, body = read_pdu(sock, timeout=30)
+        assert pdu_type == 0x04, f"expected P-DATA-TF, got PDU type {pdu_type}"
+        assert not max_pdu or len(body) <= max_pdu
+        (length, _, control) = struct.unpack(">LBB", body[:6])
+        encoded += body[6:4 + length]
+        if control == 0x03:
+            return read_dataset(BytesIO(encoded), True, True)
+
+
+def ct_dataset() -> tuple[bytes, pydicom.Dataset]:
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "CT"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows = ds.Columns = 64
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 0], [1, 0, 0, 0, 1, 0]
+    ds.PixelData = bytes(range(256)) * 32
+    return explicit_le(ds), ds
+
+
+def stored(rx: Receiver, ds: pydicom.Dataset) -> pydicom.FileDataset:
+    path = rx.layout.spool / str(ds.SeriesInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
+    return pydicom.dcmread(path)
+
+
+def test_fast_path_and_pynetdicom_serve_one_association_in_turn(receiver, served):
+    """Whole commands take the fast path; a split command and a C-ECHO go to pynetdicom; the
+    responses come back in order with their own message IDs, and every instance is stored as sent."""
+    sock = associate(receiver.settings.scp.port)
+    sent = []
+
+    # 1: command whole in one PDV, dataset in three fragments over three PDUs
+    data, ds = ct_dataset()
+    sock.sendall(pdvs((CT_CONTEXT, 0x03, command(ds.SOPInstanceUID, 1))))
+    third = len(data) // 3
+    for start, control in ((0, 0x00), (third, 0x00), (2 * third, 0x02)):
+        sock.sendall(pdvs((CT_CONTEXT, control, data[start:start + third if control == 0x00 else None])))
+    rsp = response(sock)
+    assert (rsp.Status, rsp.MessageIDBeingRespondedTo, rsp.AffectedSOPInstanceUID) == (0, 1, ds.SOPInstanceUID)
+    sent.append((data, ds))
+
+    # 2: the command in two fragments: pynetdicom's
+    data, ds = ct_dataset()
+    encoded = command(ds.SOPInstanceUID, 2)
+    sock.sendall(pdvs((CT_CONTEXT, 0x01, encoded[:40])))
+    sock.sendall(pdvs((CT_CONTEXT, 0x03, encoded[40:])))
+    sock.sendall(pdvs((CT_CONTEXT, 0x02, data)))
+    rsp = response(sock)
+    assert (rsp.Status, rsp.MessageIDBeingRespondedTo) == (0, 2)
+    sent.append((data, ds))
+
+    # 3: a C-ECHO
+    sock.sendall(pdvs((ECHO_CONTEXT, 0x03, echo_command(3))))
+    rsp = response(sock)
+    assert (rsp.Status, rsp.MessageIDBeingRespondedTo, rsp.CommandField) == (0, 3, 0x8030)
+
+    # 4 and 5: two whole instances in one PDU, then a C-ECHO in the same PDU after them
+    (data4, ds4), (data5, ds5) = ct_dataset(), ct_dataset()
+    sock.sendall(pdvs((CT_CONTEXT, 0x03, command(ds4.SOPInstanceUID, 4)), (CT_CONTEXT, 0x02, data4),
+                      (CT_CONTEXT, 0x03, command(ds5.SOPInstanceUID, 5)), (CT_CONTEXT, 0x02, data5),
+                      (ECHO_CONTEXT, 0x03, echo_command(6))))
+    answers = [response(sock) for _ in range(3)]
+    assert [(a.Status, a.MessageIDBeingRespondedTo) for a in answers] == [(0, 4), (0, 5), (0, 6)]
+    sent += [(data4, ds4), (data5, ds5)]
+
+    sock.sendall(pdu(0x05, b"\0" * 4))  # A-RELEASE-RQ
+    assert read_pdu(sock)[0] == 0x06
+    sock.close()
+
+    assert served == {"fast": 3, "pynetdicom": 1}
+    for data, ds in sent:
+        file = stored(receiver, ds)
+        assert file.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert file.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert file.PixelData == ds.PixelData
+        assert explicit_le(file) == data  # the dataset exactly as it was sent
+    assert not list(receiver.layout.incoming.iterdir())
+
+
+def test_a_command_inside_a_dataset_aborts_and_leaves_nothing(receiver, caplog):
+    caplog.set_level(logging.WARNING, logger="pacsworker.scp")
+    sock = associate(receiver.settings.scp.port)
+    data, ds = ct_dataset()
+    sock.sendall(pdvs((CT_CONTEXT, 0x03, command(ds.SOPInstanceUID, 1)), (CT_CONTEXT, 0x00, data[:100])))
+    sock.sendall(pdvs((CT_CONTEXT, 0x03, command(generate_uid(), 2))))
+    assert read_pdu(sock)[0] == 0x07  # A-ABORT
+    sock.close()
+    assert "a PDV that is not the next fragment of the dataset being received" in caplog.text
+    assert wait_until(lambda: not list(receiver.layout.incoming.iterdir()), 10, what="the partial dataset removed")
+    assert not list(receiver.layout.spool.rglob("*.dcm"))
+
+
+def test_responses_fit_the_senders_maximum_pdu(receiver, served):
+    """A sender that accepts only 64-byte PDUs gets its C-STORE response in fragments that fit."""
+    sock = associate(receiver.settings.scp.port, max_pdu=64)
+    data, ds = ct_dataset()
+    sock.sendall(pdvs((CT_CONTEXT, 0x03, command(ds.SOPInstanceUID, 7)), (CT_CONTEXT, 0x02, data)))
+    rsp = response(sock, max_pdu=64)
+    assert (rsp.Status, rsp.MessageIDBeingRespondedTo, rsp.AffectedSOPInstanceUID) == (0, 7, ds.SOPInstanceUID)
+    assert rsp.AffectedSOPClassUID == CT_IMAGE
+    sock.close()
+    assert served["fast"] == 1
+    assert stored(receiver, ds).PixelData == ds.PixelData
