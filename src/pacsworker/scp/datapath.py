@@ -228,10 +228,11 @@ class FastStores:
         except Exception as exc:  # noqa: BLE001 - answer as pynetdicom does and keep serving
             log.error("C-STORE handler failed for %r: %s: %r", request.AffectedSOPInstanceUID, type(exc).__name__, str(exc))
             status = STATUS_HANDLER_FAILED
-        finally:
-            incoming.discard()  # gone already when the handler moved it into the spool
         maximum = self.assoc.requestor.maximum_length or 0
-        self.send(command_pdus(request.context_id, store_response(request, status), maximum))
+        try:
+            self.send(command_pdus(request.context_id, store_response(request, status), maximum))
+        finally:
+            incoming.discard()  # after the answer: nothing is left when the handler moved the file into the spool
 
     def discard(self) -> None:
         """Delete the file of a dataset the association ended before it was complete."""

@@ -36,7 +36,6 @@ from ..config import Settings
 from ..records import DataLayout, SeriesRecord, is_valid_uid
 from .incoming import PREAMBLE, IncomingDataset
 from .integrity import IncompleteDataset, check_dataset
-from .routing import series_facts
 from .spool import Spool
 from .tracker import InstanceMeta, SeriesTracker, plane_facts
 from .wire import WirePolicy, printable, start_guarded_server, tls_context
@@ -101,7 +100,7 @@ def read_instance_meta(header: Dataset, calling_aet: str) -> InstanceMeta:
         sop_class_uid=values["SOPClassUID"],
         modality=printable(modality)[:16],
         calling_aet=calling_aet,
-        facts=series_facts(header),
+        header=header,
         frames=_count(header, "NumberOfFrames") or 1,
         images_in_acquisition=_count(header, "ImagesInAcquisition"),
         **plane_facts(header),

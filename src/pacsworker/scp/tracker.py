@@ -33,7 +33,7 @@ class InstanceMeta:
     sop_class_uid: str
     modality: str
     calling_aet: str
-    facts: dict = field(default_factory=dict)  # routing facts (SeriesRecord fields) from its header
+    facts: dict = field(default_factory=dict)  # routing facts (SeriesRecord fields), see routing_facts
     frames: int = 1  # Number of Frames
     images_in_acquisition: int | None = None  # Images in Acquisition, when the header gives a count
     position: tuple[float, float, float] | None = None  # Image Position (Patient) of a single-frame image
@@ -42,6 +42,14 @@ class InstanceMeta:
     temporal_positions: int | None = None  # Number of Temporal Positions
     spacing: float | None = None  # Spacing Between Slices
     association: int | None = None  # which association brought it (None: STOW-RS, or read back at start)
+    # the checked header, for routing facts read only when the instance opens a series
+    header: Dataset | None = field(default=None, repr=False, compare=False)
+
+    def routing_facts(self) -> dict:
+        """The routing facts: given, or read from ``header`` (once; only a series' first instance needs them)."""
+        if not self.facts and self.header is not None:
+            self.facts = series_facts(self.header)
+        return self.facts
 
 
 def _number(header: Dataset, keyword: str, n: int = 1) -> tuple[float, ...] | None:
@@ -202,7 +210,7 @@ class SeriesTracker:
                 modality=meta.modality,
                 sop_class_uid=meta.sop_class_uid,
                 calling_aet=meta.calling_aet,
-                **meta.facts,
+                **meta.routing_facts(),
             )
         else:
             # received again after routing: process the series anew, with what it already holds
@@ -320,7 +328,9 @@ def _metas_of(files) -> list[InstanceMeta]:
     metas = []
     for path in files:
         try:
-            metas.append(read_instance_meta(pydicom.dcmread(path, stop_before_pixels=True), ""))
+            meta = read_instance_meta(pydicom.dcmread(path, stop_before_pixels=True), "")
+            meta.header = None  # a spooled series has its record (and routing facts) already
+            metas.append(meta)
         except Exception:  # noqa: BLE001 - it was checked when it arrived; the loader reports it if it is bad
             log.warning("spooled instance %s: header not readable; counted without its geometry", path.name)
     return metas

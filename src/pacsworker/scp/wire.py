@@ -17,6 +17,7 @@ import select
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ PDU_NAMES = {
     0x07: "A-ABORT",
 }
 P_DATA_TF = 0x04
+# SO_RCVTIMEO takes a struct timeval here (Windows takes milliseconds): read plain sockets with it
+KERNEL_TIMEOUTS = sys.platform.startswith("linux")
 A_ASSOCIATE_RQ = 0x01
 
 
@@ -142,11 +145,53 @@ class GuardedDUL(DULServiceProvider):
         self._run_loop_delay = 0
         # C-STOREs served from their PDUs once the association is established (see datapath)
         self._fast: FastStores | None = None
+        self._blocking_timeout: float | None = None  # the kernel timeouts of a plain socket, once in blocking mode
 
     # -- reading PDUs -------------------------------------------------------------------------
     def _recv_into(self, view: memoryview, deadline: float) -> None:
         """Fill ``view`` from the socket by ``deadline``."""
         sock = self.socket.socket
+        if isinstance(sock, ssl.SSLSocket) or not KERNEL_TIMEOUTS:
+            self._recv_into_polled(sock, view, deadline)
+            return
+        # A plain socket reads in blocking mode with the kernel's receive timeout (SO_RCVTIMEO) and
+        # MSG_WAITALL: one system call per PDU instead of a poll and a read per TCP segment batch.
+        if self._blocking_timeout is None:
+            sock.settimeout(None)
+            self._set_kernel_timeouts(sock, self.policy.network_timeout, send=True)
+        got, count = 0, len(view)
+        while got < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PeerGone(f"{got} of {count} bytes arrived within {self.policy.network_timeout:g} s")
+            if self._blocking_timeout * 0.9 > remaining:  # as in the polled read: only when it matters
+                self._set_kernel_timeouts(sock, remaining)
+            try:
+                chunk = sock.recv_into(view[got:], count - got, socket.MSG_WAITALL)
+            except (BlockingIOError, TimeoutError):
+                continue  # the kernel's timeout passed with nothing read: the deadline check reports it
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                raise PeerGone(f"connection error ({exc.strerror or exc})") from None
+            if not chunk:
+                raise PeerGone("connection closed by the peer" + (f" after {got} of {count} bytes" if got else ""))
+            got += chunk
+        if self._blocking_timeout != self.policy.network_timeout:
+            self._set_kernel_timeouts(sock, self.policy.network_timeout)
+
+    def _set_kernel_timeouts(self, sock: socket.socket, seconds: float, send: bool = False) -> None:
+        """SO_RCVTIMEO (and SO_SNDTIMEO, which bounds pynetdicom's blocking sends) of a blocking socket."""
+        seconds = max(seconds, 0.001)
+        whole = int(seconds)
+        timeval = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        if send:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        self._blocking_timeout = seconds
+
+    def _recv_into_polled(self, sock: socket.socket, view: memoryview, deadline: float) -> None:
+        """Fill ``view`` by ``deadline`` from a socket read with Python's timeouts (TLS)."""
         got, count = 0, len(view)
         while got < count:
             remaining = deadline - time.monotonic()
@@ -278,21 +323,29 @@ class GuardedDUL(DULServiceProvider):
         except OSError:  # full (a wake-up is pending anyway) or closed
             pass
 
-    def _wait_for_work(self, timeout: float = IDLE_WAIT) -> None:
+    def _wait_for_work(self, timeout: float = IDLE_WAIT) -> bool:
+        """Wait until the peer sends, the association has something to send, or ``timeout``; True when
+        the socket is readable."""
         if not self.event_queue.empty() or not self.to_provider_queue.empty():
-            return
+            return False
         sock = self.socket.socket if self.socket is not None and self.socket._is_connected else None
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted bytes select cannot see
+            return True
         try:
             ready, _, _ = select.select([self._wake_r] if sock is None else [sock, self._wake_r], [], [], timeout)
-        except (OSError, ValueError):  # the socket closed meanwhile
+        except (OSError, ValueError):  # the socket closed meanwhile: the connection is gone (Evt17)
+            if sock is not None:
+                self.socket._is_connected = False
+                self.event_queue.put("Evt17")
             time.sleep(0.001)
-            return
+            return False
         if self._wake_r in ready:
             try:
                 while self._wake_r.recv(4096):
                     pass
             except OSError:
                 pass
+        return sock is not None and sock in ready
 
     def run_reactor(self) -> None:
         try:
@@ -338,9 +391,15 @@ class GuardedDUL(DULServiceProvider):
 
     def _is_transport_event(self) -> bool:
         self._check_dataset_start()
-        if super()._is_transport_event():
+        if self.state_machine.current_state == "Sta13" or self.socket is None or not self.socket._is_connected:
+            if super()._is_transport_event():  # pynetdicom's handling of a closing connection
+                return True
+            self._wait_for_work()
+            return False
+        # one select per PDU: it returns at once when the PDU is there, and the PDU is read straight away
+        if self._wait_for_work():
+            self._read_pdu_data()
             return True
-        self._wait_for_work()
         return False
 
     def kill_dul(self) -> None:
