@@ -110,3 +110,65 @@ def test_native_pixel_data_length_follows_the_header():
     ds.PixelData = bytes(6)
     with pytest.raises(IncompleteDataset, match="holds 6 bytes, fewer than the 8"):
         check_dataset(_encoded(ds), "1.2.840.10008.1.2.1")
+
+
+def _plain(value):
+    """A header value as comparable plain data (pydicom's MultiValue, DSfloat, IS, UID as list, float, int, str)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return [_plain(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return str(value).strip()
+
+
+def test_header_values_read_without_pydicom_equal_pydicoms(dicom_dir):
+    """Every header value the receiver reads itself equals pydicom's reading, for every catalogued series
+    (implicit and explicit VR, big endian, deflated, compressed, enhanced), and so does the expected
+    pixel data length."""
+    from pydicom.pixels.utils import get_expected_length
+
+    from pacsworker.scp.integrity import HEADER_KEYWORDS, expected_pixel_bytes
+
+    compared = 0
+    for name, body, syntax in _fixture_datasets(dicom_dir):
+        header = check_dataset(body, syntax)
+        reference = header.dataset()
+        for keyword in HEADER_KEYWORDS:
+            assert _plain(header.get(keyword)) == _plain(reference.get(keyword)), f"{name}: {keyword}"
+            compared += keyword in reference
+        if "PixelData" not in name and reference.get("Rows") and reference.get("BitsAllocated"):
+            assert expected_pixel_bytes(header) == get_expected_length(reference, "bytes"), name
+    assert compared > 300
+
+
+def test_header_values_pydicom_must_read_are_left_to_it():
+    """Text in another character set, a value under another VR than the dictionary's, and numbers that
+    do not parse plainly are read by pydicom, as before."""
+    ds = _ids(Dataset())
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SeriesDescription = "Thorax ÄÖÜ"
+    ds.add_new(0x00280010, "SS", 64)  # Rows under another VR
+    ds.Columns, ds.BitsAllocated, ds.SamplesPerPixel = 2, 8, 1
+    ds.NumberOfFrames = "2.0"  # an IS pydicom accepts, int() does not
+    ds.PixelData = bytes(64 * 2 * 2)
+    header = check_dataset(_encoded(ds), "1.2.840.10008.1.2.1")
+    assert header.get("SeriesDescription") == "Thorax ÄÖÜ"
+    assert header.get("Rows") == 64 and header.get("NumberOfFrames") == 2
+    assert header.SOPInstanceUID == ds.SOPInstanceUID
+
+
+@pytest.mark.parametrize(("photometric", "bits", "expected"), [("YBR_FULL_422", 8, 4 * 4 * 3 // 3 * 2), ("MONOCHROME2", 1, 2)])
+def test_expected_pixel_length_follows_the_standards_special_cases(photometric, bits, expected):
+    from pydicom.pixels.utils import get_expected_length
+
+    from pacsworker.scp.integrity import expected_pixel_bytes
+
+    ds = _ids(Dataset())
+    ds.Rows = ds.Columns = 4
+    ds.SamplesPerPixel = 3 if photometric.startswith("YBR") else 1
+    ds.PhotometricInterpretation, ds.BitsAllocated = photometric, bits
+    ds.PixelData = bytes(expected)
+    header = check_dataset(_encoded(ds), "1.2.840.10008.1.2.1")
+    assert expected_pixel_bytes(header) == get_expected_length(ds, "bytes") == expected

@@ -18,7 +18,6 @@ from io import BytesIO
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 UNDEFINED = 0xFFFFFFFF
@@ -169,6 +168,7 @@ class _Walker:
         self.implicit = implicit
         self.order = "<" if little else ">"
         self.header = bytearray()  # the wanted top-level elements, re-framed in the same encoding
+        self.values: dict[int, tuple[bytes, bytes]] = {}  # the same elements: tag -> (explicit VR or b"", value)
         self.pixel_tag = 0
         self.pixel_length: int | None = None
         self.fragments = 0
@@ -223,6 +223,7 @@ class _Walker:
         if length > MAX_HEADER_VALUE:
             raise IncompleteDataset(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) is {length} bytes long")
         value = bytes(self.src.read(length))
+        self.values[tag] = (vr, value)
         if implicit:
             self.header += struct.pack(order + "HHL", tag >> 16, tag & 0xFFFF, length)
         elif vr in LONG_VRS:
@@ -265,8 +266,8 @@ def check_dataset(
     encoded: bytes | memoryview,
     transfer_syntax: str,
     max_inflated: int = 4 << 30,
-) -> Dataset:
-    """Check that an encoded dataset (no file meta) is whole; return its header as a Dataset.
+) -> Header:
+    """Check that an encoded dataset (no file meta) is whole; return its header.
 
     Parameters
     ----------
@@ -279,7 +280,7 @@ def check_dataset(
 
     Returns
     -------
-    pydicom.dataset.Dataset
+    Header
         The header elements the receiver uses (``HEADER_KEYWORDS``).
 
     Raises
@@ -300,15 +301,12 @@ def check_dataset(
         raise IncompleteDataset(f"the dataset ends inside an element (after {source.pos} bytes)") from None
     except struct.error:
         raise IncompleteDataset(f"the dataset ends inside an element header (after {source.pos} bytes)") from None
-    try:
-        header = read_dataset(BytesIO(bytes(walker.header)), implicit, little)
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on garbage
-        raise IncompleteDataset(f"the dataset header does not parse ({type(exc).__name__})") from None
+    header = Header(walker.values, bytes(walker.header), implicit, little)
     _check_pixels(header, walker, syntax)
     return header
 
 
-def _check_pixels(header: Dataset, walker: _Walker, syntax: UID) -> None:
+def _check_pixels(header: Header, walker: _Walker, syntax: UID) -> None:
     if not walker.pixel_tag:
         if all(header.get(k) not in (None, "") for k in ("Rows", "Columns", "BitsAllocated")):
             # an image header whose pixel data never came: cut at an element boundary
@@ -327,7 +325,7 @@ def _check_pixels(header: Dataset, walker: _Walker, syntax: UID) -> None:
     if missing:
         raise IncompleteDataset(f"{name} present but {', '.join(missing)} missing from the header")
     try:
-        expected = get_expected_length(header, "bytes")
+        expected = expected_pixel_bytes(header)
     except Exception as exc:  # noqa: BLE001 - inconsistent image attributes
         raise IncompleteDataset(f"image attributes do not give a pixel data length ({exc})") from None
     if walker.pixel_length < expected:
@@ -335,3 +333,111 @@ def _check_pixels(header: Dataset, walker: _Walker, syntax: UID) -> None:
             f"{name} holds {walker.pixel_length} bytes, fewer than the {expected} that Rows x Columns x "
             "Samples x Bits Allocated x Frames imply"
         )
+
+
+def expected_pixel_bytes(header) -> int:
+    """Rows x Columns x Samples per Pixel x Frames x Bits Allocated / 8 (whole bytes for 1-bit data),
+    two thirds of that for YBR_FULL_422 (PS3.3 C.7.6.3.1.2); pydicom's rule for the expected length."""
+    length = int(header.get("Rows")) * int(header.get("Columns")) * int(header.get("SamplesPerPixel") or 1)
+    length *= int(header.get("NumberOfFrames") or 1)
+    bits = int(header.get("BitsAllocated"))
+    length = (length + 7) // 8 if bits == 1 else length * (bits // 8)
+    if str(header.get("PhotometricInterpretation") or "").strip() == "YBR_FULL_422":
+        length = length // 3 * 2
+    return length
+
+
+_US = {order: struct.Struct(order + "H") for order in "<>"}
+# how the header's own elements are read without pydicom: keyword -> (tag, VR, kind)
+_FAST = {
+    keyword: (tag_for_keyword(keyword), vr, kind)
+    for keywords, vr, kind in (
+        (("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"), b"UI", "text"),
+        (("Modality", "PhotometricInterpretation", "BodyPartExamined", "MRAcquisitionType", "ImageType",
+          "ScanningSequence"), b"CS", "text"),
+        (("SamplesPerPixel", "Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation"), b"US", "us"),
+        (("NumberOfFrames", "ImagesInAcquisition", "TemporalPositionIdentifier", "NumberOfTemporalPositions"),
+         b"IS", "int"),
+        (("ImagePositionPatient", "ImageOrientationPatient", "SpacingBetweenSlices"), b"DS", "float"),
+    )
+    for keyword in keywords
+}
+
+
+class Header:
+    """The top-level elements of a checked dataset that the receiver reads (``HEADER_KEYWORDS``).
+
+    The values the receiver reads for every instance (UIDs, code strings, image size, geometry) are
+    decoded here from their bytes; anything else, or a value that is not plain (another VR than the
+    dictionary's, non-ASCII text, a number that does not parse), is read by pydicom as before, from a
+    dataset it parses only then. ``get`` and attribute access behave like pydicom's: multiple values
+    come as a list, an empty number as None.
+    """
+
+    def __init__(self, values: dict[int, tuple[bytes, bytes]], encoded: bytes, implicit: bool, little: bool):
+        self._values = values
+        self._encoded = encoded
+        self._implicit, self._little = implicit, little
+        self._dataset: Dataset | None = None
+
+    def dataset(self) -> Dataset:
+        """pydicom's reading of the same elements.
+
+        Raises
+        ------
+        IncompleteDataset
+            If pydicom cannot parse them.
+        """
+        if self._dataset is None:
+            try:
+                self._dataset = read_dataset(BytesIO(self._encoded), self._implicit, self._little)
+            except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on garbage
+                raise IncompleteDataset(f"the dataset header does not parse ({type(exc).__name__})") from None
+        return self._dataset
+
+    def get(self, keyword: str, default=None):
+        fast = _FAST.get(keyword)
+        if fast is not None:
+            tag, vr, kind = fast
+            found = self._values.get(tag)
+            if found is None:
+                return default
+            if found[0] in (b"", vr):  # implicit VR, or the dictionary's
+                value = self._decode(found[1], kind)
+                if value is not _UNREAD:
+                    return value
+        return self.dataset().get(keyword, default)
+
+    def __getattr__(self, keyword: str):
+        if keyword.startswith("_"):
+            raise AttributeError(keyword)
+        value = self.get(keyword, _UNREAD)
+        if value is _UNREAD:
+            raise AttributeError(f"the header has no {keyword}")
+        return value
+
+    def __contains__(self, keyword: str) -> bool:
+        return tag_for_keyword(keyword) in self._values
+
+    def _decode(self, raw: bytes, kind: str):
+        if kind == "us":
+            if len(raw) == 2:
+                return _US["<" if self._little else ">"].unpack(raw)[0]
+            return None if not raw else _UNREAD
+        try:
+            text = raw.decode("ascii")
+        except UnicodeDecodeError:
+            return _UNREAD
+        parts = [part.strip(" \0") for part in text.split("\\")]
+        if kind == "text":
+            return parts[0] if len(parts) == 1 else parts
+        if not text.strip(" \0"):
+            return None
+        try:
+            numbers = [int(part) for part in parts] if kind == "int" else [float(part) for part in parts]
+        except ValueError:
+            return _UNREAD
+        return numbers[0] if len(numbers) == 1 else numbers
+
+
+_UNREAD = object()
