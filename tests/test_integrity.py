@@ -172,3 +172,31 @@ def test_expected_pixel_length_follows_the_standards_special_cases(photometric, 
     ds.PixelData = bytes(expected)
     header = check_dataset(_encoded(ds), "1.2.840.10008.1.2.1")
     assert expected_pixel_bytes(header) == get_expected_length(ds, "bytes") == expected
+
+
+def test_the_inlined_top_level_walk_agrees_with_the_general_one(dicom_dir):
+    """The in-memory walk's fast loop and the general walk reach the same verdict, position and kept
+    elements on every fixture, whole and cut at many points (inside headers, values, sequences)."""
+    from pacsworker.scp.integrity import _BytesSource, _Truncated, _Walker
+
+    class GeneralSource(_BytesSource):
+        pass
+
+    def outcome(source_type, body, implicit, little):
+        walker = _Walker(source_type(body), implicit, little)
+        try:
+            walker.walk()
+        except (_Truncated, IncompleteDataset) as exc:
+            return type(exc).__name__, str(exc), walker.src.pos
+        return walker.values, walker.pixel_tag, walker.pixel_length, walker.fragments, walker.src.pos
+
+    compared = 0
+    for name, body, syntax in _fixture_datasets(dicom_dir):
+        if syntax == DeflatedExplicitVRLittleEndian:
+            continue
+        implicit, little = syntax == "1.2.840.10008.1.2", syntax != ExplicitVRBigEndian
+        for cut in sorted({len(body), *range(0, min(len(body), 4000), 37), len(body) - 3, len(body) // 2}):
+            fast = outcome(_BytesSource, body[:cut], implicit, little)
+            assert fast == outcome(GeneralSource, body[:cut], implicit, little), f"{name} cut at {cut}"
+            compared += 1
+    assert compared > 1000

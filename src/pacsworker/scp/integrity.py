@@ -178,6 +178,9 @@ class _Walker:
 
     def _dataset(self, implicit: bool, order: str, depth: int) -> None:
         """Walk elements to the end of the data (top level) or to an item delimiter (nested)."""
+        if depth == 0 and type(self.src) is _BytesSource:  # (a subclass walks the general way)
+            self._top_level_in_memory(implicit, order)
+            return
         src = self.src
         header = SHORT_HEADER[order] if implicit else EXPLICIT_HEADER[order]
         long_length = LONG_LENGTH[order]
@@ -207,17 +210,70 @@ class _Walker:
                 if top_pixels:
                     self.pixel_tag, self.pixel_length = tag, length
                 continue
-            if tag == 0x7FE00010:  # encapsulated, at top level or in an icon image item
-                fragments = self._fragments(order)
-                if top_pixels:
-                    self.pixel_tag, self.fragments = tag, fragments
-            elif implicit or vr == b"SQ":
-                self._sequence(implicit, order, depth + 1, tag)
-            elif vr == b"UN":
-                # an undefined-length UN holds an implicit VR little endian sequence (PS3.5 6.2.2)
-                self._sequence(True, "<", depth + 1, tag)
-            else:
-                raise IncompleteDataset(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) of VR {vr.decode('latin-1')} has undefined length")
+            self._undefined_length(tag, vr, implicit, order, depth)
+
+    def _top_level_in_memory(self, implicit: bool, order: str) -> None:
+        """The top-level walk of :meth:`_dataset` over bytes in memory, with the element loop inlined
+        (most elements are read here); sequences, encapsulated pixel data and kept elements go
+        through the general methods, which continue from ``src.pos``."""
+        src = self.src
+        data, size, pos = src.data, len(src.data), src.pos
+        unpack_header = (SHORT_HEADER[order] if implicit else EXPLICIT_HEADER[order]).unpack_from
+        unpack_long = LONG_LENGTH[order].unpack_from
+        vr = b""
+        inline = True  # False while a general method walks: src.pos is then its own
+        try:
+            while pos < size:
+                start = pos
+                if size - pos < 8:
+                    raise _Truncated
+                if implicit:
+                    group, element, length = unpack_header(data, pos)
+                else:
+                    group, element, vr, length = unpack_header(data, pos)
+                pos += 8
+                tag = group << 16 | element
+                if tag == ITEM_END:
+                    raise IncompleteDataset(f"item delimiter outside a sequence at byte {start}")
+                if tag in (ITEM, SEQUENCE_END):
+                    raise IncompleteDataset(f"item tag outside a sequence at byte {start}")
+                if vr in LONG_VRS:
+                    if size - pos < 4:
+                        raise _Truncated
+                    (length,) = unpack_long(data, pos)
+                    pos += 4
+                if length != UNDEFINED:
+                    if tag in HEADER_TAGS:
+                        src.pos, inline = pos, False
+                        self._keep(tag, vr, length, implicit, order)
+                        pos, inline = src.pos, True
+                        continue
+                    if length > size - pos:
+                        raise _Truncated
+                    pos += length
+                    if tag in PIXEL_TAGS:
+                        self.pixel_tag, self.pixel_length = tag, length
+                    continue
+                src.pos, inline = pos, False
+                self._undefined_length(tag, vr, implicit, order, 0)
+                pos, inline = src.pos, True
+        finally:
+            if inline:
+                src.pos = pos
+
+    def _undefined_length(self, tag: int, vr: bytes, implicit: bool, order: str, depth: int) -> None:
+        """Walk an element of undefined length: encapsulated pixel data, a sequence, or an undefined-length UN."""
+        if tag == 0x7FE00010:  # encapsulated, at top level or in an icon image item
+            fragments = self._fragments(order)
+            if depth == 0 and tag in PIXEL_TAGS:
+                self.pixel_tag, self.fragments = tag, fragments
+        elif implicit or vr == b"SQ":
+            self._sequence(implicit, order, depth + 1, tag)
+        elif vr == b"UN":
+            # an undefined-length UN holds an implicit VR little endian sequence (PS3.5 6.2.2)
+            self._sequence(True, "<", depth + 1, tag)
+        else:
+            raise IncompleteDataset(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) of VR {vr.decode('latin-1')} has undefined length")
 
     def _keep(self, tag: int, vr: bytes, length: int, implicit: bool, order: str) -> None:
         if length > MAX_HEADER_VALUE:

@@ -43,7 +43,9 @@ class Spool:
             incoming.sync()
             return incoming.name
 
-        return self._place(series_uid, sop_instance_uid, durable)
+        placed = self._place(series_uid, sop_instance_uid, durable)
+        incoming.name = ""  # moved: nothing is left under the incoming name to delete
+        return placed
 
     def store(self, series_uid: str, sop_instance_uid: str, parts: Sequence[bytes | memoryview]) -> Path:
         """Store the parts (preamble, file meta, dataset as received) as one file; returns its path.

@@ -97,6 +97,8 @@ def printable(raw: bytes | str) -> str:
     """A value from the wire (AE title, UID) as it may appear in a log line: control and non-ASCII
     bytes escaped, so that a peer cannot write raw bytes into the log."""
     if isinstance(raw, str):
+        if raw.isascii() and raw.isprintable() and "\\" not in raw:  # the usual case, as it is
+            return raw.strip()
         raw = raw.encode("latin-1", "backslashreplace")
     return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw).strip()
 
