@@ -6,7 +6,9 @@ Series: ct02 (28 CT slices) and a 140-slice CT made from it (5 copies with new U
 Senders: DCMTK storescu and dcmsend (TCP_NODELAY=1, like the anchor), storescu without it (as a
 modality usually runs it), and pynetdicom (pacsworker's replay, in this process). Receivers alternate round by round so machine noise hits both alike.
 pacsworker writes durably (integrity check, fsync + rename per instance); storescp writes without
-fsync. The ratio is pacsworker's time over storescp's with the same sender (below 1 = faster).
+fsync. The ratio is pacsworker's time over storescp's with the same sender (below 1 = faster). The
+time this disk takes to make one instance durable is measured beside it (the floor), and the ratio
+without that wait printed too.
 
 Parallel mode (``--parallel N``, default 4; 0 skips it): N storescu processes (TCP_NODELAY=1) start
 at once, each sending its own 140-slice series (distinct UIDs), one association each; the time is
@@ -146,6 +148,29 @@ class PeakRSS:
         self._thread.join()
 
 
+def durable_write_floor(folder: Path, size: int, rounds: int = 60) -> float:
+    """Median seconds the disk under ``folder`` takes to make one received instance of ``size`` bytes durable
+    as pacsworker does (write, fsync, rename into a series folder, fsync of that folder): the part of
+    each instance's round trip that storescp, which does not fsync, never pays."""
+    incoming, series = folder / "floor-incoming", folder / "floor-series"
+    incoming.mkdir()
+    series.mkdir()
+    payload, times = os.urandom(size), []
+    for number in range(rounds):
+        path = incoming / f"{number}.dcm"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, payload)
+        started = time.perf_counter()
+        os.fsync(fd)
+        os.replace(path, series / path.name)
+        folder_fd = os.open(series, os.O_RDONLY)
+        os.fsync(folder_fd)
+        times.append(time.perf_counter() - started)
+        os.close(folder_fd)
+        os.close(fd)
+    return statistics.median(times)
+
+
 def timed(send, port: int, folder: Path) -> float:
     started = time.perf_counter()
     send(port, folder)
@@ -188,9 +213,11 @@ def main() -> None:
                                      str(fork_port)], env=NODELAY, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
             receivers["storescp --fork"] = (fork, fork_port)
+        instance_bytes = int(statistics.median(f.stat().st_size for f in series[1].glob("*.dcm")))
         results, par_times, peaks = [], {name: [] for name in receivers}, {}
         try:
             wait_until(lambda: all(port_open(port) for _, port in receivers.values()), 60, what="the receivers")
+            floor = durable_write_floor(tmp, instance_bytes)  # the data_dir's filesystem
             for folder in series:
                 files = list(folder.glob("*.dcm"))
                 megabytes = sum(f.stat().st_size for f in files) / 1e6
@@ -212,11 +239,17 @@ def main() -> None:
             for process, _ in receivers.values():
                 process.terminate()
     print(f"{args.rounds} rounds, medians; ratio = pacsworker time / storescp time (below 1 = faster)")
-    print(f"{'series':<40} {'sender':<14} {'storescp s':>10} {'pacsworker s':>12} {'ratio':>6} {'pw MB/s':>8}")
+    print(f"{'series':<40} {'sender':<14} {'storescp s':>10} {'pacsworker s':>12} {'ratio':>6} {'pw MB/s':>8} "
+          f"{'floor s':>7} {'ratio less floor':>16}")
     for name, count, megabytes, sender, median in results:
         label = f"{name[:30]} ({count})"
+        floor_s = floor * count
         print(f"{label:<40} {sender:<14} {median['storescp']:>10.3f} {median['pacsworker']:>12.3f} "
-              f"{median['pacsworker'] / median['storescp']:>6.2f} {megabytes / median['pacsworker']:>8.1f}")
+              f"{median['pacsworker'] / median['storescp']:>6.2f} {megabytes / median['pacsworker']:>8.1f} "
+              f"{floor_s:>7.3f} {(median['pacsworker'] - floor_s) / median['storescp']:>16.2f}")
+    print(f"floor: making one {instance_bytes / 1e6:.2f} MB instance durable on this disk (fsync, rename, fsync of "
+          f"its folder) takes {floor * 1e3:.2f} ms (median of 60), per instance, on the path the sender waits on; "
+          "storescp does not fsync. 'ratio less floor' is pacsworker's time without that wait over storescp's.")
     if parallel:
         megabytes = parallel_mb
         anchor = statistics.median(par_times["storescp"])
