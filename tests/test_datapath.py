@@ -215,3 +215,20 @@ def test_responses_fit_the_senders_maximum_pdu(receiver, served):
     sock.close()
     assert served["fast"] == 1
     assert stored(receiver, ds).PixelData == ds.PixelData
+
+
+def test_a_command_pynetdicom_cannot_decode_aborts_only_its_association(receiver, caplog):
+    """A whole command set without Command Field goes to pynetdicom, which cannot handle it: that
+    association is aborted with a reason in the log, and the receiver serves the next one."""
+    caplog.set_level(logging.ERROR, logger="pacsworker.scp")
+    sock = associate(receiver.settings.scp.port)
+    no_command_field = struct.pack("<HHLL", 0, 0, 4, 8) + struct.pack("<HHLH", 0, 0x0110, 2, 1)
+    sock.sendall(pdvs((CT_CONTEXT, 0x03, no_command_field)))
+    assert read_pdu(sock)[0] in (0x07, 0)  # A-ABORT, or the connection closed after it
+    sock.close()
+    assert wait_until(lambda: "a message its upper layer could not handle" in caplog.text, 10, what="the abort logged")
+    sock = associate(receiver.settings.scp.port)
+    data, ds = ct_dataset()
+    sock.sendall(pdvs((CT_CONTEXT, 0x03, command(ds.SOPInstanceUID, 1)), (CT_CONTEXT, 0x02, data)))
+    assert response(sock).Status == 0
+    sock.close()

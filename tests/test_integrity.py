@@ -150,7 +150,7 @@ def test_header_values_pydicom_must_read_are_left_to_it():
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SeriesDescription = "Thorax ÄÖÜ"
     ds.add_new(0x00280010, "SS", 64)  # Rows under another VR
-    ds.Columns, ds.BitsAllocated, ds.SamplesPerPixel = 2, 8, 1
+    ds.Columns, ds.BitsAllocated, ds.SamplesPerPixel, ds.PhotometricInterpretation = 2, 8, 1, "MONOCHROME2"
     ds.NumberOfFrames = "2.0"  # an IS pydicom accepts, int() does not
     ds.PixelData = bytes(64 * 2 * 2)
     header = check_dataset(_encoded(ds), "1.2.840.10008.1.2.1")
@@ -200,3 +200,28 @@ def test_the_inlined_top_level_walk_agrees_with_the_general_one(dicom_dir):
             assert fast == outcome(GeneralSource, body[:cut], implicit, little), f"{name} cut at {cut}"
             compared += 1
     assert compared > 1000
+
+
+def test_an_element_without_a_valid_vr_is_refused():
+    """Two bytes that are not a VR make every reader misframe what follows: refused, naming the element."""
+    ds = _ids(Dataset())
+    ds.SeriesDescription = "Thorax"
+    ds.Rows = ds.Columns = 2
+    ds.BitsAllocated, ds.SamplesPerPixel, ds.PhotometricInterpretation = 8, 1, "MONOCHROME2"
+    ds.PixelData = bytes(4)
+    body = bytearray(_encoded(ds))
+    at = body.index(struct.pack("<HH", 0x0008, 0x103E))  # Series Description
+    body[at + 4:at + 6] = b"\0\0"
+    with pytest.raises(IncompleteDataset, match=r"element \(0008,103E\) at byte \d+ has no valid VR \(0x0000\)"):
+        check_dataset(bytes(body), "1.2.840.10008.1.2.1")
+
+
+@pytest.mark.parametrize("absent", ["SamplesPerPixel", "PhotometricInterpretation"])
+def test_native_pixel_data_needs_every_attribute_its_length_follows_from(absent):
+    ds = _ids(Dataset())
+    ds.Rows = ds.Columns = 4
+    ds.BitsAllocated, ds.SamplesPerPixel, ds.PhotometricInterpretation = 8, 3, "RGB"
+    delattr(ds, absent)
+    ds.PixelData = bytes(16)  # a third of what RGB would need
+    with pytest.raises(IncompleteDataset, match=f"{absent} missing from the header"):
+        check_dataset(_encoded(ds), "1.2.840.10008.1.2.1")

@@ -47,6 +47,15 @@ EXPLICIT_HEADER = {order: struct.Struct(order + "HH2sH") for order in "<>"}
 LONG_LENGTH = {order: struct.Struct(order + "L") for order in "<>"}
 
 
+def _is_vr(vr: bytes) -> bool:
+    """Two upper-case letters, as every Value Representation is (PS3.5 6.2)."""
+    return vr.isalpha() and vr.isupper()
+
+
+def _bad_vr(group: int, element: int, vr: bytes, at: int) -> str:
+    return f"element ({group:04X},{element:04X}) at byte {at} has no valid VR (0x{vr.hex()}); no reader can parse what follows"
+
+
 class IncompleteDataset(ValueError):
     """The dataset does not parse to its end, or its pixel data does not match its header."""
 
@@ -192,6 +201,8 @@ class _Walker:
                 vr = b""
             else:
                 group, element, vr, length = src.unpack(header)
+                if not _is_vr(vr) and group != 0xFFFE:
+                    raise IncompleteDataset(_bad_vr(group, element, vr, start))
             tag = group << 16 | element
             if tag == ITEM_END:
                 if depth:
@@ -231,6 +242,8 @@ class _Walker:
                     group, element, length = unpack_header(data, pos)
                 else:
                     group, element, vr, length = unpack_header(data, pos)
+                    if not _is_vr(vr) and group != 0xFFFE:
+                        raise IncompleteDataset(_bad_vr(group, element, vr, start))
                 pos += 8
                 tag = group << 16 | element
                 if tag == ITEM_END:
@@ -377,7 +390,8 @@ def _check_pixels(header: Header, walker: _Walker, syntax: UID) -> None:
         return
     if syntax.is_encapsulated and walker.pixel_tag == 0x7FE00010:
         raise IncompleteDataset(f"{name} of the compressed transfer syntax {syntax} is not encapsulated")
-    missing = [k for k in ("Rows", "Columns", "BitsAllocated") if header.get(k) in (None, "")]
+    missing = [k for k in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation")
+               if header.get(k) in (None, "")]
     if missing:
         raise IncompleteDataset(f"{name} present but {', '.join(missing)} missing from the header")
     try:
@@ -394,11 +408,11 @@ def _check_pixels(header: Header, walker: _Walker, syntax: UID) -> None:
 def expected_pixel_bytes(header) -> int:
     """Rows x Columns x Samples per Pixel x Frames x Bits Allocated / 8 (whole bytes for 1-bit data),
     two thirds of that for YBR_FULL_422 (PS3.3 C.7.6.3.1.2); pydicom's rule for the expected length."""
-    length = int(header.get("Rows")) * int(header.get("Columns")) * int(header.get("SamplesPerPixel") or 1)
+    length = int(header.get("Rows")) * int(header.get("Columns")) * int(header.get("SamplesPerPixel"))
     length *= int(header.get("NumberOfFrames") or 1)
     bits = int(header.get("BitsAllocated"))
     length = (length + 7) // 8 if bits == 1 else length * (bits // 8)
-    if str(header.get("PhotometricInterpretation") or "").strip() == "YBR_FULL_422":
+    if str(header.get("PhotometricInterpretation")).strip() == "YBR_FULL_422":
         length = length // 3 * 2
     return length
 

@@ -376,8 +376,16 @@ class GuardedDUL(DULServiceProvider):
             try:
                 if not self._process_recv_primitive() and self._is_transport_event():
                     self._idle_timer.restart()
+                try:
+                    event = self.event_queue.get(block=False)
+                except queue.Empty:
+                    continue
+                # pynetdicom's state machine raises on some malformed messages (a command without
+                # Command Field): abort that association and keep serving
+                self.state_machine.do_action(event)
             except Exception as exc:  # noqa: BLE001 - the connection's state is unknown: abort it
-                log.error("association from %s aborted: %s in its upper layer", self._peer(), type(exc).__name__)
+                log.error("association from %s aborted: a message its upper layer could not handle (%s)", self._peer(),
+                          type(exc).__name__)
                 log.debug("upper layer failure", exc_info=True)
                 self._send_raw(_abort_pdu())
                 self.assoc.is_aborted = True
@@ -385,11 +393,6 @@ class GuardedDUL(DULServiceProvider):
                 self.assoc._kill = True
                 self._kill_thread = True
                 return
-            try:
-                event = self.event_queue.get(block=False)
-            except queue.Empty:
-                continue
-            self.state_machine.do_action(event)
 
     def _is_transport_event(self) -> bool:
         self._check_dataset_start()
