@@ -47,6 +47,8 @@ def receiver(tmp_path):
     rx = Receiver(settings, lambda record: None)
     rx.start()
     yield rx
+    # every association ended (and logged its end) before the next test captures the log
+    wait_until(lambda: not rx.ae.active_associations, 15, what="the test's associations to end")
     rx.stop()
 
 
@@ -82,6 +84,12 @@ def associate(port: int, max_pdu: int = 16384):
     pdu_type, _ = read_pdu(sock)
     assert pdu_type == 0x02, f"association not accepted (PDU type {pdu_type})"
     return sock
+
+
+def release(sock) -> None:
+    sock.sendall(pdu(0x05, b"\0" * 4))  # A-RELEASE-RQ
+    assert read_pdu(sock)[0] == 0x06  # A-RELEASE-RP
+    sock.close()
 
 
 def pdvs(*values: tuple[int, int, bytes]) -> bytes:
@@ -177,9 +185,7 @@ def test_fast_path_and_pynetdicom_serve_one_association_in_turn(receiver, served
     assert [(a.Status, a.MessageIDBeingRespondedTo) for a in answers] == [(0, 4), (0, 5), (0, 6)]
     sent += [(data4, ds4), (data5, ds5)]
 
-    sock.sendall(pdu(0x05, b"\0" * 4))  # A-RELEASE-RQ
-    assert read_pdu(sock)[0] == 0x06
-    sock.close()
+    release(sock)
 
     assert served == {"fast": 3, "pynetdicom": 1}
     for data, ds in sent:
@@ -212,7 +218,7 @@ def test_responses_fit_the_senders_maximum_pdu(receiver, served):
     rsp = response(sock, max_pdu=64)
     assert (rsp.Status, rsp.MessageIDBeingRespondedTo, rsp.AffectedSOPInstanceUID) == (0, 7, ds.SOPInstanceUID)
     assert rsp.AffectedSOPClassUID == CT_IMAGE
-    sock.close()
+    release(sock)
     assert served["fast"] == 1
     assert stored(receiver, ds).PixelData == ds.PixelData
 
@@ -231,4 +237,4 @@ def test_a_command_pynetdicom_cannot_decode_aborts_only_its_association(receiver
     data, ds = ct_dataset()
     sock.sendall(pdvs((CT_CONTEXT, 0x03, command(ds.SOPInstanceUID, 1)), (CT_CONTEXT, 0x02, data)))
     assert response(sock).Status == 0
-    sock.close()
+    release(sock)

@@ -81,7 +81,7 @@ def test_bad_input_is_refused_and_the_receiver_keeps_serving(receiver, caplog):
     port = receiver.settings.scp.port
     caplog.set_level(logging.WARNING, logger="pacsworker.scp")
     assert _raw_store(port, b"this is not DICOM at all" * 10, "1.2.3.4") == 0xC000
-    assert "refused C-STORE 1.2.3.4 from SCU: the dataset ends inside an element" in caplog.text
+    assert "refused C-STORE 1.2.3.4 from SCU: element (6874,7369) at byte 0 has no valid VR (0x2069)" in caplog.text
     bad_uid = "1.2.840.abc/../../etc"
     assert _raw_store(port, _ct_bytes(bad_uid, generate_uid()), "1.2.3.5") == 0xC000
     assert "SOPInstanceUID '1.2.840.abc/../../etc' is missing or not a valid UID" in caplog.text
