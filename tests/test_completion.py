@@ -211,3 +211,48 @@ def test_a_receiver_killed_mid_series_finishes_it_after_restart(tmp_path, dicom_
         assert "1 series found pending in the spool after restart" in receiver.output()
     finally:
         receiver.stop()
+
+
+@pytest.mark.parametrize("order", ["released, then closed", "closed, then released"])
+def test_a_trusted_release_counts_whichever_event_comes_first(tmp_path, order):
+    """pynetdicom reports the release and the closed connection from two threads, in either order (a
+    sender closes as soon as it has the release response); the release counts either way."""
+    from types import SimpleNamespace
+
+    from pacsworker.scp.tracker import InstanceMeta
+
+    settings = Settings(scp={"series_quiet_seconds": 3600, "complete_on_release": ["CTSCANNER"]},
+                        storage={"data_dir": str(tmp_path / "data")})
+    completed: list[SeriesRecord] = []
+    rx = Receiver(settings, completed.append)
+    assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="CTSCANNER"), dul=SimpleNamespace(release_requested=True))
+    series_uid = generate_uid()
+    meta = InstanceMeta(study_uid=generate_uid(), series_uid=series_uid, sop_instance_uid=generate_uid(),
+                        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", modality="CT", calling_aet="CTSCANNER",
+                        association=id(assoc))
+    rx.tracker.observe(meta)
+    event = SimpleNamespace(assoc=assoc)
+    handlers = [rx._handle_released, rx._handle_closed]
+    for handler in handlers if order.startswith("released") else reversed(handlers):
+        handler(event)
+    rx.tracker.evidence_seconds = 0  # complete on the evidence at once
+    wait_until(lambda: rx.tick() or completed, 10, what="the released series completed")
+    assert [r.completed_by for r in completed] == ["CTSCANNER released the association that sent it"]
+
+
+def test_a_closed_connection_without_release_is_no_evidence(tmp_path):
+    from types import SimpleNamespace
+
+    from pacsworker.scp.tracker import InstanceMeta
+
+    settings = Settings(scp={"series_quiet_seconds": 3600, "complete_on_release": ["CTSCANNER"]},
+                        storage={"data_dir": str(tmp_path / "data")})
+    rx = Receiver(settings, lambda record: None)
+    assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="CTSCANNER"), dul=SimpleNamespace(release_requested=False))
+    rx.tracker.observe(InstanceMeta(study_uid=generate_uid(), series_uid=generate_uid(), sop_instance_uid=generate_uid(),
+                                    sop_class_uid="1.2.840.10008.5.1.4.1.1.2", modality="CT", calling_aet="CTSCANNER",
+                                    association=id(assoc)))
+    rx._handle_closed(SimpleNamespace(assoc=assoc))  # an abort, or a dropped connection
+    rx.tracker.evidence_seconds = 0
+    rx.tick()
+    assert [r.state for r in rx.tracker.pending()] == [SeriesState.RECEIVING]

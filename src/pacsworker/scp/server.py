@@ -310,12 +310,18 @@ class Receiver:
         )
 
     def _handle_released(self, event) -> None:
-        calling = printable(event.assoc.requestor.ae_title or "")
-        trusted = calling in self.settings.scp.complete_on_release
-        self.tracker.association_ended(id(event.assoc), calling if trusted else None)
+        self._association_ended(event.assoc, released=True)
 
     def _handle_closed(self, event) -> None:
-        self.tracker.association_ended(id(event.assoc), None)  # forget it (after an abort, say)
+        # the connection may close before pynetdicom reports the release (the sender closes as soon as
+        # it has the release response): a release the peer asked for counts here as well
+        self._association_ended(event.assoc, released=getattr(event.assoc.dul, "release_requested", False))
+
+    def _association_ended(self, assoc, released: bool) -> None:
+        """Tell the tracker; the first of the two events forgets the association, the second finds nothing."""
+        calling = printable(assoc.requestor.ae_title or "")
+        trusted = released and calling in self.settings.scp.complete_on_release
+        self.tracker.association_ended(id(assoc), calling if trusted else None)
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> None:

@@ -48,6 +48,7 @@ P_DATA_TF = 0x04
 # SO_RCVTIMEO takes a struct timeval here (Windows takes milliseconds): read plain sockets with it
 KERNEL_TIMEOUTS = sys.platform.startswith("linux")
 A_ASSOCIATE_RQ = 0x01
+A_RELEASE_RQ = 0x05
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,9 @@ class GuardedDUL(DULServiceProvider):
         # C-STOREs served from their PDUs once the association is established (see datapath)
         self._fast: FastStores | None = None
         self._blocking_timeout: float | None = None  # the kernel timeouts of a plain socket, once in blocking mode
+        # the peer asked to release (A-RELEASE-RQ read): known here before pynetdicom's released and
+        # connection-closed events, which may come in either order
+        self.release_requested = False
 
     # -- reading PDUs -------------------------------------------------------------------------
     def _recv_into(self, view: memoryview, deadline: float) -> None:
@@ -223,6 +227,8 @@ class GuardedDUL(DULServiceProvider):
             header = bytearray(6)
             self._recv_into(memoryview(header), deadline)
             pdu_type, _, length = struct.unpack(">BBL", header)
+            if pdu_type == A_RELEASE_RQ:
+                self.release_requested = True
             name = PDU_NAMES.get(pdu_type)
             if name is None:
                 self._drop(f"unknown PDU type 0x{pdu_type:02x} from {peer}", abort=True)
