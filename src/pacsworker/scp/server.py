@@ -35,7 +35,7 @@ from .. import metrics
 from ..config import Settings
 from ..records import DataLayout, SeriesRecord, is_valid_uid
 from .incoming import PREAMBLE, IncomingDataset
-from .integrity import IncompleteDataset, check_dataset
+from .integrity import Header, IncompleteDataset, check_dataset
 from .spool import Spool
 from .tracker import InstanceMeta, SeriesTracker, plane_facts
 from .wire import WirePolicy, printable, start_guarded_server, tls_context
@@ -72,7 +72,7 @@ REJECT_REASONS = {
 }
 
 
-def read_instance_meta(header: Dataset, calling_aet: str) -> InstanceMeta:
+def read_instance_meta(header: Dataset | Header, calling_aet: str) -> InstanceMeta:
     """The identifying UIDs of a received instance, from its checked header.
 
     Raises

@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from .. import metrics
 from ..logs import correlated
 from ..records import DataLayout, SeriesRecord, SeriesState, read_json, save_series
+from .integrity import Header
 from .routing import series_facts
 from .spool import series_files
 
@@ -43,7 +44,7 @@ class InstanceMeta:
     spacing: float | None = None  # Spacing Between Slices
     association: int | None = None  # which association brought it (None: STOW-RS, or read back at start)
     # the checked header, for routing facts read only when the instance opens a series
-    header: Dataset | None = field(default=None, repr=False, compare=False)
+    header: Dataset | Header | None = field(default=None, repr=False, compare=False)
 
     def routing_facts(self) -> dict:
         """The routing facts: given, or read from ``header`` (once; only a series' first instance needs them)."""

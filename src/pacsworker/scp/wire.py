@@ -155,14 +155,17 @@ class GuardedDUL(DULServiceProvider):
 
     # -- reading PDUs -------------------------------------------------------------------------
     def _recv_into(self, view: memoryview, deadline: float) -> None:
-        """Fill ``view`` from the socket by ``deadline``."""
+        """Fill ``view`` from the socket by ``deadline``.
+
+        A plain socket reads in blocking mode with the kernel's receive timeout (SO_RCVTIMEO) and
+        MSG_WAITALL: one system call per PDU instead of a poll and a read per batch of TCP segments. A
+        TLS socket reads with Python's timeout. Either timeout is lowered only when it exceeds the time
+        left by over 10 %: each change is a system call, and a stalled read still ends by its deadline
+        (+10 % of what was left).
+        """
         sock = self.socket.socket
-        if isinstance(sock, ssl.SSLSocket) or not KERNEL_TIMEOUTS:
-            self._recv_into_polled(sock, view, deadline)
-            return
-        # A plain socket reads in blocking mode with the kernel's receive timeout (SO_RCVTIMEO) and
-        # MSG_WAITALL: one system call per PDU instead of a poll and a read per TCP segment batch.
-        if self._blocking_timeout is None:
+        kernel = KERNEL_TIMEOUTS and not isinstance(sock, ssl.SSLSocket)
+        if kernel and self._blocking_timeout is None:
             sock.settimeout(None)
             self._set_kernel_timeouts(sock, self.policy.network_timeout, send=True)
         got, count = 0, len(view)
@@ -170,21 +173,26 @@ class GuardedDUL(DULServiceProvider):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise PeerGone(f"{got} of {count} bytes arrived within {self.policy.network_timeout:g} s")
-            if self._blocking_timeout * 0.9 > remaining:  # as in the polled read: only when it matters
-                self._set_kernel_timeouts(sock, remaining)
+            current = self._blocking_timeout if kernel else sock.gettimeout()
+            if current is None or current * 0.9 > remaining:
+                if kernel:
+                    self._set_kernel_timeouts(sock, remaining)
+                else:
+                    sock.settimeout(remaining)
             try:
-                chunk = sock.recv_into(view[got:], count - got, socket.MSG_WAITALL)
-            except (BlockingIOError, TimeoutError):
-                continue  # the kernel's timeout passed with nothing read: the deadline check reports it
-            except InterruptedError:
-                continue
+                chunk = sock.recv_into(view[got:], count - got, socket.MSG_WAITALL if kernel else 0)
+            except (BlockingIOError, TimeoutError, InterruptedError):
+                continue  # the timeout passed with nothing read: the deadline check reports it
             except OSError as exc:
                 raise PeerGone(f"connection error ({exc.strerror or exc})") from None
             if not chunk:
                 raise PeerGone("connection closed by the peer" + (f" after {got} of {count} bytes" if got else ""))
             got += chunk
-        if self._blocking_timeout != self.policy.network_timeout:
+        # back to the whole network timeout, which also bounds pynetdicom's blocking sends
+        if kernel and self._blocking_timeout != self.policy.network_timeout:
             self._set_kernel_timeouts(sock, self.policy.network_timeout)
+        elif not kernel and sock.gettimeout() != self.policy.network_timeout:
+            sock.settimeout(self.policy.network_timeout)
 
     def _set_kernel_timeouts(self, sock: socket.socket, seconds: float, send: bool = False) -> None:
         """SO_RCVTIMEO (and SO_SNDTIMEO, which bounds pynetdicom's blocking sends) of a blocking socket."""
@@ -195,30 +203,6 @@ class GuardedDUL(DULServiceProvider):
         if send:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         self._blocking_timeout = seconds
-
-    def _recv_into_polled(self, sock: socket.socket, view: memoryview, deadline: float) -> None:
-        """Fill ``view`` by ``deadline`` from a socket read with Python's timeouts (TLS)."""
-        got, count = 0, len(view)
-        while got < count:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise PeerGone(f"{got} of {count} bytes arrived within {self.policy.network_timeout:g} s")
-            # lower the socket's timeout only when it exceeds the time left by over 10 %: each change is a
-            # system call, and a read that stalls still ends by its deadline (+10 % of what was left)
-            current = sock.gettimeout()
-            if current is None or current * 0.9 > remaining:
-                sock.settimeout(remaining)
-            try:
-                chunk = sock.recv_into(view[got:], count - got)
-            except TimeoutError:
-                continue  # the deadline check above reports it
-            except OSError as exc:
-                raise PeerGone(f"connection error ({exc.strerror or exc})") from None
-            if not chunk:
-                raise PeerGone("connection closed by the peer" + (f" after {got} of {count} bytes" if got else ""))
-            got += chunk
-        if sock.gettimeout() != self.policy.network_timeout:
-            sock.settimeout(self.policy.network_timeout)  # bounds pynetdicom's blocking sends too
 
     def _read_pdu_data(self) -> None:
         deadline = time.monotonic() + self.policy.network_timeout
@@ -247,10 +231,8 @@ class GuardedDUL(DULServiceProvider):
         if pdu_type == A_ASSOCIATE_RQ and not self._associate_rq_is_sane(bytes(pdu_bytes[6:]), peer):
             return
         if pdu_type == P_DATA_TF and self._fast_path_open():
-            try:
-                offset = self._fast.take(memoryview(pdu_bytes)[6:])
-            except OSError as exc:  # sending a response
-                self._drop(f"connection from {peer}: connection error ({exc.strerror or exc})")
+            offset = self._fast_answering(self._fast.take, memoryview(pdu_bytes)[6:])
+            if not self.socket._is_connected:
                 return
             if self._fast.violation is not None:
                 self.abort_peer(self._fast.violation)
@@ -267,6 +249,14 @@ class GuardedDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _fast_answering(self, call, *args):
+        """``call(*args)`` of :class:`FastStores`, which may send responses: a send that fails drops the connection."""
+        try:
+            return call(*args)
+        except OSError as exc:
+            self._drop(f"connection from {self._peer()}: connection error ({exc.strerror or exc})")
+            return None
 
     def _fast_path_open(self) -> bool:
         """Whether this P-DATA-TF PDU is for :class:`FastStores`: the association is established, and
@@ -462,10 +452,7 @@ class GuardedDUL(DULServiceProvider):
         )
         self._store_waiting = None
         if fast is not None:
-            try:
-                self._fast.serve()  # with nothing received: the Storage handler refuses it
-            except OSError as exc:
-                self._drop(f"connection from {self._peer()}: connection error ({exc.strerror or exc})")
+            self._fast_answering(self._fast.serve)  # with nothing received: the Storage handler refuses it
             return
         empty_last_fragment = P_DATA()
         empty_last_fragment.presentation_data_value_list.append((message.context_id, b"\x02"))
