@@ -54,7 +54,7 @@ def dcmqi_metadata(segments) -> dict:
 def three_segments(volume, body_map: LabelMap) -> LabelMap:
     """ct-body's Body and Bone, plus the body's 20..80 HU voxels as a third segment."""
     body, bone = body_map.segments[0], body_map.segments[2]
-    soft = SegmentSpec(2, "Soft tissue", body.category, CodedTerm("87784001", "SCT", "Soft tissue"))
+    soft = SegmentSpec(2, "Soft tissue", body.category, CodedTerm(scheme="SCT", value="87784001", meaning="Soft tissue"))
     labels = body_map.array.copy()
     labels[(labels == body.label) & (volume.pixels >= 20) & (volume.pixels <= 80)] = soft.label
     return LabelMap(labels, (body, soft, bone))

@@ -137,7 +137,7 @@ def test_components_fov_and_score_bounds(phantom_series):
     labels[40:44, 20:24, 70:74] = 1
     from pacsworker.worker.mr_brain import BRAIN
 
-    result = ModelResult({"m": LabelMap(labels, (BRAIN,)), "risk": Score(1.7, CodedTerm("111047", "DCM", "Probability of cancer"))})
+    result = ModelResult({"m": LabelMap(labels, (BRAIN,)), "risk": Score(1.7, CodedTerm(scheme="DCM", value="111047", meaning="Probability of cancer"))})
     checks = PlausibilityChecks(results=[
         ResultCheck(segment="Brain", measure="components", max=2),
         ResultCheck(segment="Brain", measure="fov_fraction", min=0.01),

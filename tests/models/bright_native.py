@@ -4,7 +4,8 @@ import numpy as np
 
 from pacsworker.worker.outputs import CodedTerm, LabelMap, SegmentSpec
 
-DENSE = SegmentSpec(1, "Dense tissue", CodedTerm("85756007", "SCT", "Tissue"), CodedTerm("3138006", "SCT", "Bone tissue"))
+DENSE = SegmentSpec(1, "Dense tissue", CodedTerm(scheme="SCT", value="85756007", meaning="Tissue"),
+                    CodedTerm(scheme="SCT", value="3138006", meaning="Bone tissue"))
 
 
 class BrightTissue:

@@ -48,10 +48,11 @@ class CtBodyModel:
     name = "ct-body"
     version = "1.0.0"
     segments = (
-        SegmentSpec(BODY, "Body", ANATOMICAL, CodedTerm("123037004", "SCT", "Anatomical Structure"),
+        # SCT 38266002 Entire body (CID 4031): the finding a reader sees for its volume and length
+        SegmentSpec(BODY, "Body", ANATOMICAL, CodedTerm(scheme="SCT", value="38266002", meaning="Entire body"),
                     "body outline excluding lungs and bone"),
-        SegmentSpec(LUNGS, "Lungs", ANATOMICAL, CodedTerm("39607008", "SCT", "Lung")),
-        SegmentSpec(BONE, "Bone", TISSUE, CodedTerm("3138006", "SCT", "Bone tissue")),
+        SegmentSpec(LUNGS, "Lungs", ANATOMICAL, CodedTerm(scheme="SCT", value="39607008", meaning="Lung")),
+        SegmentSpec(BONE, "Bone", TISSUE, CodedTerm(scheme="SCT", value="3138006", meaning="Bone tissue")),
     )
 
     def __init__(self, device: str = "cpu"):

@@ -17,7 +17,7 @@ from ..config import brain_extra_installed
 from .outputs import ANATOMICAL_STRUCTURE, CodedTerm, LabelMap, SegmentSpec
 from .series import Series
 
-BRAIN = SegmentSpec(1, "Brain", ANATOMICAL_STRUCTURE, CodedTerm("12738006", "SCT", "Brain"),
+BRAIN = SegmentSpec(1, "Brain", ANATOMICAL_STRUCTURE, CodedTerm(scheme="SCT", value="12738006", meaning="Brain"),
                     "brain parenchyma and CSF inside the skull (deepbet)")
 
 

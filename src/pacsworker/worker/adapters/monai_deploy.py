@@ -245,7 +245,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _term(item) -> CodedTerm:
-    return CodedTerm(str(item.CodeValue), str(item.CodingSchemeDesignator), str(item.CodeMeaning))
+    return CodedTerm(scheme=str(item.CodingSchemeDesignator), value=str(item.CodeValue), meaning=str(item.CodeMeaning))
 
 
 def _label_maps(datasets: list[pydicom.Dataset], series: Series) -> dict[str, LabelMap]:

@@ -8,11 +8,14 @@ configuration names exactly one output.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
 import logging
 import sys
+import types
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ from ..outputs import (
     Boxes,
     Classification,
     CodedTerm,
+    DicomObjects,
     LabelMap,
     ModelIdentity,
     ModelOutputError,
@@ -40,25 +44,80 @@ OUTPUT_TYPES = (LabelMap, ProbabilityMaps, Score, Classification, Boxes)
 
 
 def import_class(source: str) -> type:
-    """``package.module:Class`` or ``/path/to/file.py:Class``."""
+    """``package.module:Class`` or ``/path/to/file.py:Class``.
+
+    A file is loaded as a module of a package made for its folder, with the folder on ``sys.path``
+    while it loads: ``import helper`` and ``from . import helper`` both find ``helper.py`` beside
+    it. A module of that folder whose name another model's folder (or an installed package)
+    already took is loaded from this folder for this file, and the other stays as it was.
+    """
     module_name, sep, class_name = source.rpartition(":")
     if not sep or not module_name or not class_name:
         raise ValueError(f"source {source!r} must be 'package.module:Class' or '/path/file.py:Class'")
     if module_name.endswith(".py"):
-        path = Path(module_name).expanduser().resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"model file {path} does not exist")
-        unique = f"pacsworker_model_{abs(hash(str(path)))}"
-        spec = importlib.util.spec_from_file_location(unique, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[unique] = module
-        spec.loader.exec_module(module)
+        module = _load_file(Path(module_name).expanduser().resolve())
     else:
         module = importlib.import_module(module_name)
     try:
         return getattr(module, class_name)
     except AttributeError:
         raise AttributeError(f"{module_name} has no class {class_name}") from None
+
+
+def _load_file(path: Path) -> types.ModuleType:
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    folder = path.parent
+    package_name = "pacsworker_model_" + hashlib.sha256(str(folder).encode()).hexdigest()[:12]
+    if package_name not in sys.modules:
+        package = types.ModuleType(package_name)
+        package.__path__ = [str(folder)]
+        package.__package__ = package_name
+        sys.modules[package_name] = package
+    name = f"{package_name}.{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    # top-level names of the folder's own modules: while the file loads, they must be this folder's
+    own = {p.stem for p in folder.glob("*.py")} | {p.name for p in folder.iterdir() if (p / "__init__.py").is_file()}
+    own.discard(path.stem)
+    shadowed = {n: sys.modules.pop(n) for n in sorted(own) if n in sys.modules and _of_other_model(sys.modules[n], folder)}
+    sys.path.insert(0, str(folder))
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.update(shadowed)  # the other folder's modules are theirs again; ours live on in the model
+    return module
+
+
+def _of_other_model(module: types.ModuleType, folder: Path) -> bool:
+    """Whether a loaded module came from another model's folder: not this one, nor anywhere on
+    ``sys.path`` (the standard library and installed packages are never replaced)."""
+    location = getattr(module, "__file__", None)
+    if not location:
+        return False
+    where = Path(location).resolve()
+    roots = [Path(entry or ".").resolve() for entry in sys.path]
+    return not where.is_relative_to(folder) and not any(where.is_relative_to(root) for root in roots)
+
+
+def file_digest(path: Path) -> str:
+    """``sha256:`` and the first 12 hex digits of a file's SHA-256: the version of a model that
+    names none, so other weights or code give other result UIDs and say so in the results."""
+    with open(path, "rb") as handle:
+        return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()[:12]
+
+
+def _source_digest(cls: type) -> str:
+    """The digest of the file that defines ``cls``; "0" when it has none (a class made at run time)."""
+    try:
+        return file_digest(Path(inspect.getsourcefile(cls)))
+    except (TypeError, OSError):
+        return "0"
 
 
 def resolve_device(device: str) -> str:
@@ -87,7 +146,7 @@ class PythonModel:
         if "device" in parameters or any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
             kwargs["device"] = self.device
         self.instance = cls(**kwargs)
-        version = settings.version or str(getattr(self.instance, "version", "") or "0")
+        version = settings.version or str(getattr(self.instance, "version", "") or "") or _source_digest(cls)
         self.identity = ModelIdentity(settings.name, version)
         if callable(getattr(self.instance, "predict", None)):
             self.contract, self.wanted = "predict", ()
@@ -128,23 +187,26 @@ class PythonModel:
 
 
 def to_result(raw, outputs: dict[str, OutputConfig], series: Series) -> ModelResult:
-    """Check and type what a model returned, as its ``outputs:`` configuration says."""
+    """Check and type what a model returned, as its ``outputs:`` configuration says.
+
+    The configuration's coding applies to output objects as it does to plain values: a configured
+    key's coded name, class meanings, box label meanings and segments replace the object's own.
+    """
+    notes: list[str] = []
     if isinstance(raw, ModelResult):
-        return raw
-    if isinstance(raw, OUTPUT_TYPES):
-        return ModelResult({"output": raw})
-    if not isinstance(raw, dict):
+        raw, notes = dict(raw.outputs), list(raw.notes)
+    elif isinstance(raw, OUTPUT_TYPES):
+        raw = {next(iter(outputs)) if len(outputs) == 1 else "output": raw}
+    elif not isinstance(raw, dict):
         if len(outputs) != 1:
             raise ModelOutputError(
                 f"the model returned a {type(raw).__name__}; return a dict of named outputs, or configure exactly one output"
             )
         raw = {next(iter(outputs)): raw}
-    result = ModelResult()
+    result = ModelResult(notes=notes)
     for key, value in raw.items():
-        if isinstance(value, OUTPUT_TYPES):
-            result.outputs[key] = value
-            if isinstance(value, Boxes):
-                value.check(series.pixels.shape, key)
+        if isinstance(value, (*OUTPUT_TYPES, DicomObjects)):
+            result.outputs[key] = configured(key, value, outputs.get(key))
         elif key in outputs:
             result.outputs[key] = _typed(key, value, outputs[key], series)
         else:
@@ -152,7 +214,42 @@ def to_result(raw, outputs: dict[str, OutputConfig], series: Series) -> ModelRes
     missing = [key for key in outputs if key not in result.outputs]
     if missing:
         raise ModelOutputError(f"output(s) {missing} configured but missing from what the model returned")
+    for key, output in result.outputs.items():
+        if not isinstance(output, DicomObjects):
+            output.check(series.pixels.shape, key)
     return result
+
+
+KINDS = {"labelmap": LabelMap, "probabilities": ProbabilityMaps, "score": Score, "classification": Classification,
+         "boxes": Boxes}
+
+
+def configured(key: str, output, config: OutputConfig | None):
+    """An output object with its key's configured coding applied (the object's own where the
+    configuration gives none).
+
+    Raises
+    ------
+    ModelOutputError
+        If the key is configured as another kind of output than the object is.
+    """
+    if config is None or isinstance(output, DicomObjects):
+        return output
+    if not isinstance(output, KINDS[config.kind]):
+        raise ModelOutputError(f"output {key!r} is configured as {config.kind}, the model returned a {type(output).__name__}")
+    if isinstance(output, (Score, Classification)) and config.name is not None:
+        output = replace(output, name=CodedTerm.from_triple(config.name))
+    if isinstance(output, Classification) and str(output.value) in config.values:
+        output = replace(output, meaning=CodedTerm.from_triple(config.values[str(output.value)]))
+    if isinstance(output, Boxes) and config.values:
+        output = Boxes(tuple(
+            replace(box, finding=CodedTerm.from_triple(config.values[box.label])) if box.label in config.values else box
+            for box in output.boxes
+        ))
+    if isinstance(output, (LabelMap, ProbabilityMaps)) and config.segments:
+        specs = {spec.label: spec for spec in segments_of(config)}
+        output = replace(output, segments=tuple(specs.get(spec.label, spec) for spec in output.segments))
+    return output
 
 
 def _series_value(key: str, value, series: Series):
@@ -222,7 +319,8 @@ def _boxes(key: str, value, config: OutputConfig, series: Series) -> Boxes:
     boxes = []
     for number, item in enumerate(value, start=1):
         if isinstance(item, Box):
-            boxes.append(item)
+            meaning = config.values.get(item.label)
+            boxes.append(replace(item, finding=CodedTerm.from_triple(meaning)) if meaning else item)
             continue
         if not isinstance(item, dict):
             raise ModelOutputError(f"output {key!r}: box {number} is a {type(item).__name__}, not a dict")
@@ -230,8 +328,10 @@ def _boxes(key: str, value, config: OutputConfig, series: Series) -> Boxes:
             label = str(item.get("label", "finding"))
             meaning = config.values.get(label)
             score = item.get("score")
+            if "slice" in item and "slice_index" in item:
+                raise ModelOutputError(f"output {key!r}: box {number} gives both 'slice' and 'slice_index'; give one")
             boxes.append(Box(
-                slice_index=int(item["slice"]),
+                slice=int(item["slice"] if "slice" in item or "slice_index" not in item else item["slice_index"]),
                 top_left=tuple(float(v) for v in item["top_left"]),
                 bottom_right=tuple(float(v) for v in item["bottom_right"]),
                 label=label,

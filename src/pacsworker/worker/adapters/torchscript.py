@@ -32,7 +32,7 @@ from ..outputs import (
     ProbabilityMaps,
 )
 from ..series import Series
-from .python_class import resolve_device, segments_of
+from .python_class import file_digest, resolve_device, segments_of
 
 log = logging.getLogger("pacsworker.worker")
 
@@ -180,7 +180,8 @@ class TorchScriptModel(PipelineModel):
 
     def __init__(self, settings: ModelSettings):
         super().__init__(settings)
-        self.identity = ModelIdentity(settings.name, settings.version or Path(settings.source).stem)
+        # no version configured: the file's digest (its name, often "model", says nothing)
+        self.identity = ModelIdentity(settings.name, settings.version or file_digest(Path(settings.source).expanduser()))
 
     def _load_network(self) -> torch.jit.ScriptModule:
         path = Path(self.settings.source).expanduser()
