@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import types
+import typing
 import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
+from pydicom import uid
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -45,6 +49,8 @@ class TlsSettings(BaseModel):
 
 
 class ScpSettings(BaseModel):
+    model_config = {"extra": "forbid"}
+
     ae_title: str = Field("PACSWORKER", description="the receiver's AE title: the called AE title senders use")
     host: str = Field("0.0.0.0", description="address to listen on; 0.0.0.0: every interface")
     port: int = Field(11112, ge=1, le=65535, description="the DICOM (DIMSE) port; below 1024 needs a privilege")
@@ -112,6 +118,8 @@ class ScpSettings(BaseModel):
 
 
 class StorageSettings(BaseModel):
+    model_config = {"extra": "forbid"}
+
     data_dir: Path = Field(
         Path("./data"), description="spool, records, outbox (and the embedded broker); every process must see it at "
         "the same path"
@@ -129,6 +137,8 @@ class StorageSettings(BaseModel):
 
 
 class QueueSettings(BaseModel):
+    model_config = {"extra": "forbid"}
+
     broker_url: str = Field("", description="empty: embedded filesystem broker under data_dir")
     result_backend: str = Field(
         "", description="empty: the broker's Redis URL, or with the embedded broker a SQLite file under data_dir"
@@ -161,11 +171,44 @@ class QueueSettings(BaseModel):
         return self
 
 
+# The image storage SOP classes of each Modality: what a rule that names modalities accepts unless it
+# lists sop_class_uids. Never SEG, SR, secondary capture or presentation states: results and screenshots.
+IMAGE_STORAGE_CLASSES: dict[str, tuple[str, ...]] = {
+    modality: tuple(str(getattr(uid, name)) for name in names) for modality, names in {
+        "CT": ("CTImageStorage", "EnhancedCTImageStorage", "LegacyConvertedEnhancedCTImageStorage"),
+        "MR": ("MRImageStorage", "EnhancedMRImageStorage", "EnhancedMRColorImageStorage",
+               "LegacyConvertedEnhancedMRImageStorage"),
+        "PT": ("PositronEmissionTomographyImageStorage", "EnhancedPETImageStorage",
+               "LegacyConvertedEnhancedPETImageStorage"),
+        "NM": ("NuclearMedicineImageStorage",),
+        "US": ("UltrasoundImageStorage", "UltrasoundMultiFrameImageStorage", "EnhancedUSVolumeStorage"),
+        "CR": ("ComputedRadiographyImageStorage",),
+        "DX": ("DigitalXRayImageStorageForPresentation", "DigitalXRayImageStorageForProcessing"),
+        "MG": ("DigitalMammographyXRayImageStorageForPresentation", "DigitalMammographyXRayImageStorageForProcessing",
+               "BreastTomosynthesisImageStorage", "BreastProjectionXRayImageStorageForPresentation",
+               "BreastProjectionXRayImageStorageForProcessing"),
+        "IO": ("DigitalIntraOralXRayImageStorageForPresentation", "DigitalIntraOralXRayImageStorageForProcessing"),
+        "XA": ("XRayAngiographicImageStorage", "EnhancedXAImageStorage", "XRay3DAngiographicImageStorage"),
+        "RF": ("XRayRadiofluoroscopicImageStorage", "EnhancedXRFImageStorage"),
+    }.items()
+}
+# modalities whose series are volumes: a rule for them alone skips series of fewer than this many images
+VOLUME_MODALITIES = ("CT", "MR", "PT")
+VOLUME_MIN_IMAGES = 10
+
+
 class MatchRule(BaseModel):
+    """Which series a model is given. A key left out takes its default; an empty list allows any value.
+    Images are counted frame by frame: a multi-frame instance of 120 frames is 120 images."""
+
+    model_config = {"extra": "forbid"}
+
     modalities: list[str] = Field(default_factory=lambda: ["CT"], description="Modality values; empty: any")
-    sop_class_uids: list[str] = Field(
-        default_factory=lambda: ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"],
-        description="SOP Class UIDs (default: CT and Enhanced CT Image Storage); empty: any",
+    sop_class_uids: list[str] | None = Field(
+        None, description="SOP Class UIDs; left out: the image storage classes of the modalities given (CT: CT, "
+        "Enhanced CT and Legacy Converted Enhanced CT Image Storage; MR: MR, Enhanced MR, Enhanced MR Color and "
+        "Legacy Converted Enhanced MR Image Storage; ...; no modalities: every image storage class), never SEG, SR "
+        "or secondary capture; empty: any",
     )
     body_parts: list[str] = Field(default_factory=list, description="Body Part Examined, upper case; empty: any")
     mr_acquisition_types: list[str] = Field(default_factory=list, description="2D, 3D; empty: any")
@@ -175,8 +218,12 @@ class MatchRule(BaseModel):
     orientations: list[Literal["axial", "coronal", "sagittal", "oblique"]] = Field(
         default_factory=list, description="slice orientations, from the direction cosines; empty: any"
     )
-    min_instances: int = Field(10, ge=1, description="a series with fewer instances is skipped")
-    max_instances: int = Field(0, ge=0, description="0: no maximum")
+    min_instances: int | None = Field(
+        None, ge=1, description="a series with fewer images (each frame of a multi-frame instance counts) is "
+        f"skipped; left out: {VOLUME_MIN_IMAGES} when every modality given is a volume modality "
+        f"({', '.join(VOLUME_MODALITIES)}), else 1"
+    )
+    max_instances: int = Field(0, ge=0, description="a series with more images is skipped; 0: no maximum")
     calling_aets: list[str] = Field(default_factory=list, description="empty: any sender")
 
     @field_validator("series_description", "series_description_exclude")
@@ -188,10 +235,25 @@ class MatchRule(BaseModel):
             raise ValueError(f"not a valid regular expression ({exc})") from None
         return value
 
-    @field_validator("body_parts", "mr_acquisition_types", "image_type")
+    @field_validator("body_parts", "mr_acquisition_types", "image_type", "modalities")
     @classmethod
     def _upper(cls, value: list[str]) -> list[str]:
         return [v.upper() for v in value]
+
+    @model_validator(mode="after")
+    def _defaults_follow_modalities(self) -> "MatchRule":
+        """Fill in what was left out from what was written, so that the rule shown is the rule applied."""
+        if self.sop_class_uids is None:
+            unknown = [m for m in self.modalities if m not in IMAGE_STORAGE_CLASSES]
+            if unknown:
+                raise ValueError(
+                    f"no default SOP classes for modality {', '.join(unknown)}: list sop_class_uids (or [] for any); "
+                    f"defaults exist for {', '.join(IMAGE_STORAGE_CLASSES)}")
+            self.sop_class_uids = [c for m in (self.modalities or IMAGE_STORAGE_CLASSES) for c in IMAGE_STORAGE_CLASSES[m]]
+        if self.min_instances is None:
+            volumes = bool(self.modalities) and all(m in VOLUME_MODALITIES for m in self.modalities)
+            self.min_instances = VOLUME_MIN_IMAGES if volumes else 1
+        return self
 
 
 CodeTriple = Annotated[list[str], Field(min_length=3, max_length=3, description="[scheme, value, meaning]")]
@@ -389,41 +451,30 @@ BUILTIN_CHECKS = {
 }
 
 
+ModelKind = Literal["builtin", "python", "torchscript", "monai-bundle", "triton", "arterys", "monai-deploy"]
+
+# the fields, their order and their defaults that named a model before each kind had its own class:
+# fingerprint() reproduces them, so that the jobs of an unchanged configuration keep their names
+_FINGERPRINT_FIELDS = {"kind": None, "source": "ct-body", "pipeline": None, "version": "", "options": {},
+                       "outputs": {}, "seg": None}
+_SERVED_FIELDS = {"url": None, "model_name": None, "model_version": "", "inference_command": "get-probability-mask",
+                  "command": None, "model_path": None, "irregular_spacing": "refuse", "scope": "series"}
+
+
 class ModelSettings(BaseModel):
+    """What every kind of model has: a name, the series it is given, and what becomes of its results.
+
+    Each ``kind`` is a subclass with the keys of that kind; ``ModelSettings(...)`` builds the class
+    of the ``kind`` given (``builtin`` when none is), so a key of another kind is refused.
+    """
+
+    model_config = {"extra": "forbid"}
+
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="the model's name; its queue is model.<name>"
     )
-    kind: Literal["builtin", "python", "torchscript", "monai-bundle", "triton", "arterys", "monai-deploy"] = Field(
-        "builtin", description="how the model is loaded, or reached when it runs elsewhere")
-    source: str = Field(
-        "ct-body",
-        description="builtin: the model's name; python: 'package.module:Class' or '/path/file.py:Class'; "
-        "torchscript: the .ts/.pt file; monai-bundle: the bundle directory; monai-deploy: the application "
-        "(a .py file or package folder with an Application subclass); triton, arterys: unused",
-    )
-    url: str | None = Field(
-        None, description="triton: http://host:port or grpc://host:port; arterys: the model server's base URL"
-    )
-    model_name: str | None = Field(None, description="triton: the model's name on the server")
-    model_version: str = Field("", description="triton: a version on the server; empty: the server's choice")
-    inference_command: Literal["get-probability-mask", "get-bounding-box-2d"] = Field(
-        "get-probability-mask", description="arterys: what the model server is asked for"
-    )
-    request_timeout_seconds: float = Field(300.0, gt=0, description="triton, arterys: one request's time limit")
-    wait_seconds: float = Field(
-        300.0, ge=0, description="triton, arterys: how long a job waits for an unreachable server or a model "
-        "that is not ready before it fails"
-    )
-    command: str | None = Field(
-        None, description="monai-deploy: a command template for a packaged application (MAP), with {input}, "
-        "{output} and {model}; instead of source"
-    )
-    model_path: Path | None = Field(None, description="monai-deploy: the model file or folder the application reads")
-    pipeline: PipelineConfig | str | None = Field(None, description="torchscript: inline, or a YAML file")
+    kind: ModelKind = Field("builtin", description="how the model is loaded, or reached when it runs elsewhere")
     version: str = Field("", description="written into results; default: the class's `version` or 0")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
-    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model class")
-    outputs: dict[str, OutputConfig] = Field(default_factory=dict, description="output key -> what it is")
     match: MatchRule = Field(default_factory=MatchRule)
     irregular_spacing: Literal["refuse", "process"] = Field(
         "refuse", description="a series with uneven slice gaps (a missing slice): refuse it with the reason, or give "
@@ -442,6 +493,11 @@ class ModelSettings(BaseModel):
         default_factory=list, description="names of the destinations its results go to; empty: every destination"
     )
 
+    def __new__(cls, *args: Any, **data: Any) -> "ModelSettings":
+        if cls is ModelSettings:  # the class of the kind asked for; an unknown kind is refused by the base
+            cls = MODEL_KINDS.get(data.get("kind", "builtin"), cls)
+        return super().__new__(cls)
+
     @model_validator(mode="after")
     def _study_scope(self) -> "ModelSettings":
         if self.scope == "study" and self.kind != "python":
@@ -453,7 +509,7 @@ class ModelSettings(BaseModel):
         if self.checks is not None:
             return self.checks
         if self.kind == "builtin":
-            return BUILTIN_CHECKS.get(self.source, PlausibilityChecks())
+            return BUILTIN_CHECKS.get(getattr(self, "source", ""), PlausibilityChecks())
         return PlausibilityChecks()
 
     def fingerprint(self) -> str:
@@ -461,16 +517,133 @@ class ModelSettings(BaseModel):
         version or other options make a new job for the same series, and so a re-run."""
         import hashlib
 
-        text = self.model_dump_json(include={"kind", "source", "version", "options", "outputs", "pipeline", "seg"})
-        served = self.model_dump_json(exclude_defaults=True, include={
-            "url", "model_name", "model_version", "inference_command", "command", "model_path", "scope",
-            "irregular_spacing"})
-        if served != "{}":  # model servers' settings; absent for the other kinds, whose names stay as they were
-            text += served
+        from pydantic_core import to_json
+
+        computed = {key: getattr(self, key, default) for key, default in _FINGERPRINT_FIELDS.items()}
+        computed["source"] = computed["source"] or _FINGERPRINT_FIELDS["source"]  # monai-deploy with a command
+        text = to_json(computed, by_alias=False).decode()
+        served = {key: getattr(self, key) for key, default in _SERVED_FIELDS.items()
+                  if getattr(self, key, default) != default}
+        if served:  # model servers' settings; absent for the other kinds, whose names stay as they were
+            text += to_json(served, by_alias=False).decode()
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-MR_IMAGE_CLASSES = ["1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1"]  # MR, Enhanced MR
+class BuiltinModelSettings(ModelSettings):
+    """A model that comes with pacsworker (`ct-body`, `mr-brain`); `kind` may be left out for it."""
+
+    kind: Literal["builtin"] = Field("builtin", description="`builtin` selects this kind (the default)")
+    source: str = Field("ct-body", description="the built-in model's name: ct-body or mr-brain")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model class")
+    outputs: dict[str, OutputConfig] = Field(default_factory=dict, description="output key -> what it is")
+
+
+class PythonModelSettings(ModelSettings):
+    """A Python class: native `predict(series)` (or `predict(study)`), or the named inputs of `inference(...)`."""
+
+    kind: Literal["python"] = Field("python", description="`python` selects this kind")
+    source: str = Field(description="'package.module:Class' or '/path/file.py:Class'")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model class")
+    outputs: dict[str, OutputConfig] = Field(default_factory=dict, description="output key -> what it is")
+
+
+class TorchscriptModelSettings(ModelSettings):
+    """A TorchScript file run inside a MONAI pipeline of pre-transforms, an inferer and post-transforms."""
+
+    kind: Literal["torchscript"] = Field("torchscript", description="`torchscript` selects this kind")
+    source: str = Field(description="the TorchScript file (.ts, .pt)")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    pipeline: PipelineConfig | str | None = Field(None, description="inline, or a YAML file beside the model")
+    outputs: dict[str, OutputConfig] = Field(default_factory=dict, description="output key -> what it is")
+
+
+class MonaiBundleModelSettings(ModelSettings):
+    """A MONAI bundle, read with MONAI's own parser."""
+
+    kind: Literal["monai-bundle"] = Field("monai-bundle", description="`monai-bundle` selects this kind")
+    source: str = Field(description="the bundle directory")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    outputs: dict[str, OutputConfig] = Field(
+        default_factory=dict, description="output key -> what it is; default: the bundle's channel definition")
+
+
+class TritonModelSettings(ModelSettings):
+    """A network served by Triton Inference Server; the pipeline around it runs in the worker."""
+
+    kind: Literal["triton"] = Field("triton", description="`triton` selects this kind")
+    url: str = Field(pattern=r"^(https?|grpc)://", description="http://host:port, https://host:port or grpc://host:port")
+    model_name: str = Field(min_length=1, description="the model's name on the server")
+    model_version: str = Field("", description="a version on the server; empty: the server's choice")
+    pipeline: PipelineConfig | str | None = Field(None, description="as kind torchscript's: inline, or a YAML file")
+    outputs: dict[str, OutputConfig] = Field(default_factory=dict, description="output key -> what it is")
+    request_timeout_seconds: float = Field(300.0, gt=0, description="one request's time limit")
+    wait_seconds: float = Field(
+        300.0, ge=0, description="how long a job waits for an unreachable server or a model that is not ready "
+        "before it fails")
+
+
+class ArterysModelSettings(ModelSettings):
+    """A model server speaking the Arterys inference protocol (`GET /healthcheck`, `POST /`)."""
+
+    kind: Literal["arterys"] = Field("arterys", description="`arterys` selects this kind")
+    url: str = Field(pattern=r"^https?://", description="the model server's base URL")
+    inference_command: Literal["get-probability-mask", "get-bounding-box-2d"] = Field(
+        "get-probability-mask", description="what the model server is asked for"
+    )
+    outputs: dict[str, OutputConfig] = Field(
+        default_factory=dict, description="output key -> what it is (optional coding of segments and boxes)")
+    request_timeout_seconds: float = Field(300.0, gt=0, description="one request's time limit")
+    wait_seconds: float = Field(
+        300.0, ge=0, description="how long a job waits for an unreachable server or one not READY before it fails")
+
+
+class MonaiDeployModelSettings(ModelSettings):
+    """A MONAI Deploy App SDK application (`source`) or a packaged MAP run by a command template (`command`)."""
+
+    kind: Literal["monai-deploy"] = Field("monai-deploy", description="`monai-deploy` selects this kind")
+    source: str | None = Field(
+        None, description="the application: a folder with __main__.py, or a .py file or package with an Application "
+        "subclass")
+    command: str | None = Field(
+        None, description="a packaged application (MAP): a command template with {input}, {output} and {model}; "
+        "instead of source"
+    )
+    model_path: Path | None = Field(None, description="the model file or folder the application reads")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N (sets CUDA_VISIBLE_DEVICES)")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="timeout_seconds, env (extra environment), python (the interpreter)")
+
+    @model_validator(mode="after")
+    def _one_application(self) -> "MonaiDeployModelSettings":
+        if (self.source is None) == (self.command is None):
+            raise ValueError("kind monai-deploy needs either source (an application) or command (a MAP), not "
+                             + ("both" if self.source else "neither"))
+        return self
+
+
+MODEL_KINDS: dict[str, type[ModelSettings]] = {
+    typing.get_args(cls.model_fields["kind"].annotation)[0]: cls
+    for cls in (BuiltinModelSettings, PythonModelSettings, TorchscriptModelSettings, MonaiBundleModelSettings,
+                TritonModelSettings, ArterysModelSettings, MonaiDeployModelSettings)
+}
+AnyModel = Annotated[
+    BuiltinModelSettings | PythonModelSettings | TorchscriptModelSettings | MonaiBundleModelSettings
+    | TritonModelSettings | ArterysModelSettings | MonaiDeployModelSettings,
+    Field(discriminator="kind"),
+]
+
+
+def _builtin_by_default(value: Any) -> Any:
+    """A model written without ``kind`` is a built-in one."""
+    if isinstance(value, list):
+        return [{"kind": "builtin", **item} if isinstance(item, dict) and "kind" not in item else item
+                for item in value]
+    return value
+
+
+MR_IMAGE_CLASSES = [str(uid.MRImageStorage), str(uid.EnhancedMRImageStorage)]  # grey-scale MR images
 
 
 def brain_extra_installed() -> bool:
@@ -482,9 +655,9 @@ def brain_extra_installed() -> bool:
 
 def default_models() -> list[ModelSettings]:
     """ct-body, and mr-brain when its extra is installed: what runs with no ``models`` configured."""
-    models = [ModelSettings(name="ct-body")]
+    models: list[ModelSettings] = [BuiltinModelSettings(name="ct-body")]
     if brain_extra_installed():
-        models.append(ModelSettings(
+        models.append(BuiltinModelSettings(
             name="mr-brain", kind="builtin", source="mr-brain",
             match=MatchRule(
                 modalities=["MR"], sop_class_uids=MR_IMAGE_CLASSES, body_parts=["BRAIN", "HEAD"],
@@ -687,6 +860,8 @@ class DeliverySettings(BaseModel):
 class MetricsSettings(BaseModel):
     """The operator's HTTP port of each process: Prometheus /metrics, /healthz, /readyz and a status page."""
 
+    model_config = {"extra": "forbid"}
+
     enabled: bool = Field(True, description="serve metrics, health and the status page")
     host: str = Field("0.0.0.0", description="address the metrics port listens on")
     port: int = Field(9100, ge=1, le=65535, description="the receiver's (and serve's, for all its processes)")
@@ -700,11 +875,37 @@ class MetricsSettings(BaseModel):
 
 
 class LoggingSettings(BaseModel):
+    model_config = {"extra": "forbid"}
+
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level of every process")
     format: Literal["plain", "json"] = Field(
         "plain", description="plain text, or one JSON object per line (time, level, logger, process, correlation, "
         "message); the correlation is the series UID or job id a line is about"
     )
+
+
+class _EnvWithUnknownSections(PydanticBaseSettingsSource):
+    """The environment source, plus the ``PACSWORKER__`` variables it would drop because they name no
+    section (``PACSWORKER__SCPP__PORT``), so that they are refused like an unknown key in the file."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: PydanticBaseSettingsSource):
+        super().__init__(settings_cls)
+        self.env = env
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ gives everything
+
+    def __call__(self) -> dict[str, Any]:
+        data = self.env()
+        prefix, delimiter = self.config["env_prefix"].lower(), self.config["env_nested_delimiter"]
+        for name, value in os.environ.items():
+            parts = name.lower()[len(prefix):].split(delimiter) if name.lower().startswith(prefix) else [""]
+            if parts[0] and parts[0] not in self.settings_cls.model_fields:
+                node = data
+                for part in parts[:-1]:
+                    node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
+                node[parts[-1]] = value
+        return data
 
 
 class Settings(BaseSettings):
@@ -717,13 +918,18 @@ class Settings(BaseSettings):
     scp: ScpSettings = Field(default_factory=ScpSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
-    models: list[ModelSettings] = Field(default_factory=default_models)
+    models: list[AnyModel] = Field(default_factory=default_models)
     destinations: list[Destination] = Field(
         default_factory=list, description="where results go; empty: a folder data_dir/results"
     )
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _kind_builtin_by_default(cls, value: Any) -> Any:
+        return _builtin_by_default(value)
 
     @field_validator("models")
     @classmethod
@@ -760,7 +966,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # env beats the YAML file (passed as init kwargs)
-        return env_settings, init_settings
+        return _EnvWithUnknownSections(settings_cls, env_settings), init_settings
 
     @property
     def data_dir(self) -> Path:
@@ -788,17 +994,114 @@ class ConfigError(Exception):
     """The configuration file or environment holds an invalid value."""
 
 
-def _format_errors(err: ValidationError, origin: str) -> str:
+def _strip_type(annotation: Any) -> Any:
+    """The annotation without ``Annotated`` and without an optional ``None``."""
+    while True:
+        if typing.get_origin(annotation) is Annotated:
+            annotation = typing.get_args(annotation)[0]
+            continue
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(members) == 1:
+            annotation = members[0]
+            continue
+        return annotation
+
+
+def _keys_of(cls: type[BaseModel]) -> list[str]:
+    """The keys a settings class takes: its field names and their aliases."""
+    return [key for name, info in cls.model_fields.items() for key in (name, info.alias) if key]
+
+
+def _section_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The settings class at a validation error's location (list indices, mapping keys and the kind
+    of a discriminated union included), None where the path leads to no class."""
+    node: Any = Settings
+    for part in loc:
+        node = _strip_type(node)
+        origin, args = typing.get_origin(node), typing.get_args(node)
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            node = next((info.annotation for name, info in node.model_fields.items() if part in (name, info.alias)),
+                        None)
+        elif origin in (list, tuple) and args and isinstance(part, int):
+            node = args[0]
+        elif origin is dict and args:
+            node = args[1]
+        elif origin in (typing.Union, types.UnionType):
+            node = next((m for m in map(_strip_type, args) if isinstance(m, type) and issubclass(m, BaseModel) and (
+                part == m.__name__ or part in typing.get_args(m.model_fields.get("kind", Field()).annotation))), None)
+        else:
+            return None
+        if node is None:
+            return None
+    node = _strip_type(node)
+    return node if isinstance(node, type) and issubclass(node, BaseModel) else None
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    """Why a key is unknown where it stands: the nearest valid name, or the kinds of model that take it."""
+    section, key = _section_at(loc[:-1]), str(loc[-1])
+    if section is None:
+        return "unknown key"
+    if issubclass(section, ModelSettings):
+        kinds = [kind for kind, cls in MODEL_KINDS.items() if key in _keys_of(cls)]
+        if kinds:
+            named = ", ".join(kinds[:-1]) + " or " + kinds[-1] if len(kinds) > 1 else kinds[0]
+            return f"`{key}` is a key of kind {named}, not of kind {section.model_fields['kind'].default}"
+    close = difflib.get_close_matches(key, _keys_of(section), n=1, cutoff=0.6)
+    if not close:  # a key of a section below, written one level too high (series_quiet_seconds beside scp)
+        below = [f"{name}.{child}" for name, info in section.model_fields.items()
+                 if isinstance(inner := _strip_type(info.annotation), type) and issubclass(inner, BaseModel)
+                 for child in _keys_of(inner)]
+        close = difflib.get_close_matches(key, below, n=1, cutoff=0.6) or [
+            k for k in below if difflib.get_close_matches(key, [k.split(".")[-1]], n=1, cutoff=0.6)][:1]
+    if close:
+        return f"unknown key; did you mean `{close[0]}`?"
+    return f"unknown key (known here: {', '.join(_keys_of(section))})"
+
+
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    """The environment variable that set the key at ``loc``, if one did."""
+    name = "PACSWORKER__" + "__".join(str(part).upper() for part in loc)
+    return next((env for env in os.environ if env.upper() == name or env.upper().startswith(name + "__")), "")
+
+
+def _where(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
+    """A dotted key, a model named by its name: ``models.0 (ct-body).match.modalites``."""
+    parts = [str(p) for p in loc]
+    if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+        models = data.get("models")
+        item = models[loc[1]] if isinstance(models, list) and loc[1] < len(models) else None
+        name = item.get("name") if isinstance(item, dict) else None
+        tagged = len(loc) >= 3 and loc[2] in MODEL_KINDS
+        label = name or (loc[2] if tagged else None)
+        parts = ["models", f"{loc[1]} ({label})" if label else str(loc[1]), *parts[3 if tagged else 2:]]
+    return ".".join(parts) or "(top level)"
+
+
+def _format_errors(err: ValidationError, origin: str, data: dict[str, Any] | None = None) -> str:
     lines = [f"invalid configuration ({origin}):"]
     for item in err.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        loc = tuple(item["loc"])
+        key = _where(loc, data or {})
         got = item.get("input")
         if isinstance(got, dict) and {"password", "token", "client_secret"} & set(got):
             got = "(not shown: it holds a secret)"
         elif isinstance(got, str) and "://" in got and urllib.parse.urlsplit(got).password is not None:
             got = "(not shown: it holds a password)"
+        if item["type"] == "extra_forbidden":
+            env = _env_name(loc)
+            lines.append(f"  {key}: {_unknown_key(loc)}" + (f" (from the environment: {env})" if env else ""))
+            continue
         lines.append(f"  {key}: {item['msg']} (got {got!r})")
     return "\n".join(lines)
+
+
+def _yaml_error(file: Path, exc: yaml.YAMLError) -> str:
+    """A YAML syntax error as ``config.yaml line 7, column 3: what is wrong``."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{file} line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(file)
+    what = "; ".join(str(p) for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p)
+    return f"configuration file {where}: not valid YAML: {what or exc}"
 
 
 CONFIG_ENV = "PACSWORKER_CONFIG"
@@ -823,11 +1126,11 @@ def load_settings(path: Path | str | None = None) -> Settings:
         except FileNotFoundError:
             raise ConfigError(f"configuration file {file} does not exist") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"configuration file {file} is not valid YAML: {exc}") from None
+            raise ConfigError(_yaml_error(file, exc)) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"configuration file {file} must hold a mapping at top level")
         data = loaded or {}
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, origin)) from None
+        raise ConfigError(_format_errors(exc, origin, data)) from None
