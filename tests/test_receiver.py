@@ -245,3 +245,80 @@ def test_a_disk_below_its_reserve_refuses_with_a700_and_recovers_by_itself(tmp_p
         assert completed[0].instances == 3
     finally:
         receiver.stop()
+
+
+def _end_lines(caplog, calling: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"association from {calling} (")
+            and " accepted" not in r.getMessage() and "peer proposed" not in r.getMessage()]
+
+
+def test_each_association_end_is_logged_with_what_it_stored_and_how_it_ended(receiver, caplog):
+    caplog.set_level(logging.INFO, logger="pacsworker.scp")
+    port = receiver.settings.scp.port
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSWORKER")
+    local_port = assoc.requestor.port
+    assert [_store_in(assoc, generate_uid()) for _ in range(2)] == [0, 0]
+    assert _raw_store(port, b"\xde\xad" * 8, "1.2.3.4") == 0xC000  # another association, refused
+    assoc.release()
+    wait_until(lambda: len(_end_lines(caplog, "SCU")) == 2, 10, what="both associations' end lines")
+    lines = _end_lines(caplog, "SCU")
+    assert f"association from SCU (127.0.0.1:{local_port}) released: 2 instance(s) stored, 0 refused" in lines
+    assert any(line.endswith("released: 0 instance(s) stored, 1 refused") for line in lines)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSWORKER")
+    assert _store_in(assoc, generate_uid()) == 0
+    assoc.abort()
+    wait_until(lambda: len(_end_lines(caplog, "SCU")) == 3, 10, what="the aborted association's end line")
+    ended = _end_lines(caplog, "SCU")[-1]
+    assert " aborted" in ended and ended.endswith(": 1 instance(s) stored (kept), 0 refused")
+
+
+def test_a_query_retrieve_peer_is_told_that_only_storage_is_offered(receiver, caplog):
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
+
+    caplog.set_level(logging.INFO, logger="pacsworker.scp")
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(FIND)
+    ae.add_requested_context(MOVE)
+    assoc = ae.associate("127.0.0.1", receiver.settings.scp.port, ae_title="PACSWORKER")
+    assert not assoc.is_established  # pynetdicom aborts when nothing it proposed was accepted
+    wait_until(lambda: len(_end_lines(caplog, "SCU")) == 1, 10, what="the association's end line")
+    [said] = [r for r in caplog.records if "peer proposed" in r.getMessage()]
+    assert said.levelno == logging.WARNING
+    assert said.getMessage().endswith(
+        "peer proposed Study Root Query/Retrieve Information Model - FIND; Study Root Query/Retrieve Information "
+        "Model - MOVE, not offered: pacsworker only stores (Storage and Verification)")
+
+
+def test_a_request_for_a_service_not_offered_is_named(receiver, caplog):
+    from pydicom.dataset import Dataset
+    from pynetdicom.dimse_primitives import C_FIND
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    caplog.set_level(logging.INFO, logger="pacsworker.scp")
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(FIND)
+    assoc = ae.associate("127.0.0.1", receiver.settings.scp.port, ae_title="PACSWORKER")
+    assert assoc.is_established
+    [rejected] = [cx for cx in assoc.rejected_contexts]
+    request = C_FIND()
+    request.MessageID, request.AffectedSOPClassUID, request.Priority = 1, FIND, 2
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    request.Identifier = encode_for_test(query)
+    assoc.dimse.send_msg(request, rejected.context_id)  # what pynetdicom's own send_c_find would refuse to send
+    wait_until(lambda: _end_lines(caplog, "SCU"), 10, what="the association to end")
+    [said] = [r.getMessage() for r in caplog.records if "C-FIND request" in r.getMessage()]
+    assert said.startswith("C-FIND request (Study Root Query/Retrieve Information Model - FIND) from SCU (127.0.0.1:")
+    assert said.endswith("on a presentation context that was not accepted: pacsworker only stores (C-STORE, C-ECHO)")
+
+
+def encode_for_test(ds):
+    from io import BytesIO
+
+    from pynetdicom.dsutils import encode
+
+    return BytesIO(encode(ds, True, True))

@@ -34,10 +34,14 @@ def set_correlation(correlation_id: str) -> None:
 
 
 class _Correlation(logging.Filter):
+    """Sets the record's correlation id, and its plain-text tag unless the message already names it:
+    a job id runs to a hundred characters and a line carries it once."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(record, "correlation", ""):
             record.correlation = _CORRELATION.get()
-        record.correlation_tag = f" [{record.correlation}]" if record.correlation else ""
+        named = record.correlation and record.correlation in record.getMessage()
+        record.correlation_tag = f" [{record.correlation}]" if record.correlation and not named else ""
         return True
 
 

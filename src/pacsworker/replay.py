@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import UID
 from pynetdicom import AE
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 
 @dataclass
@@ -38,7 +41,8 @@ def replay(
     Raises
     ------
     ConnectionError
-        If the association is rejected or cannot be established.
+        If the association cannot be established; the message says why: the connection refused or
+        timed out at host:port, the association rejected (with the peer's reason) or aborted.
     """
     report = ReplayReport()
     headers: list[tuple[Path, str, str]] = []
@@ -61,17 +65,57 @@ def replay(
         return report
     assoc = ae.associate(host, port, ae_title=called_aet)
     if not assoc.is_established:
-        raise ConnectionError(f"association with {called_aet} at {host}:{port} was rejected or failed")
+        raise ConnectionError(f"association with {called_aet} at {host}:{port} not established: "
+                              f"{_not_established(assoc, host, port)}")
     try:
-        for path, _, _ in headers:
-            status = assoc.send_c_store(path)
-            code = getattr(status, "Status", None)
-            if code == 0x0000:
-                report.sent += 1
+        for path, sop_class, syntax in headers:
+            try:
+                status = assoc.send_c_store(path)
+            except ValueError:  # pynetdicom: no accepted context for this file's class and syntax
+                report.failed.append((path, f"the peer accepted no presentation context for {UID(sop_class).name} "
+                                            f"in {UID(syntax).name}"))
+            except RuntimeError as exc:  # the association ended meanwhile
+                report.failed.append((path, f"not sent: {exc}"))
             else:
-                report.failed.append((path, "no response" if code is None else f"status 0x{code:04X}"))
+                code = getattr(status, "Status", None)
+                if code == 0x0000:
+                    report.sent += 1
+                else:
+                    report.failed.append((path, _failure(status, code)))
             if progress:
                 progress(path)
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
     return report
+
+
+def _failure(status, code: int | None) -> str:
+    """A refused C-STORE as the peer answered it: status code, its meaning, the peer's comment."""
+    if code is None:
+        return "no response (the association was aborted or timed out)"
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "unknown status"))[1]
+    comment = str(status.get("ErrorComment", "") or "")
+    return f"status 0x{code:04X} ({meaning}){f': {comment}' if comment else ''}"
+
+
+def _not_established(assoc, host: str, port: int) -> str:
+    """Why an association request failed: rejected (the peer's reason), aborted, or no connection."""
+    if assoc.is_rejected:
+        answer = assoc.acceptor.primitive
+        if answer is None:
+            return "rejected"
+        lasting = answer.result_str.split()[-1].lower()  # "Rejected Permanent" / "Rejected Transient"
+        return f"rejected ({lasting}) by the {answer.source_str.lower()}: {answer.reason_str}"
+    if assoc.is_aborted:
+        return "the peer aborted the association request (is it a DICOM receiver, with TLS or not?)"
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            pass
+    except ConnectionRefusedError:
+        return f"connection refused at {host}:{port} (nothing listens there)"
+    except socket.timeout:
+        return f"no answer from {host}:{port} within 5 s"
+    except OSError as exc:
+        return f"cannot connect to {host}:{port}: {exc.strerror or exc}"
+    return "the connection opened but no association answer came (check the port and whether it needs TLS)"

@@ -8,12 +8,14 @@ import mmap
 import shutil
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -70,6 +72,42 @@ REJECT_REASONS = {
     (0x02, 0x02, 0x01): "user identity not verified",
     (0x02, 0x03, 0x02): "too many associations",
 }
+
+
+# presentation context results (PS3.8 9.3.3.2) of a context not accepted
+CONTEXT_NOT_ACCEPTED = {
+    0x01: "rejected by the receiver",
+    0x02: "rejected (no reason given)",
+    0x03: "not offered: pacsworker only stores (Storage and Verification)",
+    0x04: "not accepted in the transfer syntax(es) proposed",
+}
+SERVED_REQUESTS = ("C_STORE_RQ", "C_ECHO_RQ")
+
+
+@dataclass
+class AssociationTally:
+    """What one association did, for the line that says it ended."""
+
+    calling: str
+    address: str
+    stored: int = 0
+    refused: int = 0
+
+
+def _service_name(uid: str) -> str:
+    name = UID(uid).name
+    return name if name != uid else f"SOP class {uid}"
+
+
+def _unreleased(assoc) -> str:
+    """How an association ended that was not released, as its connection closed."""
+    if getattr(assoc, "_sent_abort", False):
+        return "aborted by pacsworker"
+    try:
+        by_peer = assoc.acse.is_aborted("a-abort")  # the peer's A-ABORT, still queued for pynetdicom
+    except Exception:  # noqa: BLE001 - nothing to peek at any more
+        by_peer = False
+    return "aborted by the peer" if by_peer else "ended without release (connection closed)"
 
 
 def read_instance_meta(header: Dataset | Header, calling_aet: str) -> InstanceMeta:
@@ -141,6 +179,7 @@ class Receiver:
         self.on_stop: list[Callable[[], None]] = []  # what else stops with the receiver (the metrics port)
         self._servers: list = []  # the plain listener and the TLS one, as configured
         self._short_of_space = False
+        self._tallies: dict[int, AssociationTally] = {}  # open associations (by id) -> what each did
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
         self.ae = self._build_ae()
@@ -175,13 +214,20 @@ class Receiver:
     # -- event handlers (thin: check, store, record, answer) -------------------------------
     def _handle_store(self, event) -> int:
         try:
-            return self._store(event)
+            status = self._store(event)
         except Exception as exc:  # noqa: BLE001 - answer and keep serving; pynetdicom then deletes the file
             log.error(
                 "C-STORE %s from %s failed: %s: %s", printable(str(event.request.AffectedSOPInstanceUID or "")),
                 printable(event.assoc.requestor.ae_title or ""), type(exc).__name__, str(exc),
             )
-            return STATUS_PROCESSING_FAILURE
+            status = STATUS_PROCESSING_FAILURE
+        tally = self._tallies.get(id(event.assoc))
+        if tally is not None:  # one thread per association: its own tally needs no lock
+            if status == 0x0000:
+                tally.stored += 1
+            else:
+                tally.refused += 1
+        return status
 
     def space_short(self) -> int | None:
         """Free bytes on data_dir when below the reserve, else None; says so once each way."""
@@ -282,11 +328,47 @@ class Receiver:
         return 0x0000
 
     def _handle_assoc(self, event) -> None:
-        metrics.ASSOCIATIONS.labels(metrics.ae_label(printable(event.assoc.requestor.ae_title or "")), "accepted").inc()
-        log.info(
-            "association from %s (%s) accepted",
-            printable(event.assoc.requestor.ae_title or ""), event.assoc.requestor.address,
-        )
+        assoc = event.assoc
+        calling, address = printable(assoc.requestor.ae_title or ""), f"{assoc.requestor.address}:{assoc.requestor.port}"
+        self._tallies[id(assoc)] = AssociationTally(calling, address)
+        metrics.ASSOCIATIONS.labels(metrics.ae_label(calling), "accepted").inc()
+        log.info("association from %s (%s) accepted", calling, address)
+        self._log_contexts_not_accepted(assoc, calling, address)
+
+    def _log_contexts_not_accepted(self, assoc, calling: str, address: str) -> None:
+        """Name each proposed service not accepted, and why: a peer that asks for C-FIND or C-MOVE learns
+        nothing else before it gives up."""
+        proposed = {cx.context_id: cx for cx in (assoc.requestor.requested_contexts or [])}
+        by_result: dict[int, list[str]] = {}
+        for cx in assoc.rejected_contexts:
+            name = _service_name(str(cx.abstract_syntax))
+            if cx.result == 0x04:
+                syntaxes = (proposed.get(cx.context_id) or cx).transfer_syntax
+                name += f" ({', '.join(_service_name(str(ts)) for ts in syntaxes)})"
+            if name not in by_result.setdefault(cx.result, []):
+                by_result[cx.result].append(name)
+        level = logging.INFO if assoc.accepted_contexts else logging.WARNING  # nothing it asked for is served
+        for result, names in sorted(by_result.items()):
+            why = CONTEXT_NOT_ACCEPTED.get(result, f"not accepted (result 0x{result:02X})")
+            log.log(level, "association from %s (%s): peer proposed %s, %s", calling, address, "; ".join(names), why)
+
+    def _handle_dimse(self, event) -> None:
+        """A request for a service this receiver does not give, or on a context it did not accept: say so
+        (pynetdicom then refuses it or aborts the association)."""
+        message, assoc = event.message, event.assoc
+        kind = type(message).__name__
+        if not kind.endswith("_RQ") or (kind in SERVED_REQUESTS and message.context_id in assoc._accepted_cx):
+            return
+        try:
+            sop_class = str(message.command_set.get("AffectedSOPClassUID", "")
+                            or message.command_set.get("RequestedSOPClassUID", "") or "")
+        except Exception:  # noqa: BLE001 - an undecodable command set: the service is named without its class
+            sop_class = ""
+        why = ("on a presentation context that was not accepted" if message.context_id not in assoc._accepted_cx
+               else "not offered")
+        log.warning("%s request (%s) from %s (%s:%s) %s: pacsworker only stores (C-STORE, C-ECHO)",
+                    kind[:-3].replace("_", "-"), _service_name(sop_class) if sop_class else "no SOP class",
+                    printable(assoc.requestor.ae_title or ""), assoc.requestor.address, assoc.requestor.port, why)
 
     def _handle_rejected(self, event) -> None:
         assoc = event.assoc
@@ -304,10 +386,7 @@ class Receiver:
 
     def _handle_abort(self, event) -> None:
         metrics.ASSOCIATIONS.labels(metrics.ae_label(printable(event.assoc.requestor.ae_title or "")), "aborted").inc()
-        log.warning(
-            "association from %s aborted; instances already stored are kept",
-            printable(event.assoc.requestor.ae_title or ""),
-        )
+        self._log_end(event.assoc, "aborted by pacsworker" if getattr(event.assoc, "_sent_abort", False) else "aborted")
 
     def _handle_released(self, event) -> None:
         self._association_ended(event.assoc, released=True)
@@ -322,6 +401,16 @@ class Receiver:
         calling = printable(assoc.requestor.ae_title or "")
         trusted = released and calling in self.settings.scp.complete_on_release
         self.tracker.association_ended(id(assoc), calling if trusted else None)
+        self._log_end(assoc, "released" if released else _unreleased(assoc))
+
+    def _log_end(self, assoc, how: str) -> None:
+        """One line per association when it ends (the first of its ending events): how, and what it stored."""
+        tally = self._tallies.pop(id(assoc), None)
+        if tally is None:
+            return
+        log.log(logging.INFO if how == "released" else logging.WARNING,
+                "association from %s (%s) %s: %d instance(s) stored%s, %d refused", tally.calling, tally.address, how,
+                tally.stored, " (kept)" if tally.stored and how != "released" else "", tally.refused)
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -337,6 +426,7 @@ class Receiver:
             (evt.EVT_ABORTED, self._handle_abort),
             (evt.EVT_RELEASED, self._handle_released),
             (evt.EVT_CONN_CLOSE, self._handle_closed),
+            (evt.EVT_DIMSE_RECV, self._handle_dimse),
         ]
         cfg = self.settings.scp
         if cfg.plain:

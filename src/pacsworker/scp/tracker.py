@@ -87,6 +87,11 @@ class _Pending:
     temporal_positions: set[int | None] = field(default_factory=set)  # Number of Temporal Positions values seen
     spacing: set[float | None] = field(default_factory=set)  # Spacing Between Slices values seen
     released: str = ""  # a trusted sender released the association that brought the latest instances
+    announced: float = 0.0  # last_seen of the content whose completion was logged (a retried routing says it once)
+
+    def images(self) -> int:
+        """Frames added up; an instance whose header was not readable counts as one."""
+        return sum(self.frames.get(sop_uid, 1) for sop_uid in self.sop_uids)
 
     def add(self, meta: InstanceMeta) -> None:
         self.sop_uids.add(meta.sop_instance_uid)
@@ -290,9 +295,13 @@ class SeriesTracker:
             snapshot.completed_by = why
             with self._lock:
                 snapshot.content_digest = content_digest(entry.sop_uids)
+                snapshot.frames = entry.images()  # once, here: routing counts images, not instances
                 snapshot.contiguous, snapshot.contiguity = entry.contiguity()
             try:
                 with correlated(snapshot.series_uid):
+                    if entry.announced != snapshot.last_seen:  # before the routing's lines (queued, skipped)
+                        entry.announced = snapshot.last_seen
+                        log.info("series %s complete (%d instances): %s", snapshot.series_uid, snapshot.instances, why)
                     on_complete(snapshot)
             except Exception as exc:  # noqa: BLE001 - keep serving, retry next tick
                 log.error("series %s complete but not routed: %s; will retry", snapshot.series_uid, exc)
@@ -307,7 +316,6 @@ class SeriesTracker:
             metrics.SERIES_COMPLETED.labels(metrics.completed_by_kind(why)).inc()
             metrics.observe_stage("receive", snapshot.last_seen - snapshot.first_seen)
             metrics.observe_stage("complete", time.time() - snapshot.last_seen)
-            log.info("series %s complete (%d instances): %s", snapshot.series_uid, snapshot.instances, why)
         return done
 
     def _requested(self, series_uid: str) -> bool:
