@@ -491,10 +491,21 @@ app.add_typer(models_app, name="models")
 
 
 def _rule_summary(model) -> str:
-    rule = model.match
-    parts = [f"{k}={v}" for k, v in rule.model_dump().items()
-             if v not in ([], "", 0) and k not in ("sop_class_uids",)]
-    return ", ".join(parts)
+    """The routing rule as it applies, every key with its defaults filled in, one per line."""
+    from pydicom.uid import UID
+
+    lines = []
+    for key, value in model.match.model_dump().items():
+        if key == "sop_class_uids" and value:
+            value = ", ".join(UID(v).name for v in value)  # the name, or the UID itself when pydicom knows none
+        elif key in ("min_instances", "max_instances"):
+            value = f"{value} images" if value else "no maximum"
+        elif key == "series_description_exclude":
+            value = value or "none"
+        elif isinstance(value, list):
+            value = ", ".join(value)
+        lines.append(f"{key}: {value or 'any'}")
+    return "\n".join(lines)
 
 
 @models_app.command("list")
@@ -507,10 +518,10 @@ def models_list(config: ConfigOption = None) -> None:
     for column in ("name", "kind", "source", "version", "device", "routing", "reference cases"):
         table.add_column(column)
     for model in settings.models:
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if model.device == "auto" else model.device
-        device = "remote" if model.kind in ("triton", "arterys") else device
-        where = {"triton": f"{model.url} {model.model_name or ''}".strip(), "arterys": model.url or "",
-                 "monai-deploy": model.command or model.source}.get(model.kind, model.source)
+        device = getattr(model, "device", "remote")  # triton, arterys: none of their own
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        where = {"triton": lambda: f"{model.url} {model.model_name}", "arterys": lambda: model.url,
+                 "monai-deploy": lambda: model.command or model.source}.get(model.kind, lambda: model.source)()
         table.add_row(model.name, model.kind, where, model.version or "(from the model)", device,
                       _rule_summary(model), str(len(model.tests)))
     Console().print(table)
@@ -700,12 +711,17 @@ def rules_test(
                 sop_class_uid=str(ds.get("SOPClassUID", "")), calling_aet="", **series_facts(ds),
             )
         series[uid].instances += 1
+        try:
+            series[uid].frames += int(ds.get("NumberOfFrames") or 1)
+        except (TypeError, ValueError):  # a malformed count: one image, as the receiver counts it
+            series[uid].frames += 1
     report = []
     for record in series.values():
         reasons = {model.name: match_reason(record, model) for model in settings.models}
         report.append({
             "series_uid": record.series_uid, "description": record.series_description, "modality": record.modality,
-            "instances": record.instances, "models": [name for name, reason in reasons.items() if not reason],
+            "instances": record.instances, "images": record.frames,
+            "models": [name for name, reason in reasons.items() if not reason],
             "not": {name: reason for name, reason in reasons.items() if reason},
         })
     if as_json:
@@ -716,11 +732,18 @@ def rules_test(
         table.add_column(column)
     for row in report:
         table.add_row(
-            f"{row['series_uid']}\n{row['description']}", row["modality"], str(row["instances"]),
+            f"{row['series_uid']}\n{row['description']}", row["modality"],
+            str(row["instances"]) + (f" ({row['images']} images)" if row["images"] != row["instances"] else ""),
             ", ".join(row["models"]) or "skipped",
             "\n".join(f"{name}: {reason}" for name, reason in row["not"].items()),
         )
     Console().print(table)
+    rules = Table(title="the rules applied (defaults filled in; images: frames of multi-frame instances count)")
+    for column in ("model", "rule"):
+        rules.add_column(column)
+    for model in settings.models:
+        rules.add_row(model.name, _rule_summary(model))
+    Console().print(rules)
 
 
 @app.command()

@@ -83,6 +83,7 @@ class SeriesRecord(BaseModel):
     scanning_sequence: list[str] = Field(default_factory=list)
     orientation: str = Field("", description="axial, coronal, sagittal, oblique; empty when unknown")
     instances: int = 0
+    frames: int = Field(0, description="images: the instances' frames added up; 0: not counted (then instances)")
     first_seen: float = Field(default_factory=time.time)
     last_seen: float = Field(default_factory=time.time)
     state: SeriesState = SeriesState.RECEIVING
@@ -119,6 +120,8 @@ class JobRecord(BaseModel):
     notes: list[str] = Field(default_factory=list, description="irregularities the input was processed with, as "
                              "configured (uneven slice gaps)")
     reason: str = ""
+    traceback: str = Field("", description="what the model's code raised: its traceback from the model's own frames "
+                           "(file and line), also logged")
 
 
 class ReceiverRecord(BaseModel):

@@ -60,7 +60,11 @@ def series_facts(header: Dataset) -> dict:
 
 
 def match_reason(record: SeriesRecord, model: ModelSettings) -> str:
-    """Empty string when the series matches the model's rules, else why it does not."""
+    """Empty string when the series matches the model's rules, else why it does not.
+
+    Images are counted frame by frame (``record.frames``), so one enhanced multi-frame instance of
+    a volume passes ``min_instances``; the reason keeps the words "instance(s), fewer" that
+    metrics count by."""
     rule = model.match
     if rule.modalities and record.modality not in rule.modalities:
         return f"modality {record.modality or '(none)'} not in {rule.modalities}"
@@ -79,10 +83,12 @@ def match_reason(record: SeriesRecord, model: ModelSettings) -> str:
         return f"series description {record.series_description!r} matches the exclusion {rule.series_description_exclude!r}"
     if rule.orientations and record.orientation not in rule.orientations:
         return f"orientation {record.orientation or '(unknown)'} not in {rule.orientations}"
-    if record.instances < rule.min_instances:
-        return f"{record.instances} instance(s), fewer than {rule.min_instances}"
-    if rule.max_instances and record.instances > rule.max_instances:
-        return f"{record.instances} instance(s), more than {rule.max_instances}"
+    images = record.frames or record.instances  # a multi-frame instance counts its frames
+    counted = "" if images == record.instances else f" images ({images} frames)"
+    if images < (rule.min_instances or 1):
+        return f"{record.instances} instance(s), fewer than {rule.min_instances}{counted}"
+    if rule.max_instances and images > rule.max_instances:
+        return f"{record.instances} instance(s), more than {rule.max_instances}{counted}"
     if rule.calling_aets and record.calling_aet not in rule.calling_aets:
         return f"sender {record.calling_aet} not in {rule.calling_aets}"
     return ""
