@@ -72,3 +72,80 @@ def test_json_logs_of_an_end_to_end_run_carry_correlation_ids_and_no_phi(tmp_pat
     for path, text in written:
         for value in PHI:
             assert value.lower() not in text.lower(), f"{value!r} appears in {path}"
+
+
+def _plain_lines(emit) -> list[str]:
+    """What the plain-text handler of a pacsworker process writes while ``emit`` logs."""
+    import io
+    import logging
+
+    from pacsworker.logs import configure_logging
+
+    configure_logging("INFO", "plain")
+    stream = io.StringIO()
+    root = logging.getLogger()
+    root.handlers[0].setStream(stream)
+    try:
+        emit()
+    finally:
+        configure_logging("WARNING", "plain")
+    return stream.getvalue().splitlines()
+
+
+def test_a_job_line_carries_the_job_id_once():
+    import logging
+
+    from pacsworker.logs import correlated
+
+    job_id = f"ct-body_{generate_uid()}_0123456789abcdef_fedcba98"
+    log = logging.getLogger("pacsworker.tasks")
+
+    def emit():
+        with correlated(job_id):
+            log.info("job %s delivered to orthanc (2 instance(s) this attempt, 2 in all)", job_id)
+            log.info("model ct-body loaded on cpu in 0.20 s")
+
+    named, unnamed = _plain_lines(emit)
+    assert named.count(job_id) == 1 and named.endswith(f"pacsworker.tasks: job {job_id} delivered to orthanc "
+                                                       "(2 instance(s) this attempt, 2 in all)")
+    assert unnamed.count(job_id) == 1 and f"pacsworker.tasks [{job_id}]: model ct-body loaded" in unnamed
+
+
+def test_a_series_is_logged_complete_before_it_is_routed(tmp_path, caplog):
+    import logging
+
+    from pacsworker.records import DataLayout
+    from pacsworker.scp.tracker import InstanceMeta, SeriesTracker
+
+    caplog.set_level(logging.INFO)
+    tracker = SeriesTracker(DataLayout(tmp_path / "data").create(), quiet_seconds=0)
+    series_uid = generate_uid()
+    for _ in range(3):
+        tracker.observe(InstanceMeta(generate_uid(), series_uid, generate_uid(), "1.2.840.10008.5.1.4.1.1.2", "CT",
+                                     "MODALITY"))
+    routed = logging.getLogger("pacsworker.tasks")
+    assert tracker.complete_due(lambda record: routed.info("series %s queued for ct-body", record.series_uid)) == 1
+    lines = [r.getMessage() for r in caplog.records if series_uid in r.getMessage()]
+    assert lines == [f"series {series_uid} complete (3 instances): quiet for 0 s", f"series {series_uid} queued for ct-body"]
+
+
+def test_encoder_warnings_are_named_without_patient_values(dicom_dir, caplog):
+    import logging
+
+    import numpy as np
+
+    from pacsworker.encoders import encode_results
+    from pacsworker.worker.outputs import LabelMap, ModelIdentity, SegmentSpec
+    from pacsworker.worker.volume import load_series
+
+    volume = load_series(sorted((dicom_dir / "ct06_ge_lightspeed_liver_3slice").glob("*.dcm")))
+    for ds in volume.source_datasets:
+        ds.PatientName, ds.PatientID = "Quattlebaum", PATIENT_ID  # a one-component name: highdicom warns
+    labels = np.zeros(volume.pixels.shape, dtype=np.uint8)
+    labels[:, 10:20, 10:30] = 1
+    caplog.set_level(logging.INFO, logger="pacsworker.encoders")
+    encode_results(volume, LabelMap(labels, (SegmentSpec(1, "Box"),)), ModelIdentity("test", "1"))
+    [line] = [r.getMessage() for r in caplog.records if "encoder warning" in r.getMessage()]
+    assert "The string <PatientName> is unlikely to represent the intended person name since it contains only a " \
+           "single component (UserWarning, " in line
+    assert "Quattlebaum" not in line and PATIENT_ID not in line

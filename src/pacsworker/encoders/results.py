@@ -270,10 +270,51 @@ def encode_results(volume: Volume, outputs: ModelResult | ModelOutput | list[Mod
         if role != "seg" and report is not None and report.sop_instance_uid != ds.SOPInstanceUID:
             ds.PredecessorDocumentsSequence = [_hierarchical_reference(report)]
     if caught:
-        # the texts may quote patient attributes: log only how many and of which kind
-        kinds = sorted({w.category.__name__ for w in caught})
-        log.info("series %s: %d encoder warning(s) about source attributes (%s)", volume.series_uid, len(caught), ", ".join(kinds))
+        log.info("series %s: %d encoder warning(s) about source attributes: %s", volume.series_uid, len(caught),
+                 "; ".join(encoder_warnings(caught, volume.source_datasets[:1])))
     return results
+
+
+# attributes whose values never reach a log line, quoted or not
+_PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames",
+                     "PatientBirthName", "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers")
+_NOT_TEXT = ("SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN")
+_QUOTED = re.compile(r"(\"[^\"]*\"|'[^']*')")
+
+
+def encoder_warnings(caught: list[warnings.WarningMessage], sources: list[Dataset]) -> list[str]:
+    """Each distinct warning once, with its category and how often it came, without values.
+
+    highdicom quotes the value it warns about (a one-component Patient's Name): a quoted value
+    becomes the keyword of the source attribute that holds it (``<PatientName>``), or ``<a value>``;
+    patient attributes' values are removed even unquoted. Only the first sentence is kept.
+    """
+    holders: dict[str, list[str]] = {}
+    for ds in sources:
+        for tag in ds.keys():
+            try:
+                element = ds[tag]
+                if element.keyword and element.VR not in _NOT_TEXT and element.value not in (None, ""):
+                    holders.setdefault(str(element.value).strip(), []).append(element.keyword)
+            except Exception:  # noqa: BLE001 - a value pydicom cannot convert is not what a warning quotes
+                continue
+
+    def unquoted(match: re.Match) -> str:
+        keywords = holders.get(match.group(0)[1:-1].strip())
+        return f"<{'/'.join(dict.fromkeys(keywords))}>" if keywords else "<a value>"
+
+    counts: dict[str, int] = {}
+    for warning in caught:
+        text = _QUOTED.sub(unquoted, str(warning.message))
+        for ds in sources:
+            for keyword in _PATIENT_KEYWORDS:
+                value = str(ds.get(keyword, "") or "").strip()
+                if len(value) > 1:
+                    text = text.replace(value, f"<{keyword}>")
+        text = re.split(r"(?<=\.)\s+(?=[A-Z])", text.strip(), maxsplit=1)[0].rstrip(".")[:240]
+        key = f"{text} ({warning.category.__name__}"
+        counts[key] = counts.get(key, 0) + 1
+    return [f"{key}{f', {n} times' if n > 1 else ''})" for key, n in counts.items()]
 
 
 def _has_content(finding) -> bool:

@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 
 from ..config import ModelSettings
 from .adapters import LoadedModel, load_model
+from .model_files import files_digest, model_files
 from .outputs import Box, Boxes, DicomObjects, LabelMap, ModelOutputError, ModelRunError
 from .plausibility import input_failures, result_failures
 from .series import Series, Study
@@ -24,10 +25,12 @@ from .volume import NotAVolumeError, Volume, VolumeOutcome, load_series
 log = logging.getLogger(__name__)
 
 _loaded: dict[str, LoadedModel] = {}
+_files_digests: dict[str, str] = {}  # by the same key: the digest of the files the warm model was loaded from
 
 
 def get_model(settings: ModelSettings) -> LoadedModel:
-    """The model for these settings, loaded once per process and kept warm.
+    """The model for these settings, loaded once per process and kept warm; loaded again when its
+    files (:func:`~pacsworker.worker.model_files.model_files`) changed on disk since.
 
     Raises
     ------
@@ -35,11 +38,21 @@ def get_model(settings: ModelSettings) -> LoadedModel:
         If it cannot be loaded (tried again on the next job).
     """
     key = settings.model_dump_json(exclude={"match"})
+    if key in _loaded and files_digest(model_files(settings, _loaded[key])) != _files_digests[key]:
+        log.warning("model %s: its files changed on disk since it was loaded; loading it again", settings.name)
+        del _loaded[key]
     if key not in _loaded:
         started = time.perf_counter()
         _loaded[key] = load_model(settings)
+        _files_digests[key] = files_digest(model_files(settings, _loaded[key]))
         log.info("model %s loaded on %s in %.2f s", settings.name, _loaded[key].device, time.perf_counter() - started)
     return _loaded[key]
+
+
+def result_provenance(settings: ModelSettings) -> str:
+    """Everything besides the input that can change a result: the settings' fingerprint and the
+    digest of the model's files as loaded. Result UIDs derive from it (``encode_results``)."""
+    return f"{settings.fingerprint()}|files:{_files_digests.get(settings.model_dump_json(exclude={'match'}), '')}"
 
 
 @dataclass
@@ -206,7 +219,7 @@ def _run(outcome: RunOutcome, model: LoadedModel, settings: ModelSettings, prede
     stage("encoding")
     started = time.perf_counter()
     results = encode_results(volume, maps[:1] + result.findings, model.identity, settings.seg, predecessor,
-                             flags=outcome.implausible, inputs=identity)
+                             flags=outcome.implausible, inputs=identity, provenance=result_provenance(settings))
     outcome.timings["encode_s"] = time.perf_counter() - started
     if results is None:
         # only empty maps and empty box lists reach here: scores and classes always make an SR

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import gc
+import logging
 import math
 import mmap
 import os
@@ -19,6 +20,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
+log = logging.getLogger(__name__)
 
 class VolumeOutcome(str, enum.Enum):
     """What loading a series as a volume came to (the values of ``catalog.json``'s ``expected``)."""
@@ -93,6 +95,13 @@ class Volume:
     @property
     def modality(self) -> str:
         return str(self.sources[0].dataset.get("Modality", ""))
+
+    @property
+    def frame_of_reference_uid(self) -> str | None:
+        """The Frame of Reference UID every source instance carries; None when one has none or they
+        differ (an anonymiser's per-slice UIDs): results then use one derived frame of reference."""
+        found = {str(ds.get("FrameOfReferenceUID") or "") for ds in self.source_datasets}
+        return found.pop() if len(found) == 1 and "" not in found else None
 
     @property
     def source_datasets(self) -> list[Dataset]:
@@ -519,7 +528,11 @@ def load_series(
     - gaps between slice centres that differ from the median gap by more than
       ``spacing_tolerance`` (a missing slice, a far slice): refused (irregular-spacing) by default;
       with ``irregular_spacing="process"`` loaded as they are (see below);
-    - positions off the line along the normal (gantry tilt): loaded, outcome volume-tilted.
+    - positions off the line along the normal (gantry tilt): loaded, outcome volume-tilted;
+    - instances that each carry their own Frame of Reference UID (an anonymiser's doing, seen in
+      public collections) while their positions pass the rules above: loaded as one volume, with a
+      note (and a warning in the log) that the results use one derived frame of reference, as for
+      a series without one.
 
     Parameters
     ----------
@@ -555,6 +568,7 @@ def load_series(
                 if instance.offset is None:
                     instance.decoded = pool.submit(_decode, instance.dataset, instance.shape)
         planes, geometry = _arrange(planes, spacing_tolerance, irregular_spacing)
+        geometry["notes"] += _frames_of_reference_notes(planes)
         pixels = _modality_values(planes, pool, workers, populated)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -567,6 +581,23 @@ def load_series(
         sources=[SliceSource(p.dataset, p.frame_number, p.position, p.rescale) for p in planes],
         **geometry,
     )
+
+
+def _frames_of_reference_notes(planes: list[_Plane]) -> list[str]:
+    """A note when the instances carry several Frame of Reference UIDs, logged as a warning.
+
+    Decided here, before any model runs: highdicom refuses sources of several frames of reference,
+    and the slices already passed the geometry rules as one volume.
+    """
+    instances = {id(p.instance): p.dataset for p in planes}.values()
+    found = {str(ds.get("FrameOfReferenceUID") or "") for ds in instances} - {""}
+    if len(found) < 2:
+        return []
+    note = (f"the series' {len(instances)} instances carry {len(found)} different Frame of Reference UIDs"
+            + (" (one per slice: an anonymiser's doing)" if len(found) == len(instances) else "")
+            + "; their positions form one volume, so the results use one derived frame of reference")
+    log.warning("series %s: %s", planes[0].dataset.get("SeriesInstanceUID", "?"), note)
+    return [note]
 
 
 def _arrange(planes: list[_Plane], tolerance: float, irregular_spacing: str) -> tuple[list[_Plane], dict]:
