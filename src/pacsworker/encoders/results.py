@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import highdicom as hd
 import numpy as np
 from highdicom.sr.coding import CodedConcept
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -37,7 +38,7 @@ from ..worker.outputs import (
     Score,
     SegmentSpec,
 )
-from ..worker.volume import Volume
+from ..worker.volume import PIXEL_KEYWORDS, Volume
 from .measures import Diameter, longest_diameter
 from .uids import result_uid
 
@@ -64,6 +65,9 @@ FINDING = CodedConcept("404684003", "SCT", "Finding")
 # the outcome of pacsworker's own plausibility checks
 PRIVATE_SCHEME = "99PACSWORKER"
 PLAUSIBILITY_CHECK = CodedConcept("PLAUSIBILITY", PRIVATE_SCHEME, "Plausibility check")
+_PIXEL_TAGS = {tag_for_keyword(keyword) for keyword in PIXEL_KEYWORDS}
+# the results' date and time when the source carries none at all (dates removed by anonymisation)
+UNKNOWN_DATETIME = ("19000101", "000000")
 
 
 @dataclass(frozen=True)
@@ -160,9 +164,21 @@ def _described(kind: str, model: ModelIdentity, source: str) -> str:
     return text if len(text) <= 64 else text[:61] + "..."
 
 
+def _header_copy(source: Dataset) -> Dataset:
+    """A deep copy of a source's header, without its pixel data: what the encoder fixes in it never
+    reaches the volume's own datasets (``copy.copy`` of a Dataset shares its elements). Elements not
+    yet converted by pydicom are copied as the raw bytes they are."""
+    header = Dataset({tag: source.get_item(tag, keep_deferred=True) for tag in source.keys()
+                      if tag not in _PIXEL_TAGS})
+    header = copy.deepcopy(header)
+    if getattr(source, "file_meta", None) is not None:
+        header.file_meta = copy.deepcopy(source.file_meta)
+    return header
+
+
 def _sanitized(source: Dataset) -> Dataset:
     """A header copy without attributes some scanners send empty though the standard forbids it."""
-    ds = copy.copy(source)
+    ds = _header_copy(source)
     if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
         del ds.SpecificCharacterSet
     age = str(ds.get("PatientAge", "") or "")
@@ -232,7 +248,7 @@ class EarlierReport:
 def encode_results(volume: Volume, outputs: ModelResult | ModelOutput | list[ModelOutput], model: ModelIdentity,
                    options: SegOptions | None = None,
                    predecessor: EarlierReport | dict[str, EarlierReport] | None = None,
-                   flags: list[str] | None = None, inputs: str = "") -> EncodedResults | None:
+                   flags: list[str] | None = None, inputs: str = "", provenance: str = "") -> EncodedResults | None:
     """Build the SEG and the SR for one model run; ``None`` when there is nothing to report (no
     segment found, and no score, class or box).
 
@@ -244,7 +260,13 @@ def encode_results(volume: Volume, outputs: ModelResult | ModelOutput | list[Mod
     the new SR's Predecessor Documents Sequence. ``flags`` are failed plausibility checks of a
     result delivered anyway: the measurement SR states each as a qualitative evaluation, and every
     series description says so. ``inputs`` names what else the model was given (a study model's
-    other series): other inputs give other result UIDs, as other flags do.
+    other series): other inputs give other result UIDs, as other flags do. ``provenance`` names
+    everything else that can change the result (the settings' fingerprint, the digest of the
+    model's files: ``runtime.result_provenance``): another provenance gives other result UIDs.
+
+    The same inputs, model and provenance give the same bytes: dates and times are the source's
+    (:func:`result_datetime`), and every UID derives from them (:func:`~.uids.result_uid`). The
+    volume's own source headers are never changed: the encoder's fixes go to deep copies.
 
     Raises
     ------
@@ -263,7 +285,7 @@ def encode_results(volume: Volume, outputs: ModelResult | ModelOutput | list[Mod
         output = exclusive_labels(output, options.threshold)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = _encode(volume, output, findings, model, options, list(flags or []), inputs)
+        results = _encode(volume, output, findings, model, options, list(flags or []), inputs, provenance)
     earlier = predecessor if isinstance(predecessor, dict) else {"sr": predecessor} if predecessor else {}
     for role, ds in results.objects() if results is not None else []:
         report = earlier.get(role)
@@ -322,7 +344,7 @@ def _has_content(finding) -> bool:
 
 
 def _encode(volume: Volume, output: LabelMap | ProbabilityMaps | None, findings: list, model: ModelIdentity,
-            options: SegOptions, flags: list[str], inputs: str = "") -> EncodedResults | None:
+            options: SegOptions, flags: list[str], inputs: str = "", provenance: str = "") -> EncodedResults | None:
     segments: list[tuple[SegmentSpec, int]] = []
     if output is not None:
         fractional = isinstance(output, ProbabilityMaps)
@@ -342,6 +364,8 @@ def _encode(volume: Volume, output: LabelMap | ProbabilityMaps | None, findings:
     variant = model.version + ("|flagged:" + hashlib.sha256("\n".join(flags).encode()).hexdigest()[:16] if flags else "")
     # results of a model given more than this series (a study model) depend on the others too
     variant += f"|inputs:{inputs}" if inputs else ""
+    # other settings or other model files may give other content: never under the same UIDs
+    variant += f"|provenance:{provenance}" if provenance else ""
 
     def uid(role: str) -> str:
         return result_uid(volume.series_uid, instance_uids, model.name, variant, role)
@@ -353,12 +377,15 @@ def _encode(volume: Volume, output: LabelMap | ProbabilityMaps | None, findings:
         if "ImageOrientationPatient" in ds:
             # the loader accepted cosines equal within 1e-3; highdicom compares them exactly
             ds.ImageOrientationPatient = list(volume.orientation)
-    if any(not ds.get("FrameOfReferenceUID") for ds in sources):
-        # the source breaks the standard (type 1 in its image plane module); one derived UID keeps
-        # the SEG valid and all its frames in one frame of reference
-        log.warning("series %s has no Frame of Reference UID; a derived one is used", volume.series_uid)
+    if volume.frame_of_reference_uid is None:
+        # no Frame of Reference UID (type 1 in the image plane module), or one per slice (the loader
+        # said so in the volume's notes): one derived UID keeps the SEG valid and all its frames in
+        # one frame of reference. It depends on the source alone: every result on the series shares it
+        if any(not ds.get("FrameOfReferenceUID") for ds in sources):
+            log.warning("series %s has no Frame of Reference UID; a derived one is used", volume.series_uid)
+        derived = result_uid(volume.series_uid, instance_uids, "", "", "frame-of-reference")
         for ds in sources:
-            ds.FrameOfReferenceUID = uid("frame-of-reference")
+            ds.FrameOfReferenceUID = derived
     software = [__version__, f"{model.name} {model.version}"]
     seg_number, sr_number, image_number, source_name = result_series(volume, model)
     seg, stats, timings = None, [], {}
@@ -384,7 +411,61 @@ def _encode(volume: Volume, output: LabelMap | ProbabilityMaps | None, findings:
         image_sr.SeriesNumber = image_number
         image_sr.SeriesDescription = _described(" and ".join(k for k in kinds if k) + flagged, model, source_name)
     timings["sr_s"] = time.perf_counter() - started
+    when = result_datetime(volume)
+    for ds in (seg, sr, image_sr):
+        if ds is not None:
+            _dated(ds, when)
+    if seg is not None:
+        _dimension_organization(seg, uid("dimension-organization"))
     return EncodedResults(seg=seg, sr=sr, image_sr=image_sr, statistics=tuple(stats), timings=timings)
+
+
+def result_datetime(volume: Volume) -> tuple[str, str]:
+    """(date, time) the results carry as content, series and instance creation date and time.
+
+    The source's, not the clock's: the newest Content Date and Time of the source instances (the
+    series' last image), else the series' Series Date and Time, else the study's; a date without a
+    time counts as midnight; with no date at all, ``UNKNOWN_DATETIME``. So a re-run writes the
+    same bytes under the same UIDs, and results sort beside the images they were made from. When
+    a job ran is in its record.
+    """
+    def moment(date, time_) -> tuple[str, str] | None:
+        date = str(date or "").strip()
+        if not re.fullmatch(r"\d{8}", date):
+            return None
+        time_ = str(time_ or "").strip()
+        return date, time_ if re.fullmatch(r"\d{2,6}(\.\d{1,6})?", time_) else "000000"
+
+    def order(found: tuple[str, str]) -> tuple[str, str]:
+        whole, _, fraction = found[1].partition(".")
+        return found[0], whole.ljust(6, "0") + "." + fraction.ljust(6, "0")
+
+    contents = [m for ds in volume.source_datasets if (m := moment(ds.get("ContentDate"), ds.get("ContentTime")))]
+    if contents:
+        return max(contents, key=order)
+    first = volume.source_datasets[0]
+    return (moment(first.get("SeriesDate"), first.get("SeriesTime"))
+            or moment(first.get("StudyDate"), first.get("StudyTime")) or UNKNOWN_DATETIME)
+
+
+def _dated(ds: Dataset, when: tuple[str, str]) -> None:
+    """The object's dates and times (highdicom writes the clock's) set to ``when``."""
+    date, time_ = when
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time_
+    ds.ContentDate, ds.ContentTime = date, time_
+    ds.SeriesDate, ds.SeriesTime = date, time_
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if item.get("ManufacturerModelName") == "highdicom" and "ContributionDateTime" in item:
+            item.ContributionDateTime = date + time_
+
+
+def _dimension_organization(seg: Dataset, uid: str) -> None:
+    """The SEG's Dimension Organization UID (highdicom makes a random one) replaced by ``uid``."""
+    old = {str(item.DimensionOrganizationUID) for item in seg.get("DimensionOrganizationSequence", [])}
+    for keyword in ("DimensionOrganizationSequence", "DimensionIndexSequence"):
+        for item in seg.get(keyword, []):
+            if str(item.get("DimensionOrganizationUID", "")) in old:
+                item.DimensionOrganizationUID = uid
 
 
 def _box_count(findings: list) -> int:
