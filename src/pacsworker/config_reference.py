@@ -215,12 +215,23 @@ def _kinds(alternatives: Any, path: str, title: str, env: list[str] | None, cont
     kinds = [m for m in _members(alternatives) if _is_section(m)]
     discriminator = _discriminator(alternatives)
     if discriminator and len(kinds) > 1:
-        found = []
+        common = _common_base(kinds)
+        found = [(common, path, f"{title} (every {discriminator})", env, None)] if common else []
         for kind in kinds:
             value = typing.get_args(kind.model_fields[discriminator].annotation)[0]
             found.append((kind, path, f"{title} ({discriminator}: {value})", env, (discriminator, value)))
         return found
     return [(kind, path, title + context, env, None) for kind in kinds]
+
+
+def _common_base(kinds: list[type]) -> type[BaseModel] | None:
+    """The settings class every kind extends (models: the keys all kinds share), None if only BaseModel."""
+    for base in kinds[0].__mro__[1:]:
+        if base is BaseModel or not _is_section(base):
+            return None
+        if all(issubclass(kind, base) for kind in kinds):
+            return base
+    return None
 
 
 def walk(cls: type[BaseModel], path: str, title: str, env_path: list[str] | None, out: list[Section],
@@ -236,7 +247,10 @@ def walk(cls: type[BaseModel], path: str, title: str, env_path: list[str] | None
     out.append(section)
     context = f" ({tag[0]}: {tag[1]})" if tag else context
     below: list[tuple] = []
+    shared = _common_base([cls]) if tag else None  # a kind lists only its own keys; the shared ones come once
     for name, info in cls.model_fields.items():
+        if shared is not None and name in shared.model_fields and name != tag[0]:
+            continue
         key = info.alias or name
         dotted = f"{path}.{key}" if path else key
         own_env = None if env_path is None else [*env_path, name]
@@ -299,7 +313,9 @@ def render() -> str:
          " (for example `PACSWORKER__SCP__PORT=104`). Lists and mappings are given as JSON"
          " (`PACSWORKER__SCP__ALLOWED_CALLING_AETS='[\"CT1\", \"PACS\"]'`); the items of `models` and"
          " `destinations` can only be set as a whole list. Invalid values stop start-up with the key,"
-         " what was expected and what was given."),
+         " what was expected and what was given; an unknown key, in the file or in a `PACSWORKER__` variable,"
+         " stops it too, naming the key, where it is and the nearest valid name (a key of another kind of"
+         " model: which kinds take it). Each kind of model has the keys of `models[] (every kind)` and its own."),
         "",
         ("Types: `integer`, `number` (integer or decimal), `boolean` (`true`/`false`), `string`, `path`"
          " (relative paths are taken from the working directory); `null` is YAML's empty value."),
