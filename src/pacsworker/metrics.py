@@ -190,7 +190,7 @@ def queue_depths(settings) -> dict[str, int]:
             for _, key in keys:
                 pipe.llen(key)
             depths = Tally()
-            for (name, _), length in zip(keys, pipe.execute()):
+            for (name, _), length in zip(keys, pipe.execute(), strict=True):
                 depths[name] += int(length)
             return {name: depths.get(name, 0) for name in names}
         except Exception:  # noqa: BLE001 - the broker is down: readiness says so; no depth to give

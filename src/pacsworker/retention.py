@@ -217,7 +217,7 @@ class Retention:
         with series_lock(self.layout, removal.uid):
             record = read_json(self.layout.series_record(removal.uid), SeriesRecord)
             self.facts.refresh_series(removal.uid)
-            if self.facts.series_hold(record, self.include_failed):
+            if record is None or self.facts.series_hold(record, self.include_failed):
                 return False
             aside.parent.mkdir(exist_ok=True)
             shutil.rmtree(aside, ignore_errors=True)  # a leftover of an interrupted run

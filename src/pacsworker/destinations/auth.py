@@ -135,7 +135,7 @@ class StaticBearer(AuthBase):
 class TokenCache:
     """The current OAuth2 access token of one client, fetched with the client-credentials grant."""
 
-    _caches: dict[tuple, "TokenCache"] = {}
+    _caches: dict[tuple, TokenCache] = {}
     _caches_lock = threading.Lock()
 
     def __init__(self, auth: OAuth2Auth, tls: ClientTlsSettings):
@@ -145,7 +145,7 @@ class TokenCache:
         self._renew_at = 0.0  # time.monotonic()
 
     @classmethod
-    def of(cls, auth: OAuth2Auth, tls: ClientTlsSettings) -> "TokenCache":
+    def of(cls, auth: OAuth2Auth, tls: ClientTlsSettings) -> TokenCache:
         """The process-wide cache of this client (token URL, client id, scope, audience)."""
         key = (auth.token_url, auth.client_id, auth.scope, auth.audience)
         with cls._caches_lock:
@@ -229,7 +229,8 @@ class OAuth2Bearer(AuthBase):
     def _renew_on_401(self, response: requests.Response, **kwargs) -> requests.Response:
         if response.status_code != 401:
             return response
-        self.cache.discard(response.request.headers["Authorization"].removeprefix("Bearer "))
+        sent = response.request.headers["Authorization"]
+        self.cache.discard((sent.decode("latin-1") if isinstance(sent, bytes) else sent).removeprefix("Bearer "))
         token, _ = self.cache.token()
         log.info("%s refused a cached OAuth2 token (401): fetched a new one, request sent again", response.url)
         response.content  # noqa: B018 - read to the end so that the connection can be reused

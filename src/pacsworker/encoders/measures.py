@@ -66,7 +66,7 @@ def longest_diameter(mask: np.ndarray, row_mm: float, column_mm: float) -> Diame
     the rest cannot either.
     """
     mask = mask.astype(bool, copy=False)
-    in_row = mask.any(axis=2)  # (slices, rows)
+    in_row: np.ndarray = np.any(mask, axis=2)  # (slices, rows)
     columns = mask.shape[2]
     first = np.argmax(mask, axis=2)
     last = columns - 1 - np.argmax(mask[:, :, ::-1], axis=2)
@@ -85,5 +85,6 @@ def longest_diameter(mask: np.ndarray, row_mm: float, column_mm: float) -> Diame
             continue
         i, j, length = _longest_chord(points.astype(np.float64), row_mm, column_mm)
         if best is None or length > best.length_mm:
-            best = Diameter(int(index), tuple(map(float, points[i])), tuple(map(float, points[j])), length)
+            (start_row, start_column), (end_row, end_column) = points[i], points[j]
+            best = Diameter(int(index), (float(start_row), float(start_column)), (float(end_row), float(end_column)), length)
     return best

@@ -97,7 +97,7 @@ def store_request(command: dict[int, bytes], context_id: int, folder: Path, tran
     message_id, priority = _us(command.get(0x0110)), _us(command.get(0x0700))
     data_set_type = _us(command.get(0x0800))
     sop_class, instance = _uid(command.get(0x0002)), _uid(command.get(0x1000))
-    if None in (message_id, priority, data_set_type) or not sop_class or not instance or data_set_type == NO_DATASET:
+    if message_id is None or priority is None or data_set_type in (None, NO_DATASET) or not sop_class or not instance:
         return None
     incoming = IncomingDataset(folder, file_meta_for(sop_class, instance, transfer_syntax))
     return StoreRequest(message_id, sop_class, instance, priority, context_id, incoming)
@@ -220,6 +220,8 @@ class FastStores:
     def serve(self) -> None:
         """Hand the complete (or given up) dataset to the Storage handler and answer with its status."""
         request, self.pending = self.pending, None
+        if request is None:
+            return
         incoming = request._dataset_file
         handler, args = self.assoc.get_handlers(evt.EVT_C_STORE)
         context = self.assoc._accepted_cx[request.context_id].as_tuple

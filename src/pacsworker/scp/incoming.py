@@ -15,9 +15,10 @@ import os
 import queue
 import struct
 import threading
-from io import BytesIO
 from pathlib import Path
+from typing import Any, cast
 
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -59,13 +60,13 @@ class IncomingDataset:
         self.write(PREAMBLE + file_meta)
         self.received = 0
 
-    def write(self, fragment: bytes) -> None:
+    def write(self, fragment: bytes | memoryview) -> None:
         self.received += len(fragment)
         if self.error is None:
             view = memoryview(fragment)
             try:
                 while view:  # unbuffered: fragments are large, and nothing waits in user space at sync
-                    view = view[os.write(self._fd, view):]
+                    view = view[os.write(self.fileno(), view):]
             except OSError as exc:
                 self.error = exc
 
@@ -82,7 +83,7 @@ class IncomingDataset:
         """fsync; raises the first error the disk gave."""
         if self.error is not None:
             raise self.error
-        os.fsync(self._fd)
+        os.fsync(self.fileno())
 
     def close(self) -> None:
         if self._fd is None:
@@ -118,9 +119,9 @@ INSTANCE_UID_ELEMENT = b"\x02\x00\x03\x00UI"  # (0002,0003) Media Storage SOP In
 @functools.lru_cache(maxsize=256)
 def _file_meta_template(sop_class_uid: str, syntax: str, uid_length: int) -> tuple[bytes, int]:
     """The file meta pydicom writes for an instance UID of ``uid_length`` bytes (padded), and where that UID goes."""
-    meta = BytesIO()
+    meta = DicomBytesIO()
     write_file_meta_info(meta, create_file_meta(sop_class_uid=UID(sop_class_uid), sop_instance_uid=UID("1" * uid_length),
-                                                transfer_syntax=syntax), enforce_standard=True)
+                                                transfer_syntax=UID(syntax)), enforce_standard=True)
     encoded = meta.getvalue()
     return encoded, encoded.index(INSTANCE_UID_ELEMENT + struct.pack("<H", uid_length)) + 8
 
@@ -146,10 +147,10 @@ def file_meta_for(sop_class: str, instance: str, syntax: str) -> bytes:
         template, offset = _file_meta_template(sop_class, syntax, len(encoded))
         return template[:offset] + encoded + template[offset + len(encoded):]
     except Exception:  # noqa: BLE001 - UIDs from the wire that pydicom cannot write; refused later
-        meta = BytesIO()
+        meta = DicomBytesIO()
         placeholder = UID(PLACEHOLDER_UID)
         write_file_meta_info(meta, create_file_meta(sop_class_uid=placeholder, sop_instance_uid=placeholder,
-                                                    transfer_syntax=syntax), enforce_standard=True)
+                                                    transfer_syntax=UID(syntax)), enforce_standard=True)
         return meta.getvalue()
 
 
@@ -199,19 +200,20 @@ class SpoolingDIMSE(DIMSEServiceProvider):
             single = P_DATA()
             single.presentation_data_value_list.append(value)
             super().receive_primitive(single)
-            message = self.message
+            message: Any = self.message  # pynetdicom's private file attributes are typed for its own files
             if message is None:
                 continue
-            if isinstance(message, C_STORE_RQ) and message._data_set_file is None and not message.data_set.tell():
-                context = self.assoc._accepted_cx.get(message.context_id)
+            store: Any = message if isinstance(message, C_STORE_RQ) else None
+            if store is not None and store._data_set_file is None and not store.data_set.tell():
+                context = self.assoc._accepted_cx.get(store.context_id)
                 if context is not None:  # else pynetdicom refuses the message itself
-                    message._data_set_file = IncomingDataset(self.folder, _file_meta(message, context.transfer_syntax[0]))
-                    message._data_set_path = Path(message._data_set_file.name)
+                    store._data_set_file = IncomingDataset(self.folder, _file_meta(store, context.transfer_syntax[0]))
+                    store._data_set_path = Path(store._data_set_file.name)
             elif message.encoded_command_set.tell() > MAX_COMMAND_BYTES:
-                self.assoc.dul.abort_peer(f"a DIMSE command set of more than {MAX_COMMAND_BYTES} bytes")
+                cast(Any, self.assoc.dul).abort_peer(f"a DIMSE command set of more than {MAX_COMMAND_BYTES} bytes")
                 return
             elif message.data_set.tell() > MAX_IN_MEMORY_DATASET:
-                self.assoc.dul.abort_peer(
+                cast(Any, self.assoc.dul).abort_peer(
                     f"more than {MAX_IN_MEMORY_DATASET} bytes of dataset without a C-STORE command"
                 )
                 return

@@ -72,7 +72,7 @@ class StowServer:
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="stow-rs", daemon=True)
 
-    def start(self) -> "StowServer":
+    def start(self) -> StowServer:
         self.thread.start()
         return self
 
@@ -97,7 +97,8 @@ class StowServer:
             return STUDY_MISMATCH, instance.sop_class_uid, instance.sop_instance_uid, \
                 f"of study {instance.study_uid}, not {study_uid}"
         if receiver.space_short() is not None:
-            return OUT_OF_RESOURCES, instance.sop_class_uid, instance.sop_instance_uid, "data_dir below its free-space reserve"
+            reason = "data_dir below its free-space reserve"
+            return OUT_OF_RESOURCES, instance.sop_class_uid, instance.sop_instance_uid, reason
         try:
             receiver.spool.store(instance.series_uid, instance.sop_instance_uid, [payload])
         except OSError as exc:
@@ -146,7 +147,8 @@ class StowServer:
             def _body(self) -> bytes | None:
                 """The request body, by Content-Length or chunked; at most ``max_bytes``."""
                 if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-                    chunks, total = [], 0
+                    chunks: list[bytes] = []
+                    total = 0
                     while True:
                         size = int(self.rfile.readline(100).split(b";")[0].strip() or b"x", 16)
                         if size == 0:
@@ -226,7 +228,7 @@ class StowServer:
                     log.warning("STOW-RS from %s refused: %s", peer, printable(str(exc)))
                     return self._answer(400, str(exc))
                 stored, failed = [], []
-                for number, (headers, payload) in enumerate(parts, start=1):
+                for number, (_headers, payload) in enumerate(parts, start=1):
                     status, sop_class, sop_uid, reason = server.store_part(payload, match.group(1), peer)
                     item = {"00081150": _element("UI", sop_class) if sop_class else _element("UI"),
                             "00081155": _element("UI", sop_uid) if sop_uid else _element("UI")}

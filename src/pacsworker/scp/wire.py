@@ -23,11 +23,12 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any, cast
 
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from .datapath import FastStores
@@ -49,6 +50,7 @@ P_DATA_TF = 0x04
 KERNEL_TIMEOUTS = sys.platform.startswith("linux")
 A_ASSOCIATE_RQ = 0x01
 A_RELEASE_RQ = 0x05
+Socket = socket.socket  # annotations inside GuardedDUL, whose ``socket`` attribute hides the module
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,8 @@ class _WakingQueue(queue.Queue):
 class GuardedDUL(DULServiceProvider):
     """pynetdicom's DUL provider with bounded, timed PDU reads (acceptor side only)."""
 
+    socket: AssociationSocket  # an acceptor's provider is made around its connection (_create_association)
+
     def __init__(self, assoc, policy: WirePolicy):
         super().__init__(assoc)
         self.policy = policy
@@ -163,7 +167,7 @@ class GuardedDUL(DULServiceProvider):
         left by over 10 %: each change is a system call, and a stalled read still ends by its deadline
         (+10 % of what was left).
         """
-        sock = self.socket.socket
+        sock = self._connection()
         kernel = KERNEL_TIMEOUTS and not isinstance(sock, ssl.SSLSocket)
         if kernel and self._blocking_timeout is None:
             sock.settimeout(None)
@@ -194,7 +198,12 @@ class GuardedDUL(DULServiceProvider):
         elif not kernel and sock.gettimeout() != self.policy.network_timeout:
             sock.settimeout(self.policy.network_timeout)
 
-    def _set_kernel_timeouts(self, sock: socket.socket, seconds: float, send: bool = False) -> None:
+    def _connection(self) -> Socket:
+        sock = self.socket.socket
+        assert sock is not None, "the acceptor's socket exists from the start"
+        return sock
+
+    def _set_kernel_timeouts(self, sock: Socket, seconds: float, send: bool = False) -> None:
         """SO_RCVTIMEO (and SO_SNDTIMEO, which bounds pynetdicom's blocking sends) of a blocking socket."""
         seconds = max(seconds, 0.001)
         whole = int(seconds)
@@ -219,7 +228,8 @@ class GuardedDUL(DULServiceProvider):
                 return
             limit = self.policy.limit_for(pdu_type)
             if length > limit:
-                self._drop(f"{name} from {peer} announces {length} bytes, more than the {limit} allowed; aborted", abort=True)
+                self._drop(f"{name} from {peer} announces {length} bytes, more than the {limit} allowed; aborted",
+                           abort=True)
                 return
             pdu_bytes = bytearray(6 + length)  # the body is received in place, not copied
             pdu_bytes[:6] = header
@@ -230,18 +240,18 @@ class GuardedDUL(DULServiceProvider):
             return
         if pdu_type == A_ASSOCIATE_RQ and not self._associate_rq_is_sane(bytes(pdu_bytes[6:]), peer):
             return
-        if pdu_type == P_DATA_TF and self._fast_path_open():
-            offset = self._fast_answering(self._fast.take, memoryview(pdu_bytes)[6:])
+        if pdu_type == P_DATA_TF and (fast := self._fast_path_open()) is not None:
+            offset = self._fast_answering(fast.take, memoryview(pdu_bytes)[6:])
             if not self.socket._is_connected:
                 return
-            if self._fast.violation is not None:
-                self.abort_peer(self._fast.violation)
+            if fast.violation is not None:
+                self.abort_peer(fast.violation)
                 return
             if offset is None:
                 return
             if offset:  # the PDU's remaining items, as a PDU of their own
                 rest = memoryview(pdu_bytes)[6 + offset:]
-                pdu_bytes = struct.pack(">BBL", P_DATA_TF, 0, len(rest)) + rest
+                pdu_bytes = bytearray(struct.pack(">BBL", P_DATA_TF, 0, len(rest))) + rest
         try:
             pdu, event = self._decode_pdu(pdu_bytes)
         except Exception as exc:  # noqa: BLE001 - malformed PDU contents: abort, keep serving
@@ -258,17 +268,18 @@ class GuardedDUL(DULServiceProvider):
             self._drop(f"connection from {self._peer()}: connection error ({exc.strerror or exc})")
             return None
 
-    def _fast_path_open(self) -> bool:
-        """Whether this P-DATA-TF PDU is for :class:`FastStores`: the association is established, and
+    def _fast_path_open(self) -> FastStores | None:
+        """The :class:`FastStores` this P-DATA-TF PDU is for, if it is: the association is established, and
         either a C-STORE of the fast path is in progress or pynetdicom has nothing of its own under way."""
         if self.policy.incoming_dir is None or self.state_machine.current_state != "Sta6":
-            return False
+            return None
         if self._fast is None:
-            self._fast = FastStores(self.assoc, self.policy.incoming_dir, self.socket.socket.sendall)
+            self._fast = FastStores(self.assoc, self.policy.incoming_dir, self._connection().sendall)
         if self._fast.pending is not None:
-            return True
-        return (self.assoc.dimse.message is None and self.event_queue.empty() and self.to_provider_queue.empty()
+            return self._fast
+        idle = (self.assoc.dimse.message is None and self.event_queue.empty() and self.to_provider_queue.empty()
                 and self.assoc.dimse.msg_queue.empty())
+        return self._fast if idle else None
 
     def _associate_rq_is_sane(self, body: bytes, peer: str) -> bool:
         """Refuse AE titles pynetdicom cannot represent with an A-ASSOCIATE-RJ instead of a crash."""
@@ -292,8 +303,9 @@ class GuardedDUL(DULServiceProvider):
 
     def _send_raw(self, data: bytes) -> None:
         try:
-            self.socket.socket.settimeout(2)
-            self.socket.socket.sendall(data)
+            sock = self._connection()
+            sock.settimeout(2)
+            sock.sendall(data)
         except OSError:
             pass
 
@@ -426,10 +438,11 @@ class GuardedDUL(DULServiceProvider):
             self.to_user_queue.put(None)
 
     def _check_dataset_start(self) -> None:
-        fast = self._fast.pending if self._fast is not None else None
+        fasts = self._fast
+        fast = fasts.pending if fasts is not None else None
         message = fast or self.assoc.dimse.message
-        if fast is not None:
-            started = self._fast.dataset_started()
+        if fasts is not None and fast is not None:
+            started = fasts.dataset_started()
         elif isinstance(message, C_STORE_RQ):
             started = dataset_started(message)
         else:
@@ -445,18 +458,21 @@ class GuardedDUL(DULServiceProvider):
             return
         if now - self._store_waiting[1] < self.policy.dataset_start_timeout:
             return
-        uid = fast.AffectedSOPInstanceUID if fast is not None else message.command_set.AffectedSOPInstanceUID
+        self._store_waiting = None
+        if fasts is not None and fast is not None:
+            self._log_no_dataset(fast.AffectedSOPInstanceUID)
+            self._fast_answering(fasts.serve)  # with nothing received: the Storage handler refuses it
+        elif isinstance(message, C_STORE_RQ):
+            self._log_no_dataset(message.command_set.AffectedSOPInstanceUID)
+            empty_last_fragment = P_DATA()
+            empty_last_fragment.presentation_data_value_list.append((cast(int, message.context_id), b"\x02"))
+            self.assoc.dimse.receive_primitive(empty_last_fragment)
+
+    def _log_no_dataset(self, uid) -> None:
         log.warning(
             "C-STORE %s from %s announced a dataset but none arrived within %g s; answering with a failure",
             printable(str(uid)), printable(self.assoc.requestor.ae_title or ""), self.policy.dataset_start_timeout,
         )
-        self._store_waiting = None
-        if fast is not None:
-            self._fast_answering(self._fast.serve)  # with nothing received: the Storage handler refuses it
-            return
-        empty_last_fragment = P_DATA()
-        empty_last_fragment.presentation_data_value_list.append((message.context_id, b"\x02"))
-        self.assoc.dimse.receive_primitive(empty_last_fragment)
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -481,7 +497,8 @@ class GuardedRequestHandler(RequestHandler):
             log.warning("TLS handshake with %s failed: %s", peer, printable(str(getattr(exc, "reason", None) or exc)))
             return False
         certificate = request.getpeercert() or {}
-        subject = dict(item for rdn in certificate.get("subject", ()) for item in rdn)
+        rdns: Any = certificate.get("subject", ())  # ((("commonName", "..."),), ...)
+        subject = dict(item for rdn in rdns for item in rdn)
         log.info("TLS from %s: %s, client certificate %s", peer, request.version(),
                  printable(subject.get("commonName", "")) or "none")
         request.settimeout(self.policy.network_timeout)

@@ -135,9 +135,10 @@ def result_failures(result: ModelResult, series: Series, checks: PlausibilityChe
                 continue
             value = float(output.value)
         else:
-            if check.segment not in masks:
-                masks[check.segment] = _segment_mask(result, check.segment, threshold)
-            mask = masks[check.segment]
+            segment = check.segment or ""  # ResultCheck names a segment when it names no output
+            if segment not in masks:
+                masks[segment] = _segment_mask(result, segment, threshold)
+            mask = masks[segment]
             if mask is None:
                 failures.append(f"{check.describe()}: the model returned no segment {check.segment!r}")
                 continue

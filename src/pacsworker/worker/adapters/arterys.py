@@ -152,7 +152,8 @@ class ArterysAnswer:
             raise ModelOutputError(f"the model server's answer is not multipart JSON + binaries: {exc}") from None
         if not isinstance(answer, dict):
             raise ModelOutputError("the model server's JSON part is not an object")
-        binaries = [payload for headers, payload in parts[1:] if not headers.get("content-type", "").startswith("text/plain")]
+        binaries = [payload for headers, payload in parts[1:]
+                    if not headers.get("content-type", "").startswith("text/plain")]
         described = answer.get("parts") or []
         if len(binaries) != len(described):
             raise ModelOutputError(
@@ -245,7 +246,7 @@ class ArterysAnswer:
     def _masks(self, described: list, binaries: list[bytes]) -> dict:
         probabilities: dict[str, np.ndarray] = {}
         labelmaps: list[LabelMap] = []
-        for number, (part, payload) in enumerate(zip(described, binaries), start=1):
+        for number, (part, payload) in enumerate(zip(described, binaries, strict=True), start=1):
             if not isinstance(part, dict):
                 raise ModelOutputError(f"the model server's part {number} is not an object")
             kind = part.get("binary_type")
@@ -263,7 +264,8 @@ class ArterysAnswer:
                 if index is not None:
                     raise ModelOutputError(f"the model server's part {number}: a numeric_label_mask must be 3D")
                 names = part.get("label_map") or {}
-                specs = tuple(self._spec(str(name), int(value)) for value, name in sorted(names.items(), key=lambda kv: int(kv[0])))
+                ordered = sorted(names.items(), key=lambda kv: int(kv[0]))
+                specs = tuple(self._spec(str(name), int(value)) for value, name in ordered)
                 labelmaps.append(LabelMap(voxels.copy(), specs))
                 continue
             scale = 255.0 if kind == "probability_mask" else max(1.0, float(voxels.max()))

@@ -54,7 +54,7 @@ class TensorSpec:
     shape: tuple[int, ...]  # -1 = any size; with batching the first dimension is the batch
 
     @classmethod
-    def from_metadata(cls, entry: dict) -> "TensorSpec":
+    def from_metadata(cls, entry: dict) -> TensorSpec:
         # gRPC metadata as JSON gives int64 dimensions as strings
         return cls(entry["name"], entry["datatype"], tuple(int(d) for d in entry.get("shape", [])))
 
@@ -69,7 +69,7 @@ class ServedModel:
     max_batch_size: int  # 0: Triton does not batch; the input's shape says what one request holds
 
     @classmethod
-    def from_server(cls, metadata: dict, config: dict, asked_version: str) -> "ServedModel":
+    def from_server(cls, metadata: dict, config: dict, asked_version: str) -> ServedModel:
         config = config.get("config", config)  # gRPC wraps the configuration
         inputs, outputs = metadata.get("inputs", []), metadata.get("outputs", [])
         if len(inputs) != 1 or not outputs:
