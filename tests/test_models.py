@@ -184,9 +184,14 @@ def test_models_list_names_every_model_without_loading_it(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pacsworker", "models", "list", "--config", str(config)],
                             capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "COLUMNS": "250"})
     assert result.returncode == 0, result.stderr  # listing never imports a model (this one does not exist)
-    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 5}
+    rows, name = {}, ""
+    for line in (line for line in result.stdout.splitlines() if line.count("│") > 5):
+        name = line.split("│")[1].strip() or name  # a row's rule takes several lines
+        rows[name] = rows.get(name, "") + line
     assert set(rows) >= {"ct-body", "probe"}
-    assert "2.1" in rows["probe"] and "body_parts=['KNEE']" in rows["probe"] and "python" in rows["probe"]
+    assert "2.1" in rows["probe"] and "body_parts: KNEE" in rows["probe"] and "python" in rows["probe"]
+    # the rule as it applies: what the modalities written imply is shown too
+    assert "min_instances: 10 images" in rows["probe"] and "Enhanced MR" in rows["probe"]
 
 
 def test_a_pipeline_may_live_in_its_own_yaml_file(tmp_path):

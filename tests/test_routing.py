@@ -192,3 +192,97 @@ def test_a_newer_model_version_reruns_and_its_sr_names_the_earlier_one(tmp_path,
         assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == old.outputs[role] != new.outputs[role]
         assert dciodvfy_errors(layout.job_outbox(new.job_id) / f"{role}.dcm") == []
         assert "PredecessorDocumentsSequence" not in pydicom.dcmread(layout.job_outbox(old.job_id) / f"{role}.dcm")
+
+
+# --- routing defaults follow what the rule says ---------------------------------------------------------
+
+CT_IMAGE, ENHANCED_CT, LEGACY_CT = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"
+MR_IMAGE, ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1"
+SEG, SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _series(modality: str, sop_class: str, instances: int, frames: int = 0) -> SeriesRecord:
+    return SeriesRecord(series_uid=SERIES, study_uid="1.2.3", modality=modality, sop_class_uid=sop_class,
+                        instances=instances, frames=frames)
+
+
+def _reason(record: SeriesRecord, **match) -> str:
+    from pacsworker.scp.routing import match_reason
+
+    [model] = Settings(models=[{"name": "m", **({"match": match} if match else {})}]).models
+    return match_reason(record, model)
+
+
+def test_a_rule_naming_mr_takes_mr_images_whole_and_multi_frame():
+    """`match: {modalities: [MR]}` once kept the CT-only SOP class default: every MR series was skipped."""
+    assert _reason(_series("MR", MR_IMAGE, 20), modalities=["MR"]) == ""
+    # one enhanced instance of 96 frames is a volume of 96 images, not "1 instance, fewer than 10"
+    assert _reason(_series("MR", ENHANCED_MR, 1, frames=96), modalities=["MR"]) == ""
+    assert _reason(_series("MR", ENHANCED_MR, 1, frames=8), modalities=["MR"]) == \
+        "1 instance(s), fewer than 10 images (8 frames)"
+    # results and screenshots are not images to analyse unless asked for
+    assert _reason(_series("MR", SEG, 1, frames=40), modalities=["MR"]).startswith(f"SOP class {SEG} not in")
+    assert _reason(_series("MR", SEG, 1, frames=40), modalities=["MR"], sop_class_uids=[]) == ""
+
+
+def test_the_default_ct_rule_routes_what_it_routed_and_enhanced_ct_volumes_too():
+    for record in (_series("CT", CT_IMAGE, 12), _series("CT", ENHANCED_CT, 12), _series("CT", CT_IMAGE, 10)):
+        assert _reason(record) == ""
+    assert _reason(_series("CT", CT_IMAGE, 9)) == "9 instance(s), fewer than 10"
+    assert _reason(_series("CT", SECONDARY_CAPTURE, 30)).startswith(f"SOP class {SECONDARY_CAPTURE} not in")
+    assert _reason(_series("MR", MR_IMAGE, 30)) == "modality MR not in ['CT']"
+    assert _reason(_series("CT", ENHANCED_CT, 1, frames=200)) == ""  # skipped as "1 instance" before
+    assert _reason(_series("CT", LEGACY_CT, 3, frames=120)) == ""
+
+
+def test_what_a_rule_leaves_out_is_filled_in_from_what_it_says():
+    from pacsworker.config import MatchRule
+
+    assert MatchRule().sop_class_uids == [CT_IMAGE, ENHANCED_CT, LEGACY_CT] and MatchRule().min_instances == 10
+    radiographs = MatchRule(modalities=["dx", "CR"])
+    assert radiographs.modalities == ["DX", "CR"] and radiographs.min_instances == 1  # a radiograph is one image
+    assert "1.2.840.10008.5.1.4.1.1.1" in radiographs.sop_class_uids
+    anything = MatchRule(modalities=[])
+    assert CT_IMAGE in anything.sop_class_uids and MR_IMAGE in anything.sop_class_uids
+    assert SEG not in anything.sop_class_uids and SECONDARY_CAPTURE not in anything.sop_class_uids
+    assert anything.min_instances == 1
+    assert MatchRule(modalities=["MR"], min_instances=3).min_instances == 3
+    assert MatchRule(modalities=["SM"], sop_class_uids=[]).sop_class_uids == []
+    with pytest.raises(ValueError, match="no default SOP classes for modality SM"):
+        MatchRule(modalities=["SM"])
+    # the filled-in rule reads back as itself (dumps, models list, rules test show it)
+    assert MatchRule(**radiographs.model_dump()) == radiographs
+
+
+def test_the_tracker_records_frames_for_routing(tmp_path):
+    from pacsworker.scp.tracker import InstanceMeta, SeriesTracker
+
+    layout = DataLayout(tmp_path / "data").create()
+    tracker = SeriesTracker(layout, quiet_seconds=0.01)
+    for n, frames in enumerate((96, 1)):
+        tracker.observe(InstanceMeta(study_uid="1.2.3", series_uid=SERIES, sop_instance_uid=f"1.2.3.4.{n}",
+                                     sop_class_uid=ENHANCED_MR, modality="MR", calling_aet="MR1", frames=frames))
+    completed = []
+    time.sleep(0.05)
+    tracker.complete_due(completed.append)
+    [record] = completed
+    assert (record.instances, record.frames) == (2, 97)
+
+
+def test_rules_test_routes_a_one_instance_enhanced_mr_and_shows_the_rule_applied(tmp_path, dicom_dir):
+    import json
+    import sys
+
+    config = tmp_path / "c.yaml"
+    config.write_text("models:\n  - {name: mr-any, match: {modalities: [MR]}}\n  - {name: ct-body}\n")
+    command = [sys.executable, "-m", "pacsworker", "rules", "test", str(dicom_dir / "mr06_siemens_prisma_xa30_t1_enhanced_multiframe"),
+               "--config", str(config)]
+    result = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    [row] = json.loads(result.stdout)
+    assert (row["instances"], row["images"], row["models"]) == (1, 96, ["mr-any"])
+    shown = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                           env={**__import__("os").environ, "COLUMNS": "250"}).stdout
+    for line in ("sop_class_uids: MR Image Storage, Enhanced MR Image Storage, Enhanced MR Color Image Storage",
+                 "min_instances: 10 images", "body_parts: any"):
+        assert line in shown

@@ -542,7 +542,7 @@ class BuiltinModelSettings(ModelSettings):
 class PythonModelSettings(ModelSettings):
     """A Python class: native `predict(series)` (or `predict(study)`), or the named inputs of `inference(...)`."""
 
-    kind: Literal["python"] = Field("python", description="`python` selects this kind")
+    kind: Literal["python"] = Field(description="`python` selects this kind")
     source: str = Field(description="'package.module:Class' or '/path/file.py:Class'")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model class")
@@ -552,7 +552,7 @@ class PythonModelSettings(ModelSettings):
 class TorchscriptModelSettings(ModelSettings):
     """A TorchScript file run inside a MONAI pipeline of pre-transforms, an inferer and post-transforms."""
 
-    kind: Literal["torchscript"] = Field("torchscript", description="`torchscript` selects this kind")
+    kind: Literal["torchscript"] = Field(description="`torchscript` selects this kind")
     source: str = Field(description="the TorchScript file (.ts, .pt)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     pipeline: PipelineConfig | str | None = Field(None, description="inline, or a YAML file beside the model")
@@ -562,7 +562,7 @@ class TorchscriptModelSettings(ModelSettings):
 class MonaiBundleModelSettings(ModelSettings):
     """A MONAI bundle, read with MONAI's own parser."""
 
-    kind: Literal["monai-bundle"] = Field("monai-bundle", description="`monai-bundle` selects this kind")
+    kind: Literal["monai-bundle"] = Field(description="`monai-bundle` selects this kind")
     source: str = Field(description="the bundle directory")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     outputs: dict[str, OutputConfig] = Field(
@@ -572,7 +572,7 @@ class MonaiBundleModelSettings(ModelSettings):
 class TritonModelSettings(ModelSettings):
     """A network served by Triton Inference Server; the pipeline around it runs in the worker."""
 
-    kind: Literal["triton"] = Field("triton", description="`triton` selects this kind")
+    kind: Literal["triton"] = Field(description="`triton` selects this kind")
     url: str = Field(pattern=r"^(https?|grpc)://", description="http://host:port, https://host:port or grpc://host:port")
     model_name: str = Field(min_length=1, description="the model's name on the server")
     model_version: str = Field("", description="a version on the server; empty: the server's choice")
@@ -587,7 +587,7 @@ class TritonModelSettings(ModelSettings):
 class ArterysModelSettings(ModelSettings):
     """A model server speaking the Arterys inference protocol (`GET /healthcheck`, `POST /`)."""
 
-    kind: Literal["arterys"] = Field("arterys", description="`arterys` selects this kind")
+    kind: Literal["arterys"] = Field(description="`arterys` selects this kind")
     url: str = Field(pattern=r"^https?://", description="the model server's base URL")
     inference_command: Literal["get-probability-mask", "get-bounding-box-2d"] = Field(
         "get-probability-mask", description="what the model server is asked for"
@@ -602,7 +602,7 @@ class ArterysModelSettings(ModelSettings):
 class MonaiDeployModelSettings(ModelSettings):
     """A MONAI Deploy App SDK application (`source`) or a packaged MAP run by a command template (`command`)."""
 
-    kind: Literal["monai-deploy"] = Field("monai-deploy", description="`monai-deploy` selects this kind")
+    kind: Literal["monai-deploy"] = Field(description="`monai-deploy` selects this kind")
     source: str | None = Field(
         None, description="the application: a folder with __main__.py, or a .py file or package with an Application "
         "subclass")
@@ -1046,7 +1046,7 @@ def _unknown_key(loc: tuple[int | str, ...]) -> str:
         kinds = [kind for kind, cls in MODEL_KINDS.items() if key in _keys_of(cls)]
         if kinds:
             named = ", ".join(kinds[:-1]) + " or " + kinds[-1] if len(kinds) > 1 else kinds[0]
-            return f"`{key}` is a key of kind {named}, not of kind {section.model_fields['kind'].default}"
+            return f"`{key}` is a key of kind {named}, not of kind {typing.get_args(section.model_fields['kind'].annotation)[0]}"
     close = difflib.get_close_matches(key, _keys_of(section), n=1, cutoff=0.6)
     if not close:  # a key of a section below, written one level too high (series_quiet_seconds beside scp)
         below = [f"{name}.{child}" for name, info in section.model_fields.items()
