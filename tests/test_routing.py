@@ -275,8 +275,8 @@ def test_rules_test_routes_a_one_instance_enhanced_mr_and_shows_the_rule_applied
 
     config = tmp_path / "c.yaml"
     config.write_text("models:\n  - {name: mr-any, match: {modalities: [MR]}}\n  - {name: ct-body}\n")
-    command = [sys.executable, "-m", "pacsworker", "rules", "test", str(dicom_dir / "mr06_siemens_prisma_xa30_t1_enhanced_multiframe"),
-               "--config", str(config)]
+    series = dicom_dir / "mr06_siemens_prisma_xa30_t1_enhanced_multiframe"
+    command = [sys.executable, "-m", "pacsworker", "rules", "test", str(series), "--config", str(config)]
     result = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     [row] = json.loads(result.stdout)

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydicom import uid
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from pydicom import uid
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
 
@@ -1046,7 +1046,8 @@ def _unknown_key(loc: tuple[int | str, ...]) -> str:
         kinds = [kind for kind, cls in MODEL_KINDS.items() if key in _keys_of(cls)]
         if kinds:
             named = ", ".join(kinds[:-1]) + " or " + kinds[-1] if len(kinds) > 1 else kinds[0]
-            return f"`{key}` is a key of kind {named}, not of kind {typing.get_args(section.model_fields['kind'].annotation)[0]}"
+            [own] = typing.get_args(section.model_fields["kind"].annotation)
+            return f"`{key}` is a key of kind {named}, not of kind {own}"
     close = difflib.get_close_matches(key, _keys_of(section), n=1, cutoff=0.6)
     if not close:  # a key of a section below, written one level too high (series_quiet_seconds beside scp)
         below = [f"{name}.{child}" for name, info in section.model_fields.items()
