@@ -28,7 +28,8 @@ SERVE_CHILD_ENV = "PACSWORKER_SERVE_CHILD"  # set for the workers serve starts: 
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML configuration file")]
 
 
-def _setup(config: Path | None) -> Settings:
+def _setup(config: Path | None, runs_models: bool = True) -> Settings:
+    """Settings and logging; ``runs_models``: say which default models run (not for read-only commands)."""
     if config is not None:
         os.environ[CONFIG_ENV] = str(config.resolve())  # child processes read the same file
     try:
@@ -39,7 +40,7 @@ def _setup(config: Path | None) -> Settings:
     configure_logging(settings.logging.level, settings.logging.format)
     if not settings.queue.broker_url:  # kombu's "no hostname was supplied" about the embedded broker
         logging.getLogger("kombu.connection").setLevel(logging.ERROR)
-    if "models" not in settings.model_fields_set and not os.environ.get(SERVE_CHILD_ENV):
+    if runs_models and "models" not in settings.model_fields_set and not os.environ.get(SERVE_CHILD_ENV):
         from .config import brain_extra_installed
 
         names = ", ".join(m.name for m in settings.models)
@@ -407,11 +408,17 @@ def replay(
 
 
 def _model_or_exit(settings: Settings, name: str):
-    """The configured model of that name, or exit 2 saying none is configured."""
+    """The configured model of that name, or exit 2 naming the models there are (and the nearest)."""
+    import difflib
+
     try:
         return settings.model(name)
     except KeyError as exc:
-        console.print(f"[red]{exc.args[0]}[/red]")
+        names = [m.name for m in settings.models]
+        near = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        configured = f"configured: {', '.join(names)}" if names else "no model is configured"
+        console.print(f"[red]{exc.args[0]} ({configured}){hint}[/red]")
         raise typer.Exit(2) from None
 
 
@@ -423,7 +430,17 @@ def run(
     config: ConfigOption = None,
     png: Annotated[bool, typer.Option("--png/--no-png", help="write overlay.png (mask outlines and boxes)")] = True,
 ) -> None:
-    """Run a model over one series folder: SEG + SR, the mask as NIfTI, a PNG overlay; no queue."""
+    """Run a model over one series folder: SEG + SR, the mask as NIfTI, a PNG overlay; no queue.
+
+    \b
+    Exit codes:
+      0  results written, valid
+      2  invalid configuration, or no model of that name
+      3  no result: not one volume (or several series), or nothing found
+      4  the model failed (load, run, outputs) or pixels undecodable
+      5  results failed validation (written to --out, not deliverable)
+      6  results withheld: a plausibility check failed
+    """
     settings = _setup(config)
     from .replay import collect_files
     from .worker.adapters import ModelLoadError
@@ -753,8 +770,9 @@ def status(
 ) -> None:
     """Receivers, series receiving, queue depth, running jobs and their stage, failures, pending and
     dead-lettered deliveries (read from data_dir and the broker)."""
-    settings = _setup(config)
+    settings = _setup(config, runs_models=False)
     from .metrics import queue_depths
+    from .ops_http import RECENT, job_results
     from .records import (
         DataLayout,
         JobRecord,
@@ -790,7 +808,9 @@ def status(
         "series_jobs": {s.series_uid: {"state": s.state.value, "jobs": s.jobs} for s in series if s.jobs},
         "skipped_series": {s.series_uid: s.reason for s in series if s.state == SeriesState.SKIPPED},
         "jobs": dict(Counter(j.state.value for j in jobs)),
-        "failed_jobs": {j.job_id: j.reason for j in jobs if j.state.value in ("failed", "no-result")},
+        "failed_jobs": {j.job_id: j.reason for j in jobs if j.state.value == "failed"},
+        "no_result_jobs": {j.job_id: j.reason for j in jobs if j.state.value == "no-result"},
+        "results": job_results(layout, jobs, RECENT),
         "implausible_jobs": {j.job_id: j.reason for j in jobs if j.state.value == "implausible"},
         "flagged_jobs": {j.job_id: "delivered flagged: " + "; ".join(j.implausible)
                          for j in jobs if j.implausible and j.state.value != "implausible"},
@@ -831,7 +851,12 @@ def status(
         table.add_row(f"skipped {uid}", reason)
     for job_id, reason in report["failed_jobs"].items():
         if job_id not in report["dead_letters"]:
-            table.add_row(f"no result {job_id}", reason)
+            table.add_row(f"failed {job_id}", reason)
+    for job_id, reason in report["no_result_jobs"].items():
+        table.add_row(f"no result {job_id}", reason)
+    for job_id, result in report["results"].items():
+        table.add_row(f"results {job_id}", f"{result['state']}: {result['summary'] or 'no values'}\n"
+                      f"to {result['delivered_to'] or 'no destination yet'}")
     for job_id, destinations in report["pending_deliveries"].items():
         for name, error in destinations.items():
             table.add_row(f"delivering {job_id} to {name}", error or "not yet tried")

@@ -98,6 +98,67 @@ def _when(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _meaning(term) -> str:
+    """A coded term of the values (scheme, value, meaning) as its meaning; a plain value as it is."""
+    if isinstance(term, (list, tuple)) and len(term) == 3:
+        return str(term[2])
+    return "" if term is None else str(term)
+
+
+def _number(value) -> str:
+    return f"{value:.6g}" if isinstance(value, (int, float)) else str(value)
+
+
+def value_summary(values: dict) -> str:
+    """A job's values in one line: each segment's volume (and mean), scores, classes, box counts."""
+    parts = []
+    for key, value in values.items():
+        if key in ("segments", "measured_segments") and isinstance(value, dict) and all(
+                isinstance(v, dict) and "volume_ml" in v for v in value.values()):
+            for name, stat in value.items():
+                mean = f", mean {_number(stat['mean'])}{' ' + stat['unit'] if stat.get('unit') else ''}" if "mean" in stat else ""
+                parts.append(f"{name} {_number(stat['volume_ml'])} mL{mean}")
+            continue
+        kind = value.get("kind") if isinstance(value, dict) else None
+        if kind == "score":
+            parts.append(f"{_meaning(value.get('name')) or key} {_number(value.get('value'))}")
+        elif kind == "classification":
+            score = f" (score {_number(value['score'])})" if value.get("score") is not None else ""
+            parts.append(f"{_meaning(value.get('name')) or key}: {_meaning(value.get('meaning')) or value.get('value')}{score}")
+        elif kind == "boxes":
+            parts.append(f"{key}: {len(value.get('boxes', []))} box(es)")
+        elif kind == "probabilities":
+            peaks = ", ".join(f"{name} {p:.2f}" for name, p in value.get("segments", {}).items())
+            parts.append(f"{key}: maximum probability {peaks}")
+    return "; ".join(parts)
+
+
+def job_results(layout, jobs, limit: int) -> dict[str, dict]:
+    """The latest ``limit`` jobs that made results or values: their values and where the results went."""
+    made = [j for j in jobs if j.values or j.state.value in ("delivering", "done")]
+    made.sort(key=lambda j: j.finished_at, reverse=True)
+    from .records import DeliveryRecord, read_json
+
+    shown = {}
+    for job in made[:limit]:
+        try:
+            delivery = read_json(layout.delivery_record(job.job_id), DeliveryRecord)
+        except ValueError:  # an unreadable record: shown as unknown, the page still renders
+            delivery = None
+        destinations = {
+            name: {"state": o.state.value, "attempts": o.attempts, "last_error": o.last_error}
+            for name, o in (delivery.destinations.items() if delivery is not None else [])
+        }
+        shown[job.job_id] = {
+            "model": job.model, "state": job.state.value, "finished_at": job.finished_at, "values": job.values,
+            "summary": value_summary(job.values), "destinations": destinations,
+            "delivered_to": ", ".join(
+                f"{name} ({d['state']}{': ' + d['last_error'] if d['state'] != 'delivered' and d['last_error'] else ''})"
+                for name, d in destinations.items()),
+        }
+    return shown
+
+
 def page(settings: Settings, role: str) -> str:
     """The status page: readiness, queue depths, recent series and jobs, results not yet delivered."""
     from .metrics import queue_depths
@@ -122,12 +183,16 @@ def page(settings: Settings, role: str) -> str:
                     f"<td>{e(s.state.value)}</td><td>{e(s.completed_by)}</td><td>{e(s.reason)}</td></tr>")
     rows.append(f"</table><h2>Jobs (latest {RECENT} of {len(jobs)})</h2><table id='jobs'><tr><th>job</th>"
                 "<th>model</th><th>state</th><th>stage</th><th>attempts</th><th>queued</th><th>finished</th>"
-                "<th>reason</th></tr>")
+                "<th>values</th><th>results to</th><th>reason</th></tr>")
+    results = job_results(layout, jobs[:RECENT], RECENT)
     for j in jobs[:RECENT]:
         stage = getattr(j, "stage", "") if j.state.value == "running" else ""
+        result = results.get(j.job_id, {})
         rows.append(f"<tr class='{e(j.state.value)}'><td>{e(j.job_id)}</td><td>{e(j.model)}</td>"
                     f"<td>{e(j.state.value)}</td><td>{e(stage)}</td><td>{j.attempts}</td><td>{_when(j.queued_at)}</td>"
-                    f"<td>{_when(j.finished_at)}</td><td>{e(j.reason or '; '.join(j.notes))}</td></tr>")
+                    f"<td>{_when(j.finished_at)}</td><td class='values'>{e(result.get('summary', ''))}</td>"
+                    f"<td class='destinations'>{e(result.get('delivered_to', ''))}</td>"
+                    f"<td>{e(j.reason or '; '.join(j.notes))}</td></tr>")
     rows.append("</table><h2>Results not yet delivered</h2><table id='deliveries'><tr><th>job</th>"
                 "<th>destination</th><th>state</th><th>attempts</th><th>last error</th></tr>")
     for delivery in layout.iter_deliveries():

@@ -107,9 +107,7 @@ def _not_established(assoc, host: str, port: int) -> str:
             return "rejected"
         lasting = answer.result_str.split()[-1].lower()  # "Rejected Permanent" / "Rejected Transient"
         return f"rejected ({lasting}) by the {answer.source_str.lower()}: {answer.reason_str}"
-    if assoc.is_aborted:
-        return "the peer aborted the association request (is it a DICOM receiver, with TLS or not?)"
-    try:
+    try:  # pynetdicom reports a connection that failed as an abort: find out which
         with socket.create_connection((host, port), timeout=5):
             pass
     except ConnectionRefusedError:
@@ -118,4 +116,6 @@ def _not_established(assoc, host: str, port: int) -> str:
         return f"no answer from {host}:{port} within 5 s"
     except OSError as exc:
         return f"cannot connect to {host}:{port}: {exc.strerror or exc}"
+    if assoc.is_aborted:
+        return "the peer aborted the association request (is it a DICOM receiver, with TLS or not?)"
     return "the connection opened but no association answer came (check the port and whether it needs TLS)"

@@ -229,6 +229,8 @@ def _run(outcome: RunOutcome, model: LoadedModel, settings: ModelSettings, prede
         return outcome
     outcome.seg, outcome.sr, outcome.image_sr = results.seg, results.sr, results.image_sr
     outcome.statistics = results.statistics
+    measured = "segments" if "segments" not in outcome.values else "measured_segments"  # a model's own output keeps its key
+    outcome.values[measured] = segment_values(results.statistics, volume.modality)
     stage("validating")
     started = time.perf_counter()
     outcome.problems = validate_results(volume, results.seg, results.sr, results.image_sr)
@@ -266,6 +268,19 @@ def object_names(datasets: list[Dataset]) -> dict[str, Dataset]:
         counts[kind] = counts.get(kind, 0) + 1
         named[f"app-{kind}-{counts[kind]}.dcm"] = ds
     return named
+
+
+def segment_values(statistics, modality: str) -> dict:
+    """Each segment's measurements, by name, as the SR reports them (for the job record and ``status``)."""
+    unit = "HU" if modality == "CT" else ""  # other modalities' values have no fixed unit
+    return {
+        stat.spec.name: {
+            "volume_ml": round(stat.volume_ml, 2), "voxels": stat.voxels,
+            "mean": round(stat.mean_value, 2), "sd": round(stat.sd_value, 2), "unit": unit,
+            **({"longest_diameter_mm": round(stat.diameter.length_mm, 1)} if stat.diameter else {}),
+        }
+        for stat in statistics
+    }
 
 
 def write_values(outcome: RunOutcome, folder: Path) -> Path | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from .volume import Volume
+from .volume import NotAVolumeError, Volume, VolumeOutcome
 
 SERIES_INPUTS = (
     "pixel_array", "laterality", "photometric_interpretation", "rescale_intercept", "rescale_slope",
@@ -200,6 +200,31 @@ class Series:
             else:
                 values[name] = {uid: makers[name]()}
         return values
+
+
+def one_series(datasets: list[Dataset]) -> None:
+    """Refuse the instances of several series given as one (a folder holding two), naming each.
+
+    Raises
+    ------
+    NotAVolumeError
+        Naming each series found: its UID, number, modality, description and instance count.
+    """
+    found: dict[str, dict[int, Dataset]] = {}
+    for ds in datasets:  # the frames of a multi-frame instance share its dataset: counted once
+        found.setdefault(str(ds.get("SeriesInstanceUID", "") or "(no Series Instance UID)"), {})[id(ds)] = ds
+    if len(found) < 2:
+        return
+    described = []
+    for uid, instances in sorted(found.items(), key=lambda item: -len(item[1])):
+        first = next(iter(instances.values()))
+        number, modality = first.get("SeriesNumber", ""), str(first.get("Modality", "") or "")
+        description = str(first.get("SeriesDescription", "") or "")
+        facts = [f"#{number}" if number not in ("", None) else "", modality, f'"{description}"' if description else ""]
+        described.append(f"{uid} ({' '.join(f for f in facts if f)}{', ' if any(facts) else ''}"
+                         f"{len(instances)} instance(s))")
+    raise NotAVolumeError(VolumeOutcome.NOT_A_VOLUME,
+                          f"{len(found)} series found: {'; '.join(described)}; give the files of one series")
 
 
 def _per_series(values: list[float]):

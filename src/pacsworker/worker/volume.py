@@ -567,6 +567,9 @@ def load_series(
                 planes.extend(_planes_of(instance, values))
                 if instance.offset is None:
                     instance.decoded = pool.submit(_decode, instance.dataset, instance.shape)
+        from .series import one_series  # series.py builds on Volume
+
+        one_series([p.dataset for p in planes])  # two series in one folder: named, before their geometry clashes
         planes, geometry = _arrange(planes, spacing_tolerance, irregular_spacing)
         geometry["notes"] += _frames_of_reference_notes(planes)
         pixels = _modality_values(planes, pool, workers, populated)
