@@ -14,7 +14,10 @@ from PIL import Image
 
 from pacsworker.config import ModelSettings, OutputConfig
 from pacsworker.worker.adapters.python_class import to_result
-from pacsworker.worker.outputs import PALETTE, ModelOutputError
+from pacsworker.worker.export import BOX_PALETTE, render_overlay
+from pacsworker.worker.outputs import Box, ModelOutputError
+from pacsworker.worker.series import Series
+from pacsworker.worker.volume import load_series
 
 MODELS = Path(__file__).parent / "models"
 CT02 = "ct02_philips_ingenuity_headphantom_5mm"
@@ -113,21 +116,32 @@ def test_a_detector_alone_gives_an_sr_and_an_overlay_with_its_boxes(dicom_dir, t
     assert pydicom.dcmread(out / "sr.dcm").SeriesDescription.startswith("bones findings of ")  # class, score
     assert pydicom.dcmread(out / "image_sr.dcm").SeriesDescription.startswith("bones boxes of ")
     assert dciodvfy_errors(out / "sr.dcm") == [] and dciodvfy_errors(out / "image_sr.dcm") == []
-    best = max(json.loads((out / "outputs.json").read_text())["boxes"]["boxes"], key=lambda b: b["score"])
+    boxes = json.loads((out / "outputs.json").read_text())["boxes"]["boxes"]
+    best = max(boxes, key=lambda b: b["score"])
     (c0, r0), (c1, r1) = (int(v) for v in best["top_left"]), (int(v) for v in best["bottom_right"])
+    # the summary, not the record: the boxes are counted, not listed
+    said = " ".join(result.stdout.split())
+    assert f"boxes boxes: 2 (Bone 2), best score {best['score']:.3g}" in said and "top_left" not in said, said
+    assert "class bone_present (Bone tissue): 1 = Present, score 0.9" in said and str(out / "image_sr.dcm") in said
     with Image.open(out / "overlay.png") as png:
         rgb = np.asarray(png.convert("RGB"))
-    # the slice plane comes first at full in-plane resolution: the outline sits on the box's edge pixels
-    colour = np.array(PALETTE[0])
+    series = Series(load_series(sorted((dicom_dir / CT02).glob("*.dcm"))))
+    rendered, panels = render_overlay(series, None, [Box(slice=b["slice"], top_left=tuple(b["top_left"]),
+                                                         bottom_right=tuple(b["bottom_right"]), label=b["label"],
+                                                         score=b["score"]) for b in boxes])
+    assert np.array_equal(rgb, np.asarray(rendered))
+    # the axial plane (this CT's own) through the best box at full in-plane resolution: patient right
+    # on the left and anterior up, as the images are stored; the outline sits on the box's edge pixels
+    axial = panels[0]
+    assert axial.name == "Axial" and axial.letters == ("A", "P", "R", "L")
+    left, top = axial.box[:2]
+    colour = np.array(BOX_PALETTE[0])
     for row, column in ((r0, (c0 + c1) // 2), (r1 - 1, (c0 + c1) // 2), ((r0 + r1) // 2, c0), ((r0 + r1) // 2, c1 - 1)):
-        assert (rgb[row, column] == colour).all(), f"no box outline at row {row}, column {column}"
-    assert not (rgb[(r0 + r1) // 2, (c0 + c1) // 2] == colour).all()
+        assert (rgb[top + row, left + column] == colour).all(), f"no box outline at row {row}, column {column}"
+    assert not (rgb[top + (r0 + r1) // 2, left + (c0 + c1) // 2] == colour).all()
 
 
 def test_malformed_boxes_name_what_is_wrong(dicom_dir):
-    from pacsworker.worker.series import Series
-    from pacsworker.worker.volume import load_series
-
     series = Series(load_series(sorted((dicom_dir / "ct06_ge_lightspeed_liver_3slice").glob("*.dcm"))))
     config = {"b": OutputConfig(kind="boxes")}
     good = {"slice": 0, "top_left": [10, 10], "bottom_right": [20, 30], "label": "Lesion", "score": 0.5}

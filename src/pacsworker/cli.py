@@ -444,7 +444,7 @@ def run(
     settings = _setup(config)
     from .replay import collect_files
     from .worker.adapters import ModelLoadError
-    from .worker.export import write_nifti, write_overlay_png
+    from .worker.export import run_summary, write_nifti, write_overlay_png
     from .worker.outputs import ModelOutputError, ModelRunError
     from .worker.runtime import run_model, write_values
     from .worker.series import Series
@@ -467,12 +467,11 @@ def run(
         if labels is not None:
             written += write_nifti(series, labels, out)
         if png:
-            written.append(write_overlay_png(series, labels, out / "overlay.png", outcome.boxes))
+            segments = outcome.label_map.segments if outcome.label_map is not None else ()
+            written.append(write_overlay_png(series, labels, out / "overlay.png", outcome.boxes, segments))
     values = write_values(outcome, out)
     if values:
         written.append(values)
-        for key, value in outcome.values.items():
-            console.print(f"{key}: {json.dumps(value)}")
     for name, ds in outcome.result_objects().items():
         ds.save_as(out / name, enforce_file_format=True)
         written.append(out / name)
@@ -484,11 +483,13 @@ def run(
         if path.is_relative_to((out / "app-files").resolve()):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-    for stat in outcome.statistics:
-        console.print(f"{stat.spec.name}: {stat.volume_ml:.1f} mL, mean {stat.mean_value:.1f}")
+    summary = Console()  # what was found and written, on stdout; problems stay on stderr
+    for line in run_summary(outcome):  # the whole record is outputs.json
+        summary.print(line, markup=False, highlight=False, soft_wrap=True)
     if written:
-        console.print(f"wrote {', '.join(p.name for p in written)} to {out} "
-                      f"({', '.join(f'{k} {v:.2f}s' for k, v in outcome.timings.items())})")
+        summary.print(f"wrote ({', '.join(f'{k} {v:.2f}s' for k, v in outcome.timings.items())}):", soft_wrap=True)
+        for path in written:
+            summary.print(f"  {path}", markup=False, highlight=False, soft_wrap=True)
     if outcome.withheld:
         console.print(f"[red]withheld: {outcome.reason}[/red]")
         raise typer.Exit(6)
