@@ -95,8 +95,9 @@ class AssociationTally:
 
 
 def _service_name(uid: str) -> str:
+    """A SOP class or transfer syntax by its name; an unknown one by its UID (as a peer sent it: printable only)."""
     name = UID(uid).name
-    return name if name != uid else f"SOP class {uid}"
+    return name if name != uid else f"SOP class {printable(uid)[:64]}"
 
 
 def _unreleased(assoc) -> str:
