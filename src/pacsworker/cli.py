@@ -83,7 +83,30 @@ def scp(config: ConfigOption = None) -> None:
     settings = _setup(config)
     receiver = _receiver(settings)
     _ops_port(settings, "scp", receiver)
+    from .start_up import scp_banner
+
+    _print_start_up("scp", scp_banner(settings))
+    _stop_on_sigterm()
     _serve_or_exit(receiver)
+    _log_stopped()
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM stops the process as Ctrl+C does: the receiver closes, the workers finish, it says so."""
+    stopping = []
+
+    def stop(signum, _frame):
+        if stopping:  # a second signal (to the process and to its group) must not cut the stop short
+            return
+        stopping.append(signum)
+        logging.getLogger("pacsworker").info("pacsworker stopping (%s)", signal.Signals(signum).name)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _log_stopped() -> None:
+    logging.getLogger("pacsworker").info("pacsworker stopped")
 
 
 def _serve_or_exit(receiver) -> None:
@@ -222,7 +245,7 @@ def worker(
     # after _multiprocess_metrics: metrics imports prometheus_client
     from .metrics import queue_names
     from .records import DataLayout
-    from .tasks.app import configure
+    from .tasks.app import configure, quiet_celery_shutdown, quiet_celery_start_up
 
     layout = DataLayout(settings.data_dir)
     problem = _wait_for_data_dir(layout, settings.storage.wait_for_data_dir_seconds)
@@ -233,24 +256,72 @@ def worker(
     queue_list = (queues or ",".join(queue_names(settings))).split(",")
     if check_models:
         queue_list = _checked_queues(settings, queue_list)
-    quiet = child_of_serve
-    if not child_of_serve:  # serve's own port shows its workers
-        _ops_port(settings, "worker", port=settings.metrics.worker_port if metrics_port is None else metrics_port)
-    if quiet:  # serve printed what matters; Celery's banner and its root-user warning are noise there
+    port = settings.metrics.worker_port if metrics_port is None else metrics_port
+    if not child_of_serve:  # serve's own port shows its workers; serve printed what matters
+        _ops_port(settings, "worker", port=port)
+        from .start_up import worker_banner
+
+        _print_start_up("worker", worker_banner(settings, queue_list, pool, concurrency, port))
+    else:  # Celery's root-user warning and shutdown words are noise there: serve says it stops, once
         import warnings
 
         from celery.exceptions import SecurityWarning
 
         warnings.filterwarnings("ignore", category=SecurityWarning)
-    argv = ["--quiet"] if quiet else []
-    argv += [
+        quiet_celery_shutdown()
+    quiet_celery_start_up(settings)
+    _warm_up_models(settings, queue_list, pool, child_of_serve)
+    argv = [
+        "--quiet",  # our start-up lines instead of Celery's banner
         "worker", "--queues", ",".join(queue_list), "--pool", pool,
         "--concurrency", str(concurrency), "--loglevel", settings.logging.level, "--without-mingle",
         "--without-gossip",
     ]
     if name:
         argv += ["--hostname", name]
-    celery_app.worker_main(argv)
+    try:
+        celery_app.worker_main(argv)
+    finally:
+        if not child_of_serve:
+            _log_stopped()
+
+
+def _warm_up_models(settings: Settings, queue_list: list[str], pool: str, child_of_serve: bool) -> None:
+    """Load every model whose queue this worker consumes before its first job, in the process that
+    runs the jobs (prefork: each pool process, on its own device), and say which can be used.
+
+    A model that does not load stays served: its jobs fail at once with the reason (never wait in
+    a queue nobody consumes), and each job tries to load it again.
+    """
+    from .tasks.app import model_queue
+
+    models = [model for model in settings.models if model_queue(model.name) in queue_list]
+    if not models:
+        return
+
+    def warm_up(**_) -> None:
+        from celery.worker import state
+
+        from .worker.readiness import warm_up
+
+        if state.should_stop is not None or state.should_terminate is not None:
+            return  # a pool process replaced while the worker stops: it takes no job
+        log = logging.getLogger("pacsworker.worker")
+        found = warm_up(models)
+        for model in found:
+            level = logging.ERROR if not model.usable else logging.INFO if model.reachable else logging.WARNING
+            log.log(level, model.line())
+        if not any(model.usable for model in found):
+            log.error("NO MODEL CAN BE USED: %s", "the receiver still receives and keeps every series, but each job "
+                      "fails with its model's reason above until the model is fixed" if child_of_serve else
+                      "each job this worker takes fails with its model's reason above until the model is fixed")
+
+    if pool == "prefork":
+        from celery.signals import worker_process_init
+
+        worker_process_init.connect(warm_up, weak=False)
+    else:  # the worker's own process runs the jobs
+        warm_up()
 
 
 def _checked_queues(settings: Settings, queue_list: list[str]) -> list[str]:
@@ -303,7 +374,9 @@ def serve(config: ConfigOption = None) -> None:
         spawn(role)
     receiver = _receiver(settings)
     _ops_port(settings, "serve", receiver)
-    _print_start_up(settings)
+    from .start_up import serve_banner
+
+    _print_start_up("serve", serve_banner(settings))
 
     def supervise() -> None:
         for role, child in list(children.items()):
@@ -313,13 +386,11 @@ def serve(config: ConfigOption = None) -> None:
 
     receiver.periodic.append(supervise)
 
-    def stop(*_):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
+    _stop_on_sigterm()
     try:
         _serve_or_exit(receiver)
     finally:
+        logging.getLogger("pacsworker").info("receiver closed; the workers finish their current task (at most 20 s)")
         for child in children.values():
             child.terminate()
         for child in children.values():
@@ -327,33 +398,12 @@ def serve(config: ConfigOption = None) -> None:
                 child.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 child.kill()
+    _log_stopped()
 
 
-def _print_start_up(settings: Settings) -> None:
-    """What an operator needs to know at start: where it listens, where data goes, what runs where."""
-    cfg = settings.scp
-    lines = []
-    if cfg.plain:
-        lines.append(f"DICOM      {cfg.ae_title} on {cfg.host}:{cfg.port}")
-    if cfg.tls is not None:
-        lines.append(f"DICOM TLS  {cfg.ae_title} on {cfg.host}:{cfg.tls.port}")
-    if cfg.stow_port is not None:
-        lines.append(f"STOW-RS    http://{cfg.host}:{cfg.stow_port}/studies")
-    if settings.metrics.enabled:
-        lines.append(f"metrics    http://{settings.metrics.host}:{settings.metrics.port}/ (status page, /metrics, "
-                     "/healthz, /readyz)")
-    lines.append(f"data_dir   {settings.data_dir}")
-    broker = settings.queue.broker_url or "embedded (under data_dir)"
-    lines.append(f"queue      {broker.split('@')[-1] if '@' in broker else broker}")
-    for model in settings.models:
-        lines.append(f"model      {model.name} ({model.kind}{', whole study' if model.scope == 'study' else ''})")
-    for destination in settings.destinations:
-        where = getattr(destination, "url", None) or getattr(destination, "path", None) or \
-            f"{getattr(destination, 'host', '')}:{getattr(destination, 'port', '')}"
-        lines.append(f"results to {destination.name} ({destination.kind}: {where})")
-    if not settings.destinations:
-        lines.append("results to nowhere: no destination configured (results stay in the outbox)")
-    console.print("pacsworker serve\n  " + "\n  ".join(lines), highlight=False, soft_wrap=True)
+def _print_start_up(role: str, lines: list[str]) -> None:
+    """What an operator needs to know at start (:mod:`pacsworker.start_up`), as one block."""
+    console.print(f"pacsworker {role}\n  " + "\n  ".join(lines), highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -422,6 +472,12 @@ def _model_or_exit(settings: Settings, name: str):
         raise typer.Exit(2) from None
 
 
+def _print_model_traceback(exc: Exception) -> None:
+    """What a model's own code raised, where (file and line), as the job record keeps it."""
+    if getattr(exc, "traceback", ""):
+        console.print(exc.traceback, markup=False, highlight=False, soft_wrap=True)  # type: ignore[attr-defined]
+
+
 @app.command()
 def run(
     series_dir: Annotated[Path, typer.Argument(help="folder holding one series")],
@@ -458,6 +514,7 @@ def run(
         raise typer.Exit(3) from None
     except (ModelLoadError, ModelOutputError, ModelRunError, UndecodablePixelData) as exc:
         console.print(f"[red]{exc}[/red]")
+        _print_model_traceback(exc)
         raise typer.Exit(4) from None
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -102,13 +102,41 @@ def attempt_delivery(
             record.task_id = task_id
         now = time.time() if now is None else now
         folder = layout.job_outbox(job_id)
+        attempted = False
         for name, outcome in record.destinations.items():
             if outcome.state == DeliveryState.PENDING and outcome.next_attempt_at <= now:
                 _attempt(settings, record, folder, name, outcome, now)
+                attempted = True
         pending = [o.next_attempt_at for o in record.destinations.values() if o.state == DeliveryState.PENDING]
         record.next_attempt_at = min(pending) if pending else 0.0
         write_json_atomic(layout.delivery_record(job_id), record)
+        if attempted and not pending:
+            log.log(logging.WARNING if record.dead_lettered else logging.INFO, "%s",
+                    where_results_went(settings, layout, record))
         return record
+
+
+def where_results_went(settings: Settings, layout: DataLayout, record: DeliveryRecord) -> str:
+    """One line for a job whose delivery settled: each destination, where it is, how many instances."""
+    from ..records import JobRecord
+    from ..start_up import destination_where
+
+    job = read_json(layout.job_record(record.job_id), JobRecord)
+    delivered, dead = [], []
+    for name, outcome in record.destinations.items():
+        destination = settings.destination(name)
+        where = destination_where(destination) if destination is not None else "no longer configured"
+        if destination is not None and destination.kind == "folder" and job is not None:
+            where += f"/{job.study_uid}/"
+        stored = sum(1 for i in outcome.instances.values() if i.state == DeliveryState.DELIVERED)
+        if outcome.state == DeliveryState.DELIVERED:
+            delivered.append(f"{stored} instance(s) to {name} ({where})")
+        else:
+            dead.append(f"{name} ({where}), {stored} of {len(record.files)} stored: {outcome.last_error}")
+    line = f"job {record.job_id}: results delivered: {', '.join(delivered) or 'nowhere'}"
+    if dead:
+        line += f"; dead-lettered: {'; '.join(dead)} (the files stay in {layout.job_outbox(record.job_id)})"
+    return line
 
 
 def _attempt(settings: Settings, record: DeliveryRecord, folder: Path, name: str, outcome: DestinationOutcome,

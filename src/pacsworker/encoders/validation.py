@@ -133,9 +133,22 @@ def object_problems(volume: Volume, objects: dict[str, Dataset]) -> list[str]:
     return problems
 
 
+def iod_validator() -> str | None:
+    """Where dicom3tools' ``dciodvfy`` is, which the gate runs on every object; None: not installed."""
+    return shutil.which("dciodvfy")
+
+
+def validator_in_use() -> str:
+    """The gate's IOD check in words, for start-up: ``dciodvfy (PATH)`` or ``none (install dicom3tools)``."""
+    tool = iod_validator()
+    if tool is None:
+        return "none (install dicom3tools): only references and frame positions are checked"
+    return f"dciodvfy ({tool})"
+
+
 def iod_problems(objects: dict[str, Dataset]) -> list[str]:
     """Errors dciodvfy reports on each object; nothing when dciodvfy is not installed."""
-    tool = shutil.which("dciodvfy")
+    tool = iod_validator()
     if tool is None:
         return []
     problems = []

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
 from celery import Celery
-from celery.signals import heartbeat_sent
+from celery.signals import heartbeat_sent, worker_ready
 
 from ..config import Settings, load_settings
 from ..records import DataLayout
@@ -46,6 +47,8 @@ def celery_conf(settings: Settings) -> dict:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "event_queue_expires": q.event_queue_expires_seconds,
+        # a pool process loads its models before it takes a job (worker_process_init): give it the time a job has
+        "worker_proc_alive_timeout": float(q.job_time_limit),
     }
     if q.broker_url:
         conf["broker_url"] = q.broker_url
@@ -136,3 +139,37 @@ def _expire_event_queues(sender, **kwargs) -> None:  # in every worker, at each 
     if app.conf.broker_url == "filesystem://":
         with app.connection_for_write() as connection:
             expire_event_queues(connection, app.conf.event_queue_expires)
+
+
+def quiet_celery_start_up(settings: Settings) -> None:
+    """In a worker: our own lines instead of Celery's that mislead or repeat.
+
+    ``Connected to filesystem://:**@localhost//`` reads like a masked password (the start-up says
+    ``broker: embedded``); ``model@host ready.`` becomes a line naming the queues; ``Task ...
+    succeeded`` follows every job, failed ones too (the job's own line says how it ended).
+    """
+    if not settings.queue.broker_url:
+        logging.getLogger("celery.worker.consumer.connection").setLevel(logging.WARNING)
+    logging.getLogger("celery.apps.worker").setLevel(logging.WARNING)
+    logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
+    worker_ready.connect(_say_ready, weak=False)
+
+
+def _say_ready(sender=None, **kwargs) -> None:
+    queues = sorted(queue.name for queue in sender.task_consumer.queues) if sender and sender.task_consumer else []
+    logging.getLogger("pacsworker.worker").info("worker %s ready: consuming %s", getattr(sender, "hostname", "?"),
+                                                ", ".join(queues) or "no queue")
+
+
+def quiet_celery_shutdown() -> None:
+    """Celery's own shutdown words (``worker: Warm shutdown (MainProcess)``), for a worker that
+    ``serve`` started: serve says once that it stops, for all its processes."""
+    import celery.apps.worker
+
+    say = celery.apps.worker.safe_say
+
+    def say_all_but_shutdown(message, *args, **kwargs):
+        if not str(message).startswith(("worker: ", "Waiting gracefully")):
+            say(message, *args, **kwargs)
+
+    celery.apps.worker.safe_say = say_all_but_shutdown  # type: ignore[attr-defined]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -71,11 +72,12 @@ def process_series(self, job_id: str) -> str:
         job.state, job.reason = JobState.FAILED, f"exceeded the soft time limit of {settings.queue.job_soft_time_limit} s"
     except (ModelLoadError, ModelOutputError, ModelRunError) as exc:
         job.state, job.reason = JobState.FAILED, str(exc)
+        job.traceback = getattr(exc, "traceback", "")  # what the model's own code raised, where
         if getattr(exc, "log", ""):  # a MONAI Deploy application that failed: its whole log
             job.reason += f"\n(full log: {_keep_app_log(layout, job_id, exc.log)})"
     except Exception as exc:  # noqa: BLE001 - the job fails with its reason, the worker keeps serving
-        log.exception("job %s raised", job_id)
         job.state, job.reason = JobState.FAILED, f"{type(exc).__name__}: {exc}"
+        job.traceback = traceback.format_exc().rstrip("\n")
     with job_lock(layout, job_id):  # no other worker claims or finishes this job meanwhile
         on_disk = read_json(layout.job_record(job_id), JobRecord)
         if on_disk is not None and (on_disk.worker, on_disk.attempts) != (job.worker, job.attempts):
@@ -107,7 +109,10 @@ def process_series(self, job_id: str) -> str:
         save_job(layout, job)
     _count_job(job)
     settle_series_of(layout, *job.series_uids or [job.series_uid])
-    log.info("job %s %s%s", job_id, job.state.value, f": {job.reason}" if job.reason else "")
+    if job.state == JobState.FAILED:  # with the model's traceback when it raised: the record keeps it too
+        log.error("job %s failed: %s%s", job_id, job.reason, f"\n{job.traceback}" if job.traceback else "")
+    else:
+        log.info("job %s %s%s", job_id, job.state.value, f": {job.reason}" if job.reason else "")
     if job.state == JobState.DELIVERING:
         deliver.apply_async((job_id,), queue=DELIVERY_QUEUE)
     return job.state.value
@@ -129,6 +134,7 @@ def _claim(settings, layout: DataLayout, job_id: str) -> JobRecord | str:
         log.error("job %s failed: %s", job_id, job.reason)
         return job.state.value
     job.attempts += 1
+    job.traceback = ""  # an earlier attempt's
     job.state, job.worker, job.heartbeat, job.started_at = JobState.RUNNING, worker_identity(), time.time(), time.time()
     save_job(layout, job)
     return job

@@ -15,11 +15,12 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from ..config import ModelSettings
-from .adapters import LoadedModel, load_model
+from .adapters import LoadedModel, ModelLoadError, load_model
 from .model_files import files_digest, model_files
 from .outputs import Box, Boxes, DicomObjects, LabelMap, ModelOutputError, ModelRunError
 from .plausibility import input_failures, result_failures
 from .series import Series, Study
+from .tracebacks import load_traceback, model_traceback, raised_at
 from .volume import NotAVolumeError, Volume, VolumeOutcome, load_series
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ _loaded: dict[str, LoadedModel] = {}
 _files_digests: dict[str, str] = {}  # by the same key: the digest of the files the warm model was loaded from
 
 
-def get_model(settings: ModelSettings) -> LoadedModel:
+def get_model(settings: ModelSettings, say: bool = True) -> LoadedModel:
     """The model for these settings, loaded once per process and kept warm; loaded again when its
     files (:func:`~pacsworker.worker.model_files.model_files`) changed on disk since.
 
@@ -36,6 +37,8 @@ def get_model(settings: ModelSettings) -> LoadedModel:
     ------
     ModelLoadError
         If it cannot be loaded (tried again on the next job).
+
+    ``say``: log the load at INFO (the start-up check says it in its own line).
     """
     key = settings.model_dump_json(exclude={"match"})
     if key in _loaded and files_digest(model_files(settings, _loaded[key])) != _files_digests[key]:
@@ -43,9 +46,14 @@ def get_model(settings: ModelSettings) -> LoadedModel:
         del _loaded[key]
     if key not in _loaded:
         started = time.perf_counter()
-        _loaded[key] = load_model(settings)
+        try:
+            _loaded[key] = load_model(settings)
+        except ModelLoadError as exc:
+            exc.traceback = load_traceback(exc)  # type: ignore[attr-defined]  # the job record keeps it
+            raise
         _files_digests[key] = files_digest(model_files(settings, _loaded[key]))
-        log.info("model %s loaded on %s in %.2f s", settings.name, _loaded[key].device, time.perf_counter() - started)
+        log.log(logging.INFO if say else logging.DEBUG, "model %s loaded on %s in %.2f s", settings.name,
+                _loaded[key].device, time.perf_counter() - started)
     return _loaded[key]
 
 
@@ -191,8 +199,10 @@ def _run(outcome: RunOutcome, model: LoadedModel, settings: ModelSettings, prede
     except (ModelOutputError, ModelRunError):
         raise  # the adapter's own words: already the reason
     except Exception as exc:  # noqa: BLE001 - the researcher's code: its message becomes the job's reason
-        log.debug("model %s raised", settings.name, exc_info=True)
-        raise ModelRunError(f"model {settings.name} raised {type(exc).__name__}: {exc}") from exc
+        where = raised_at(exc)
+        error = ModelRunError(f"{type(exc).__name__} in model {settings.name}{f' ({where})' if where else ''}: {exc}")
+        error.traceback = model_traceback(exc)  # type: ignore[attr-defined]  # the job record keeps it
+        raise error from exc
     outcome.timings["model_s"] = time.perf_counter() - started
     outcome.volume = volume = series.volume
     outcome.notes = list(volume.notes)
