@@ -98,8 +98,20 @@ def test_a_changed_seg_setting_gives_new_uids(dicom_dir):
     plain = run_model(files, ModelSettings(name="ct-body"))
     other = run_model(files, ModelSettings(name="ct-body", seg={"threshold": 0.4}))
     assert plain.seg.SOPInstanceUID != other.seg.SOPInstanceUID and plain.sr.SOPInstanceUID != other.sr.SOPInstanceUID
-    # the derived identifiers of the source stay: both results are in one frame of reference
-    assert plain.seg.FrameOfReferenceUID == other.seg.FrameOfReferenceUID
+
+
+def test_a_derived_frame_of_reference_is_the_sources_whatever_the_model(dicom_dir):
+    from pacsworker.encoders import encode_results
+    from pacsworker.worker.outputs import LabelMap, ModelIdentity, SegmentSpec
+
+    volume = load_series(_files(dicom_dir / "ct07_siemens_definitionas_tilt_no_tilt_tag_4sl"))  # none of its own
+    labels = np.zeros(volume.pixels.shape, dtype=np.uint8)
+    labels[:, 2:6, 2:8] = 1
+    segs = [encode_results(volume, LabelMap(labels, (SegmentSpec(1, "Box"),)), ModelIdentity(name, "1"),
+                           provenance=provenance).seg
+            for name, provenance in (("a", "x"), ("a", "y"), ("b", "x"))]
+    assert len({seg.SOPInstanceUID for seg in segs}) == 3
+    assert len({seg.FrameOfReferenceUID for seg in segs}) == 1  # every result on the series lies in one frame
 
 
 def test_new_bytes_in_the_same_model_file_give_new_uids(dicom_dir, tmp_path, caplog):
