@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import REPO, dciodvfy_errors, pacsworker_run, write_config
 from pydicom.uid import generate_uid
 
+from conftest import REPO, dciodvfy_errors, pacsworker_run, write_config
 from pacsworker.config import ModelSettings, Settings
 from pacsworker.records import DataLayout, JobRecord, SeriesRecord, read_json
 from pacsworker.worker.runtime import run_model
@@ -144,7 +144,8 @@ def test_a_torchscript_models_files_are_its_file_and_pipeline_and_their_digest_f
     assert model_files(settings) == [(tmp_path / "model.ts").resolve(), (tmp_path / "pipeline.yaml").resolve()]
     hashed = []
     original = model_files_module.hashlib.file_digest
-    monkeypatch.setattr(model_files_module.hashlib, "file_digest", lambda f, name: hashed.append(f.name) or original(f, name))
+    monkeypatch.setattr(model_files_module.hashlib, "file_digest",
+                        lambda file, name: hashed.append(file.name) or original(file, name))
     digest = files_digest(model_files(settings))
     assert files_digest(model_files(settings)) == digest
     assert len(hashed) == 2, "each file is hashed once while its size and mtime stay"
@@ -166,7 +167,8 @@ def test_a_python_models_files_are_its_source_its_declared_files_and_option_file
     (tmp_path / "weights" / "a.pt").write_bytes(b"a")
     (tmp_path / "vocab.txt").write_text("bone\n")
     (tmp_path / "extra.pt").write_bytes(b"x")
-    settings = ModelSettings(name="net", kind="python", source=f"{source}:Net", options={"weights": str(tmp_path / "extra.pt")})
+    settings = ModelSettings(name="net", kind="python", source=f"{source}:Net",
+                             options={"weights": str(tmp_path / "extra.pt")})
 
     class Loaded:  # what the adapter holds: the class's instance
         instance = type("Net", (), {"files": ["weights", "vocab.txt"]})()

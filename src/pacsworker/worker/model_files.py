@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
