@@ -455,9 +455,9 @@ ModelKind = Literal["builtin", "python", "torchscript", "monai-bundle", "triton"
 
 # the fields, their order and their defaults that named a model before each kind had its own class:
 # fingerprint() reproduces them, so that the jobs of an unchanged configuration keep their names
-_FINGERPRINT_FIELDS = {"kind": None, "source": "ct-body", "pipeline": None, "version": "", "options": {},
+_FINGERPRINT_FIELDS: dict[str, Any] = {"kind": None, "source": "ct-body", "pipeline": None, "version": "", "options": {},
                        "outputs": {}, "seg": None}
-_SERVED_FIELDS = {"url": None, "model_name": None, "model_version": "", "inference_command": "get-probability-mask",
+_SERVED_FIELDS: dict[str, Any] = {"url": None, "model_name": None, "model_version": "", "inference_command": "get-probability-mask",
                   "command": None, "model_path": None, "irregular_spacing": "refuse", "scope": "series"}
 
 
@@ -653,9 +653,9 @@ def brain_extra_installed() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("deepbet", "cc3d", "fill_voids"))
 
 
-def default_models() -> list[ModelSettings]:
+def default_models() -> list[AnyModel]:
     """ct-body, and mr-brain when its extra is installed: what runs with no ``models`` configured."""
-    models: list[ModelSettings] = [BuiltinModelSettings(name="ct-body")]
+    models: list[AnyModel] = [BuiltinModelSettings(name="ct-body")]
     if brain_extra_installed():
         models.append(BuiltinModelSettings(
             name="mr-brain", kind="builtin", source="mr-brain",

@@ -216,7 +216,7 @@ def _kinds(alternatives: Any, path: str, title: str, env: list[str] | None, cont
     discriminator = _discriminator(alternatives)
     if discriminator and len(kinds) > 1:
         common = _common_base(kinds)
-        found = [(common, path, f"{title} (every {discriminator})", env, None)] if common else []
+        found: list[tuple] = [(common, path, f"{title} (every {discriminator})", env, None)] if common else []
         for kind in kinds:
             value = typing.get_args(kind.model_fields[discriminator].annotation)[0]
             found.append((kind, path, f"{title} ({discriminator}: {value})", env, (discriminator, value)))
@@ -249,7 +249,7 @@ def walk(cls: type[BaseModel], path: str, title: str, env_path: list[str] | None
     below: list[tuple] = []
     shared = _common_base([cls]) if tag else None  # a kind lists only its own keys; the shared ones come once
     for name, info in cls.model_fields.items():
-        if shared is not None and name in shared.model_fields and name != tag[0]:
+        if shared is not None and tag and name in shared.model_fields and name != tag[0]:
             continue
         key = info.alias or name
         dotted = f"{path}.{key}" if path else key
