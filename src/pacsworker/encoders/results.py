@@ -20,10 +20,11 @@ import highdicom as hd
 import numpy as np
 from highdicom.sr.coding import CodedConcept
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
+from pydicom.tag import BaseTag
 
 from .. import __version__
 from ..config import SegOptions
@@ -175,7 +176,7 @@ def _header_copy(source: Dataset) -> Dataset:
     converted ones are copied, sequences and multi-values deeply. Measured on headers as the loader
     leaves them (125 elements each): 270 ms per 500 slices, against 1.6 s for ``copy.deepcopy``.
     """
-    elements = {}
+    elements: dict[BaseTag, DataElement | RawDataElement] = {}
     for tag in source.keys():
         if tag in _PIXEL_TAGS:
             continue
