@@ -4,6 +4,10 @@ FROM python:3.11-slim
 ARG TORCH_SPEC="torch"
 ENV PYTHONUNBUFFERED=1 PACSWORKER__STORAGE__DATA_DIR=/data
 WORKDIR /app
+# dicom3tools: dciodvfy, the IOD validator of the validation gate (without it the gate skips that check)
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends dicom3tools \
+    && rm -rf /var/lib/apt/lists/*
 RUN pip install --no-cache-dir ${TORCH_SPEC}
 COPY pyproject.toml README.md ./
 COPY src ./src

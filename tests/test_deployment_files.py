@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,53 @@ def test_systemd_units_verify(tmp_path):
                             capture_output=True, text=True)
     complaints = [line for line in (result.stdout + result.stderr).splitlines() if "pacsworker" in line]
     assert result.returncode == 0 and not complaints, "\n".join(complaints) or result.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# what the image installs (scripts/fresh_install_check.py replays these steps before the suite)
+
+
+def fresh_install_check():
+    """scripts/fresh_install_check.py as a module: its reading of the Dockerfile is the one tested here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fresh_install_check", REPO / "scripts" / "fresh_install_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_image_installs_the_iod_validator():
+    parser = DockerfileParser(path=str(REPO / "Dockerfile"))
+    check = fresh_install_check()
+    runs = [check.shell_commands(i["value"]) for i in parser.structure if i["instruction"] == "RUN"]
+    apt = next((commands for commands in runs if any(c[:2] == ["apt-get", "install"] for c in commands)), None)
+    assert apt, "the Dockerfile installs no Debian package: dciodvfy (dicom3tools) is missing from the image"
+    install = next(c for c in apt if c[:2] == ["apt-get", "install"])
+    assert "dicom3tools" in install, "the image lacks dicom3tools: its validation gate would skip dciodvfy"
+    assert "--no-install-recommends" in install and "-y" in install
+    # one layer: the package lists are fetched and removed in the same RUN
+    assert apt[0] == ["apt-get", "update"] and apt[-1] == ["rm", "-rf", "/var/lib/apt/lists/*"]
+
+
+def test_image_pip_installs_the_package_with_the_runtime_extras_and_a_chosen_torch():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    parser = DockerfileParser(path=str(REPO / "Dockerfile"), build_args={"TORCH_SPEC": "torch==9.9"})
+    check = fresh_install_check()
+    # the smoke's own reading of the Dockerfile finds the commands dockerfile-parse finds
+    steps = check.image_steps(dockerfile, {"TORCH_SPEC": "torch==9.9"})
+    from_parser = [words for i in parser.structure if i["instruction"] == "RUN"
+                   for words in check.shell_commands(check.expand(i["value"], parser.args))]
+    assert [words for kind, _, words in steps if kind == "other"] == [w for w in from_parser if w[0] != "pip"]
+    installs = check.pip_installs(dockerfile, {"TORCH_SPEC": "torch==9.9"})
+    assert len(installs) == sum(1 for w in from_parser if w[0] == "pip")
+    # torch first, from the build argument (a CUDA build on GPU hosts), so the package cannot pull another
+    assert installs[0] == ["--no-cache-dir", "torch==9.9"]
+    package = next(a for args in installs for a in args if a.startswith(".["))
+    extras = set(package.removeprefix(".[").removesuffix("]").split(","))
+    declared = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    assert {"brain", "monitor"} <= extras <= declared and "test" not in extras
+    deepbet = next(args for args in installs if any(a.startswith("deepbet==") for a in args))
+    assert "--no-deps" in deepbet
+    pin = next(a for a in deepbet if a.startswith("deepbet=="))
+    assert f'--no-deps "{pin}"' in (REPO / "scripts" / "setup.sh").read_text(), "the image and setup.sh pin other deepbets"
