@@ -46,6 +46,10 @@ def warm_up(models: list[ModelSettings]) -> list[ModelReadiness]:
     """Load every model now, in this process and on its device; look for each remote model's server."""
     found = []
     for settings in models:
+        if settings.kind in REMOTE_KINDS:  # nothing to load here: its server is looked for
+            reachable, detail = remote_reach(settings)
+            found.append(ModelReadiness(settings.name, True, detail, remote=True, reachable=reachable))
+            continue
         started = time.perf_counter()
         try:
             model = get_model(settings, say=False)
@@ -55,12 +59,8 @@ def warm_up(models: list[ModelSettings]) -> list[ModelReadiness]:
         except Exception as exc:  # noqa: BLE001 - a start-up check names what went wrong, it never stops the worker
             found.append(ModelReadiness(settings.name, False, f"{type(exc).__name__}: {exc}"))
             continue
-        if settings.kind in REMOTE_KINDS:
-            reachable, detail = remote_reach(settings)
-            found.append(ModelReadiness(settings.name, True, detail, remote=True, reachable=reachable))
-        else:
-            found.append(ModelReadiness(settings.name, True, f"{settings.kind}, loaded on {model.device} in "
-                                        f"{time.perf_counter() - started:.1f} s, kept warm for its jobs"))
+        found.append(ModelReadiness(settings.name, True, f"{settings.kind}, loaded on {model.device} in "
+                                    f"{time.perf_counter() - started:.1f} s, kept warm for its jobs"))
     return found
 
 
