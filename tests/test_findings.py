@@ -9,9 +9,9 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from conftest import dciodvfy_errors, pacsworker_run, write_config
 from PIL import Image
 
+from conftest import dciodvfy_errors, pacsworker_run, write_config
 from pacsworker.config import ModelSettings, OutputConfig
 from pacsworker.worker.adapters.python_class import to_result
 from pacsworker.worker.export import BOX_PALETTE, render_overlay

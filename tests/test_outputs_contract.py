@@ -14,8 +14,8 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from conftest import REPO, pacsworker_run, write_config
 
+from conftest import REPO, pacsworker_run, write_config
 from pacsworker.config import ModelSettings, OutputConfig
 from pacsworker.worker import outputs as output_module
 from pacsworker.worker.adapters.python_class import PythonModel, import_class, to_result
@@ -113,7 +113,7 @@ def test_one_typed_output_takes_its_keys_coding_and_a_wrong_kind_is_refused(ct06
     result = to_result(Classification(1, uncoded), config, ct06)
     assert result.outputs["finding"].name == CodedTerm.from_triple(BONE)
     assert result.outputs["finding"].meaning == CodedTerm.from_triple(PRESENT)
-    with pytest.raises(ModelOutputError, match="output 'finding' is configured as classification, the model returned a Score"):
+    with pytest.raises(ModelOutputError, match="output 'finding' is configured as classification, the model returned a Sc"):
         to_result({"finding": Score(0.5, uncoded)}, config, ct06)
     # a Box list under a boxes key gets the labels' codes too
     boxes = to_result({"b": [Box(slice=0, top_left=(1, 1), bottom_right=(5, 5), label="Bone")]},
@@ -131,7 +131,8 @@ def test_one_typed_output_takes_its_keys_coding_and_a_wrong_kind_is_refused(ct06
     ({"risk": float("nan")}, r"output 'risk': a score is nan, not a finite number"),
 ])
 def test_a_probability_outside_0_to_1_fails_naming_output_and_value(ct06, returned, message):
-    config = {"c": OutputConfig(kind="classification", name=BONE), "risk": OutputConfig(kind="score", name=PROBABILITY_OF_CANCER)}
+    config = {"c": OutputConfig(kind="classification", name=BONE),
+              "risk": OutputConfig(kind="score", name=PROBABILITY_OF_CANCER)}
     config = {key: value for key, value in config.items() if key in returned}
     with pytest.raises(ModelOutputError, match=message):
         to_result(returned, config, ct06)
@@ -163,7 +164,8 @@ def _signature_line(cls: type) -> str:
             keyword_only = True
         text = f"{parameter.name}: {parameter.annotation}".replace("'", "")
         if parameter.default is not parameter.empty:
-            named = [name for name in ("TISSUE", "ANATOMICAL_STRUCTURE") if getattr(output_module, name) == parameter.default]
+            named = [name for name in ("TISSUE", "ANATOMICAL_STRUCTURE")
+                     if getattr(output_module, name) == parameter.default]
             text += f" = {named[0] if named else repr(parameter.default)}"
         parts.append(text)
     return f"{cls.__name__}({', '.join(parts)})"
@@ -218,7 +220,8 @@ def test_a_model_file_imports_the_modules_beside_it(tmp_path):
 
 def test_without_a_version_the_results_name_the_models_file_digest(tmp_path):
     (tmp_path / "plain.py").write_text("class Plain:\n    def predict(self, series):\n        return None\n")
-    model = PythonModel(ModelSettings(name="plain", kind="python", source=f"{tmp_path / 'plain.py'}:Plain"), f"{tmp_path / 'plain.py'}:Plain")
+    source = f"{tmp_path / 'plain.py'}:Plain"
+    model = PythonModel(ModelSettings(name="plain", kind="python", source=source), source)
     assert re.fullmatch(r"sha256:[0-9a-f]{12}", model.identity.version)
     versioned = ModelSettings(name="plain", kind="python", version="2.1", source=f"{tmp_path / 'plain.py'}:Plain")
     assert PythonModel(versioned, versioned.source).identity.version == "2.1"
@@ -264,8 +267,9 @@ def test_ct_body_types_the_body_as_entire_body(dicom_dir):
     from pacsworker.worker.runtime import run_model
 
     body = CtBodyModel.segments[0]
-    assert (body.property_type.scheme, body.property_type.value, body.property_type.meaning) == ("SCT", "38266002", "Entire body")
-    outcome = run_model(sorted((dicom_dir / CT06).glob("*.dcm")), ModelSettings(name="ct-body", kind="builtin", source="ct-body"))
+    assert body.property_type == CodedTerm(scheme="SCT", value="38266002", meaning="Entire body")
+    settings = ModelSettings(name="ct-body", kind="builtin", source="ct-body")
+    outcome = run_model(sorted((dicom_dir / CT06).glob("*.dcm")), settings)
     findings = {(ds.Modality, str(item.ConceptCodeSequence[0].CodeMeaning))
                 for ds in (outcome.sr, outcome.image_sr) for item in _content_items(ds)
                 if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == "121071"}  # Finding

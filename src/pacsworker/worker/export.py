@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,7 @@ class _Canonical:
         spacing = [0.0, 0.0, 0.0]
         for axis, (world, _) in enumerate(ornt):
             spacing[int(world)] = float(series.spacing[axis])
-        return cls(ornt, tuple(spacing))
+        return cls(ornt, (spacing[0], spacing[1], spacing[2]))
 
     def volume(self, array: np.ndarray) -> np.ndarray:
         return nib.orientations.apply_orientation(array, self.ornt)
@@ -76,7 +77,7 @@ class _Canonical:
         out = [0, 0, 0]
         for axis, (world, flip) in enumerate(self.ornt):
             out[int(world)] = int(ijk[axis]) if flip > 0 else shape[axis] - 1 - int(ijk[axis])
-        return tuple(out)
+        return out[0], out[1], out[2]
 
 
 def _cut(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
@@ -135,10 +136,10 @@ def _box_outlines(shape: tuple[int, int, int], boxes: list[Box], names: list[str
 
 def _resized(rgb: np.ndarray, height_mm: float, width_mm: float, pixel_mm: float) -> Image.Image:
     size = (max(1, round(width_mm / pixel_mm)), max(1, round(height_mm / pixel_mm)))
-    return Image.fromarray(np.ascontiguousarray(rgb)).resize(size, Image.NEAREST)
+    return Image.fromarray(np.ascontiguousarray(rgb)).resize(size, Image.Resampling.NEAREST)
 
 
-def render_overlay(series: Series, labels: np.ndarray | None, boxes: list[Box] = (),
+def render_overlay(series: Series, labels: np.ndarray | None, boxes: Sequence[Box] = (),
                    segments: tuple[SegmentSpec, ...] = ()) -> tuple[Image.Image, list[OverlayPanel]]:
     """The axial, coronal and sagittal planes through the mask's centre (the most confident box's,
     else the volume's), in radiological view computed from the volume's orientation, in physical
@@ -163,30 +164,33 @@ def render_overlay(series: Series, labels: np.ndarray | None, boxes: list[Box] =
     outlines = canonical.volume(_box_outlines(pixels.shape, boxes, names))
     colours = _colours(segments, labels)
     pixel_mm = min(canonical.spacing)
-    wanted = [(name, canonical.index(centre, pixels.shape)) for name in PLANES]
+    wanted = [(name, name, canonical.index(centre, pixels.shape)) for name in PLANES]
     acquired = next(name for name, (axis, _) in PLANES.items() if axis == int(canonical.ornt[0][0]))
     if best is not None and best.slice != centre[0]:
-        box_centre = (best.slice, *centre[1:])
-        wanted.append((acquired, canonical.index(box_centre, pixels.shape)))
-    planes = []
-    for name, point in wanted:
+        box_centre = (best.slice, int(centre[1]), int(centre[2]))
+        title = f"{acquired}, best box (image {best.slice + 1})"
+        wanted.append((acquired, title, canonical.index(box_centre, pixels.shape)))
+    planes: list[tuple[str, tuple[str, str, str, str], Image.Image]] = []
+    for name, title, point in wanted:
         axis, letters = PLANES[name]
         rows_axis, columns_axis = {2: (1, 0), 1: (2, 0), 0: (2, 1)}[axis]
         rgb = _plane(_cut(image, axis, point[axis]), _cut(mask, axis, point[axis]), _cut(outlines, axis, point[axis]),
                      low, high, colours)
         picture = _resized(rgb, image.shape[rows_axis] * canonical.spacing[rows_axis],
                            image.shape[columns_axis] * canonical.spacing[columns_axis], pixel_mm)
-        title = name if len(planes) < 3 else f"{name}, best box (image {best.slice + 1})"
         planes.append((title, letters, picture))
     return _compose(planes, _legend_entries(labels, segments, colours, boxes, names))
+
+
+def _rgb(colour) -> tuple[int, int, int]:
+    return int(colour[0]), int(colour[1]), int(colour[2])
 
 
 def _legend_entries(labels, segments, colours, boxes, names) -> list[tuple[str, tuple[int, int, int], bool]]:
     """(text, colour, is a box) for every segment in the map and every box label."""
     present = set(np.unique(labels).tolist()) - {0}
     by_label = {spec.label: spec.name for spec in segments}
-    entries = [(by_label.get(label, f"label {label}"), tuple(int(v) for v in colours[label]), False)
-               for label in sorted(present)]
+    entries = [(by_label.get(label, f"label {label}"), _rgb(colours[label]), False) for label in sorted(present)]
     for index, name in enumerate(names):
         count = sum(1 for b in boxes if b.label == name)
         entries.append((f"{name}: {count} box{'es' if count != 1 else ''}", BOX_PALETTE[index % len(BOX_PALETTE)], True))
@@ -225,7 +229,7 @@ def _compose(planes, entries) -> tuple[Image.Image, list[OverlayPanel]]:
     return canvas, panels
 
 
-def write_overlay_png(series: Series, labels: np.ndarray | None, path: Path, boxes: list[Box] = (),
+def write_overlay_png(series: Series, labels: np.ndarray | None, path: Path, boxes: Sequence[Box] = (),
                       segments: tuple[SegmentSpec, ...] = ()) -> Path:
     """``render_overlay`` as a PNG file."""
     render_overlay(series, labels, boxes, segments)[0].save(path)

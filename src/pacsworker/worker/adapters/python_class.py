@@ -76,6 +76,8 @@ def _load_file(path: Path) -> types.ModuleType:
         sys.modules[package_name] = package
     name = f"{package_name}.{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"model file {path} cannot be loaded as a Python module")
     module = importlib.util.module_from_spec(spec)
     # top-level names of the folder's own modules: while the file loads, they must be this folder's
     own = {p.stem for p in folder.glob("*.py")} | {p.name for p in folder.iterdir() if (p / "__init__.py").is_file()}
@@ -115,7 +117,8 @@ def file_digest(path: Path) -> str:
 def _source_digest(cls: type) -> str:
     """The digest of the file that defines ``cls``; "0" when it has none (a class made at run time)."""
     try:
-        return file_digest(Path(inspect.getsourcefile(cls)))
+        source = inspect.getsourcefile(cls)
+        return file_digest(Path(source)) if source else "0"
     except (TypeError, OSError):
         return "0"
 
@@ -236,7 +239,9 @@ def configured(key: str, output, config: OutputConfig | None):
     if config is None or isinstance(output, DicomObjects):
         return output
     if not isinstance(output, KINDS[config.kind]):
-        raise ModelOutputError(f"output {key!r} is configured as {config.kind}, the model returned a {type(output).__name__}")
+        raise ModelOutputError(
+            f"output {key!r} is configured as {config.kind}, the model returned a {type(output).__name__}"
+        )
     if isinstance(output, (Score, Classification)) and config.name is not None:
         output = replace(output, name=CodedTerm.from_triple(config.name))
     if isinstance(output, Classification) and str(output.value) in config.values:
