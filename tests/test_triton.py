@@ -185,10 +185,8 @@ def torchscript_labels(ct02) -> np.ndarray:
 
 
 def spleen_settings(**fields) -> ModelSettings:
-    if fields.get("kind") != "triton":  # a triton model has no device of its own: the network runs on the server
-        fields.setdefault("device", "cpu")
     return ModelSettings(
-        name="spleen", pipeline={"pre": PRE + RESIZE, "inferer": INFERER, "post": POST},
+        name="spleen", device="cpu", pipeline={"pre": PRE + RESIZE, "inferer": INFERER, "post": POST},
         outputs={"seg": {"kind": "labelmap", "segments": [SPLEEN_SEGMENT]}}, **fields,
     )
 

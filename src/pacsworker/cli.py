@@ -593,8 +593,9 @@ def models_list(config: ConfigOption = None) -> None:
     for column in ("name", "kind", "source", "version", "device", "routing", "reference cases"):
         table.add_column(column)
     for model in settings.models:
-        device = getattr(model, "device", "remote")  # triton, arterys: none of their own
+        device = getattr(model, "device", "auto")
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        device = "remote" if model.kind in ("triton", "arterys") else device
         where = {"triton": lambda: f"{model.url} {model.model_name}", "arterys": lambda: model.url,
                  "monai-deploy": lambda: model.command or model.source}.get(model.kind, lambda: model.source)()
         table.add_row(model.name, model.kind, where, model.version or "(from the model)", device,

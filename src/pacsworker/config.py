@@ -576,12 +576,23 @@ class TritonModelSettings(ModelSettings):
     url: str = Field(pattern=r"^(https?|grpc)://", description="http://host:port, https://host:port or grpc://host:port")
     model_name: str = Field(min_length=1, description="the model's name on the server")
     model_version: str = Field("", description="a version on the server; empty: the server's choice")
-    pipeline: PipelineConfig | str | None = Field(None, description="as kind torchscript's: inline, or a YAML file")
+    device: str = Field(
+        "auto", description="where the worker runs the pipeline around the network: auto, cpu, cuda, cuda:N")
+    pipeline: PipelineConfig | str | None = Field(
+        None, description="as kind torchscript's: inline, or a YAML file by its absolute path")
     outputs: dict[str, OutputConfig] = Field(default_factory=dict, description="output key -> what it is")
     request_timeout_seconds: float = Field(300.0, gt=0, description="one request's time limit")
     wait_seconds: float = Field(
         300.0, ge=0, description="how long a job waits for an unreachable server or a model that is not ready "
         "before it fails")
+
+    @field_validator("pipeline")
+    @classmethod
+    def _absolute(cls, value: PipelineConfig | str | None) -> PipelineConfig | str | None:
+        if isinstance(value, str) and not Path(value).is_absolute():
+            raise ValueError("a pipeline file of kind triton is named by its absolute path: there is no model file "
+                             "for it to be beside")
+        return value
 
 
 class ArterysModelSettings(ModelSettings):

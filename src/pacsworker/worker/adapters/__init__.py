@@ -70,6 +70,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the researcher's code raised while loading
-        raise ModelLoadError(f"model {settings.name} ({settings.kind} {settings.source}) failed to load: "
+        where = getattr(settings, "source", None) or getattr(settings, "url", None) or getattr(settings, "command", "")
+        raise ModelLoadError(f"model {settings.name} ({settings.kind} {where}) failed to load: "
                              f"{type(exc).__name__}: {exc}") from exc
     raise ModelLoadError(f"model kind {settings.kind!r} is not supported")
