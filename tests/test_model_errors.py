@@ -21,8 +21,9 @@ def _raising_config(tmp_path: Path, **sections) -> Path:
     return write_config(
         tmp_path / "c.yaml", storage={"data_dir": str(tmp_path / "data")},
         models=[{"name": "raises", "kind": "python", "source": f"{SWITCHABLE}:Switchable",
-                 "options": {"fail_while": str(flag)}, "outputs": {"bone": {"kind": "labelmap", "segments": [{"label": 1, "name": "Bone", "category": BONE,
-                                                                         "type": BONE}]}}}],
+                 "options": {"fail_while": str(flag)},
+                 "outputs": {"bone": {"kind": "labelmap",
+                                      "segments": [{"label": 1, "name": "Bone", "category": BONE, "type": BONE}]}}}],
         **sections,
     )
 

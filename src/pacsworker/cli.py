@@ -93,7 +93,7 @@ def scp(config: ConfigOption = None) -> None:
 
 def _stop_on_sigterm() -> None:
     """SIGTERM stops the process as Ctrl+C does: the receiver closes, the workers finish, it says so."""
-    stopping = []
+    stopping: list[int] = []
 
     def stop(signum, _frame):
         if stopping:  # a second signal (to the process and to its group) must not cut the stop short

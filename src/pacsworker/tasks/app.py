@@ -172,4 +172,4 @@ def quiet_celery_shutdown() -> None:
         if not str(message).startswith(("worker: ", "Waiting gracefully")):
             say(message, *args, **kwargs)
 
-    celery.apps.worker.safe_say = say_all_but_shutdown  # type: ignore[attr-defined]
+    celery.apps.worker.safe_say = say_all_but_shutdown

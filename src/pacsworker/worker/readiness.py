@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -42,7 +43,7 @@ class ModelReadiness:
         return f"{line}\n{self.traceback}" if self.traceback else line
 
 
-def warm_up(models: list[ModelSettings]) -> list[ModelReadiness]:
+def warm_up(models: Sequence[ModelSettings]) -> list[ModelReadiness]:
     """Load every model now, in this process and on its device; look for each remote model's server."""
     found = []
     for settings in models:
