@@ -110,7 +110,8 @@ def _saved(ds: pydicom.Dataset, path: Path) -> Path:
 def test_one_typed_output_takes_its_keys_coding_and_a_wrong_kind_is_refused(ct06):
     config = {"finding": OutputConfig(kind="classification", name=BONE, values={"1": PRESENT})}
     uncoded = CodedTerm(scheme="99MINE", value="x", meaning="mine")
-    result = to_result(Classification(1, uncoded), config, ct06)
+    result = to_result(Classification(np.int64(1), uncoded), config, ct06)  # as np.argmax gives it
+    assert result.outputs["finding"].value == 1 and type(result.outputs["finding"].value) is int
     assert result.outputs["finding"].name == CodedTerm.from_triple(BONE)
     assert result.outputs["finding"].meaning == CodedTerm.from_triple(PRESENT)
     with pytest.raises(ModelOutputError, match="output 'finding' is configured as classification, the model returned a Sc"):

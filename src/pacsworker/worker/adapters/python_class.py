@@ -208,6 +208,8 @@ def to_result(raw, outputs: dict[str, OutputConfig], series: Series) -> ModelRes
         raw = {next(iter(outputs)): raw}
     result = ModelResult(notes=notes)
     for key, value in raw.items():
+        if isinstance(value, Classification) and isinstance(value.value, (np.ndarray, np.generic, torch.Tensor)):
+            value = replace(value, value=np.asarray(value.value).item())  # np.argmax(...) as a class: its number
         if isinstance(value, (*OUTPUT_TYPES, DicomObjects)):
             result.outputs[key] = configured(key, value, outputs.get(key))
         elif key in outputs:
