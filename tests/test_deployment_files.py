@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dockerfile_parse import DockerfileParser
+
 from conftest import (
     REPO,
     Pacsworker,
@@ -23,14 +25,13 @@ from conftest import (
     wait_until,
     write_config,
 )
-from dockerfile_parse import DockerfileParser
-
 from pacsworker.config import load_settings
 
 
 def test_compose_file_is_valid_and_complete():
     tool = require_tool("docker-compose")
-    result = subprocess.run([tool, "-f", str(REPO / "docker-compose.yml"), "config"], capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run([tool, "-f", str(REPO / "docker-compose.yml"), "config"],
+                            capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     services = yaml.safe_load(result.stdout)["services"]
     assert {"redis", "orthanc", "scp", "worker", "flower"} <= set(services)
@@ -243,8 +244,8 @@ def test_systemd_units_verify(tmp_path):
     venv = Path(sys.executable).parent.parent  # ExecStart must name a real executable to verify
     for path in UNITS.values():
         (tmp_path / path.name).write_text(path.read_text().replace("/opt/pacsworker/venv", str(venv)))
-    result = subprocess.run([tool, "verify", str(tmp_path / UNITS["scp"].name), str(tmp_path / "pacsworker-worker@0.service")],
-                            capture_output=True, text=True)
+    units = [str(tmp_path / UNITS["scp"].name), str(tmp_path / "pacsworker-worker@0.service")]
+    result = subprocess.run([tool, "verify", *units], capture_output=True, text=True)
     complaints = [line for line in (result.stdout + result.stderr).splitlines() if "pacsworker" in line]
     assert result.returncode == 0 and not complaints, "\n".join(complaints) or result.stderr
 
