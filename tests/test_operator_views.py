@@ -13,11 +13,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, write_config
 
+from conftest import free_port, write_config
 from pacsworker.config import Settings
-from pacsworker.records import DataLayout, DeliveryRecord, DeliveryState, DestinationOutcome, JobRecord, JobState
-from pacsworker.records import write_json_atomic
+from pacsworker.records import (
+    DataLayout,
+    DeliveryRecord,
+    DeliveryState,
+    DestinationOutcome,
+    JobRecord,
+    JobState,
+    write_json_atomic,
+)
 from pacsworker.replay import replay
 
 CT02 = "ct02_philips_ingenuity_headphantom_5mm"
@@ -54,10 +61,11 @@ def records(tmp_path):
     empty = _job("ct-body_1.2.3_abc_def", JobState.NO_RESULT, reason="not-a-volume: 1 image plane(s)")
     for job in (done, failed, empty):
         write_json_atomic(layout.job_record(job.job_id), job)
-    write_json_atomic(layout.delivery_record(done.job_id), DeliveryRecord(job_id=done.job_id, files=["seg.dcm"], destinations={
+    delivery = DeliveryRecord(job_id=done.job_id, files=["seg.dcm"], destinations={
         "orthanc": DestinationOutcome(state=DeliveryState.DELIVERED, attempts=1),
         "pacs": DestinationOutcome(state=DeliveryState.PENDING, attempts=2, last_error="HTTP 503 Service Unavailable"),
-    }))
+    })
+    write_json_atomic(layout.delivery_record(done.job_id), delivery)
     return config, tmp_path / "data", done.job_id, failed.job_id, empty.job_id
 
 

@@ -38,10 +38,10 @@ class _Correlation(logging.Filter):
     a job id runs to a hundred characters and a line carries it once."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not getattr(record, "correlation", ""):
-            record.correlation = _CORRELATION.get()
-        named = record.correlation and record.correlation in record.getMessage()
-        record.correlation_tag = f" [{record.correlation}]" if record.correlation and not named else ""
+        correlation = getattr(record, "correlation", "") or _CORRELATION.get()
+        record.correlation = correlation
+        named = bool(correlation) and correlation in record.getMessage()
+        record.correlation_tag = f" [{correlation}]" if correlation and not named else ""
         return True
 
 

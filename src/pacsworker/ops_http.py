@@ -116,7 +116,8 @@ def value_summary(values: dict) -> str:
         if key in ("segments", "measured_segments") and isinstance(value, dict) and all(
                 isinstance(v, dict) and "volume_ml" in v for v in value.values()):
             for name, stat in value.items():
-                mean = f", mean {_number(stat['mean'])}{' ' + stat['unit'] if stat.get('unit') else ''}" if "mean" in stat else ""
+                unit = f" {stat['unit']}" if stat.get("unit") else ""
+                mean = f", mean {_number(stat['mean'])}{unit}" if "mean" in stat else ""
                 parts.append(f"{name} {_number(stat['volume_ml'])} mL{mean}")
             continue
         kind = value.get("kind") if isinstance(value, dict) else None
@@ -124,7 +125,8 @@ def value_summary(values: dict) -> str:
             parts.append(f"{_meaning(value.get('name')) or key} {_number(value.get('value'))}")
         elif kind == "classification":
             score = f" (score {_number(value['score'])})" if value.get("score") is not None else ""
-            parts.append(f"{_meaning(value.get('name')) or key}: {_meaning(value.get('meaning')) or value.get('value')}{score}")
+            meaning = _meaning(value.get("meaning")) or value.get("value")
+            parts.append(f"{_meaning(value.get('name')) or key}: {meaning}{score}")
         elif kind == "boxes":
             parts.append(f"{key}: {len(value.get('boxes', []))} box(es)")
         elif kind == "probabilities":
@@ -149,12 +151,11 @@ def job_results(layout, jobs, limit: int) -> dict[str, dict]:
             name: {"state": o.state.value, "attempts": o.attempts, "last_error": o.last_error}
             for name, o in (delivery.destinations.items() if delivery is not None else [])
         }
+        where = [f"{name} ({o.state.value}{': ' + o.last_error if o.state.value != 'delivered' and o.last_error else ''})"
+                 for name, o in (delivery.destinations.items() if delivery is not None else [])]
         shown[job.job_id] = {
             "model": job.model, "state": job.state.value, "finished_at": job.finished_at, "values": job.values,
-            "summary": value_summary(job.values), "destinations": destinations,
-            "delivered_to": ", ".join(
-                f"{name} ({d['state']}{': ' + d['last_error'] if d['state'] != 'delivered' and d['last_error'] else ''})"
-                for name, d in destinations.items()),
+            "summary": value_summary(job.values), "destinations": destinations, "delivered_to": ", ".join(where),
         }
     return shown
 

@@ -112,7 +112,7 @@ def _not_established(assoc, host: str, port: int) -> str:
             pass
     except ConnectionRefusedError:
         return f"connection refused at {host}:{port} (nothing listens there)"
-    except socket.timeout:
+    except TimeoutError:
         return f"no answer from {host}:{port} within 5 s"
     except OSError as exc:
         return f"cannot connect to {host}:{port}: {exc.strerror or exc}"
