@@ -167,3 +167,12 @@ def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
         load_settings(path)
     assert f"configuration file {path} line 4, column 7: not valid YAML" in str(err.value)
     assert "<unicode string>" not in str(err.value)
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("scp:\n  port: 104\n  ae_title: CT1\n  port: 11112\nmodels:\n  - name: a\n    name: b\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert f"{path} line 4, column 3" in str(err.value)
+    assert "key 'port' is given twice (first on line 2)" in str(err.value)

@@ -132,6 +132,22 @@ def test_new_bytes_in_the_same_model_file_give_new_uids(dicom_dir, tmp_path, cap
     assert after.seg.SeriesInstanceUID != before.seg.SeriesInstanceUID
 
 
+def test_new_bytes_in_the_same_model_file_name_a_new_job_so_a_resend_runs_again(tmp_path):
+    from pacsworker.tasks.submit import job_id_for
+
+    model = tmp_path / "model" / "switchable.py"
+    model.parent.mkdir()
+    shutil.copy(MODELS / "switchable.py", model)
+    settings = ModelSettings(**_bones(model))
+    record = SeriesRecord(series_uid="1.2.3", study_uid="1.2", content_digest="abc")
+    before = job_id_for(settings, record)
+    assert job_id_for(settings, record) == before, "the same settings and files name the same job"
+    model.write_text(model.read_text() + "\n# retrained: same name, same version, other bytes\n")
+    assert job_id_for(settings, record) != before
+    model.unlink()  # a receiver on a host without the model's files: named by its settings alone
+    assert job_id_for(settings, record).endswith(f"_{settings.fingerprint()}")
+
+
 def test_a_torchscript_models_files_are_its_file_and_pipeline_and_their_digest_follows_the_bytes(tmp_path, monkeypatch):
     from pacsworker.worker import model_files as model_files_module
     from pacsworker.worker.model_files import files_digest, model_files

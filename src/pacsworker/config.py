@@ -1116,6 +1116,21 @@ def _yaml_error(file: Path, exc: yaml.YAMLError) -> str:
     return f"configuration file {where}: not valid YAML: {what or exc}"
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first on line {seen[key].line + 1}); "
+                    "remove one: only the last would count", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 CONFIG_ENV = "PACSWORKER_CONFIG"
 
 
@@ -1134,7 +1149,7 @@ def load_settings(path: Path | str | None = None) -> Settings:
         file = Path(path)
         origin = f"{file} and environment"
         try:
-            loaded = yaml.safe_load(file.read_text())
+            loaded = yaml.load(file.read_text(), Loader=_StrictLoader)
         except FileNotFoundError:
             raise ConfigError(f"configuration file {file} does not exist") from None
         except yaml.YAMLError as exc:

@@ -27,6 +27,7 @@ from ..records import (
     write_json_atomic,
 )
 from ..scp.routing import route
+from ..worker.model_files import job_fingerprint
 from .app import DELIVERY_QUEUE, model_queue
 from .ledger import job_lock, save_job
 
@@ -34,8 +35,8 @@ log = logging.getLogger("pacsworker.tasks")
 
 
 def job_id_for(model: ModelSettings, record: SeriesRecord) -> str:
-    """The same series content and the same model (version and settings) always name the same job."""
-    return f"{model.name}_{record.series_uid}_{record.content_digest or 'all'}_{model.fingerprint()}"
+    """The same series content and the same model (version, settings and files) always name the same job."""
+    return f"{model.name}_{record.series_uid}_{record.content_digest or 'all'}_{job_fingerprint(model)}"
 
 
 def submit_series(settings: Settings, record: SeriesRecord) -> None:
@@ -114,7 +115,7 @@ def study_job_id(model: ModelSettings, study_uid: str, members: dict[str, str]) 
     only another model wants does not change this model's job.
     """
     content = "\n".join(f"{uid}={digest}" for uid, digest in sorted(members.items()))
-    return f"{model.name}_study_{study_uid}_{hashlib.sha256(content.encode()).hexdigest()[:16]}_{model.fingerprint()}"
+    return f"{model.name}_study_{study_uid}_{hashlib.sha256(content.encode()).hexdigest()[:16]}_{job_fingerprint(model)}"
 
 
 def complete_studies(settings: Settings, receiving: set[str], now: float | None = None) -> int:

@@ -123,3 +123,14 @@ def files_digest(paths: Iterable[Path]) -> str:
             log.warning("model file %s does not exist; its digest counts it as missing", name)
         lines.append(f"{name}\t{file_digest(path) if path is not None else 'missing'}")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def job_fingerprint(settings) -> str:
+    """What names a model in its job ids: the settings' fingerprint and, where this process sees the
+    model's files, their digest, so that new weights in the same file make a new job (and a re-run
+    when the same series is sent again). A receiver on a host without the model's files names the
+    model by its settings alone."""
+    paths = model_files(settings)
+    if not paths or not any(path.exists() for path in paths):
+        return settings.fingerprint()
+    return f"{settings.fingerprint()}{files_digest(paths)[:8]}"
