@@ -148,6 +148,22 @@ def test_new_bytes_in_the_same_model_file_name_a_new_job_so_a_resend_runs_again(
     assert job_id_for(settings, record).endswith(f"_{settings.fingerprint()}")
 
 
+def test_an_edited_package_model_runs_its_new_code_under_new_uids(dicom_dir, tmp_path, monkeypatch):
+    package = tmp_path / "bonepkg_edit"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    shutil.copy(MODELS / "switchable.py", package / "model.py")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    settings = ModelSettings(**{**_bones(tmp_path), "source": "bonepkg_edit.model:Switchable"})
+    files = _files(dicom_dir / CT06)
+    before = run_model(files, settings)
+    text = (package / "model.py").read_text()
+    (package / "model.py").write_text(text.replace("threshold: float = 300.0", "threshold: float = 5000.0"))
+    after = run_model(files, settings)  # no voxel reaches 5000 HU: the new code finds nothing
+    assert after.seg is None or after.seg.SOPInstanceUID != before.seg.SOPInstanceUID
+    assert before.values != after.values, "the edited module's code ran, not the one imported first"
+
+
 def test_a_torchscript_models_files_are_its_file_and_pipeline_and_their_digest_follows_the_bytes(tmp_path, monkeypatch):
     from pacsworker.worker import model_files as model_files_module
     from pacsworker.worker.model_files import files_digest, model_files

@@ -5,9 +5,11 @@ and the tests all call :func:`run_model`; no queue, no network here.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,7 @@ def get_model(settings: ModelSettings, say: bool = True) -> LoadedModel:
     if key in _loaded and files_digest(model_files(settings, _loaded[key])) != _files_digests[key]:
         log.warning("model %s: its files changed on disk since it was loaded; loading it again", settings.name)
         del _loaded[key]
+        _reimport(settings)
     if key not in _loaded:
         started = time.perf_counter()
         try:
@@ -55,6 +58,18 @@ def get_model(settings: ModelSettings, say: bool = True) -> LoadedModel:
         log.log(logging.INFO if say else logging.DEBUG, "model %s loaded on %s in %.2f s", settings.name,
                 _loaded[key].device, time.perf_counter() - started)
     return _loaded[key]
+
+
+def _reimport(settings: ModelSettings) -> None:
+    """A ``package.module:Class`` model whose file changed: import the module again, or the new load
+    would run the old code under the new files' digest (a ``/path/file.py`` is read anew anyway)."""
+    module_name = str(getattr(settings, "source", "") or "").rpartition(":")[0]
+    if settings.kind == "python" and module_name and not module_name.endswith(".py") and module_name in sys.modules:
+        try:
+            importlib.reload(sys.modules[module_name])
+        except Exception as exc:  # noqa: BLE001 - the edited module does not import: its jobs fail with why
+            raise ModelLoadError(f"model {settings.name}: {module_name} changed on disk and does not import again "
+                                 f"({type(exc).__name__}: {exc})") from exc
 
 
 def result_provenance(settings: ModelSettings) -> str:
