@@ -138,3 +138,18 @@ def test_serve_with_no_usable_model_still_receives_and_says_so(tmp_path, dicom_d
         assert len(list((tmp_path / "data" / "spool").rglob("*.dcm"))) == 28, "the series is kept"
     finally:
         serve.stop()
+
+
+def test_scp_says_its_part_and_stops_cleanly_on_sigterm(tmp_path):
+    port = free_port()
+    config = write_config(tmp_path / "c.yaml", scp={"port": port, "host": "127.0.0.1",
+                                                    "allowed_calling_aets": ["MODALITY"]},
+                          storage={"data_dir": str(tmp_path / "data")})
+    receiver = Pacsworker(["scp"], config, tmp_path / "scp.log")
+    # its log, not a connection: a probe's own line could come after the last
+    wait_until(lambda: f"listening on 127.0.0.1:{port}" in receiver.output(), 60, what="the receiver to listen")
+    output = _flat(_stop(receiver))
+    assert receiver.proc.returncode == 0
+    assert f"DICOM PACSWORKER on 127.0.0.1:{port} (this host only); accepts calling AE titles MODALITY only" in output
+    assert "status none (metrics.enabled: false)" in output
+    assert output.endswith("pacsworker stopped")

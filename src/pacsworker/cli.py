@@ -110,15 +110,23 @@ def _log_stopped() -> None:
 
 
 def _serve_or_exit(receiver) -> None:
-    """Serve until stopped; a port that cannot be opened ends the process with the reason (exit 2)."""
+    """Serve until stopped (Ctrl+C, or SIGTERM with :func:`_stop_on_sigterm`); a port that cannot be
+    opened ends the process with the reason (exit 2)."""
     try:
-        receiver.serve_forever()
-    except OSError as exc:
-        cfg = receiver.settings.scp
-        console.print(f"[red]the receiver cannot listen on {cfg.host} (port {cfg.port}"
-                      f"{f', TLS {cfg.tls.port}' if cfg.tls else ''}{f', STOW-RS {cfg.stow_port}' if cfg.stow_port else ''}"
-                      f"): {exc.strerror or exc}[/red]")
-        raise typer.Exit(2) from None
+        try:
+            receiver.start()
+        except OSError as exc:
+            cfg = receiver.settings.scp
+            console.print(f"[red]the receiver cannot listen on {cfg.host} (port {cfg.port}"
+                          f"{f', TLS {cfg.tls.port}' if cfg.tls else ''}"
+                          f"{f', STOW-RS {cfg.stow_port}' if cfg.stow_port else ''}): {exc.strerror or exc}[/red]")
+            raise typer.Exit(2) from None
+        while True:  # a signal the kernel gives another thread runs its handler once this thread wakes: soon
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        receiver.stop()
 
 
 RECEIVER_HEARTBEAT_SECONDS = 5.0
