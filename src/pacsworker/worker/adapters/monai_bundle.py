@@ -19,6 +19,7 @@ import torch
 
 from ...config import ModelSettings
 from ..export import nifti_affine
+from ..model_files import files_digest
 from ..outputs import (
     ANATOMICAL_STRUCTURE,
     TISSUE,
@@ -84,7 +85,10 @@ class MonaiBundleModel:
         if not self.segments:
             raise ValueError("the bundle's metadata names no output channel (network_data_format.outputs.*.channel_def);"
                              " configure outputs: with the segments")
-        self.identity = ModelIdentity(settings.name, settings.version or str(metadata.get("version", "0")))
+        # no version configured or in the metadata: the digest of the bundle's files, never a bare "0"
+        version = settings.version or str(metadata.get("version") or "") or \
+            "sha256:" + files_digest([Path(settings.source).expanduser()])[:12]
+        self.identity = ModelIdentity(settings.name, version)
 
     def _network(self, parser, bundle: Path) -> torch.nn.Module:
         torchscript = bundle / "models" / "model.ts"

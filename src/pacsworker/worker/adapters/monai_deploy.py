@@ -23,6 +23,7 @@ The application makes its own UIDs: they are not pacsworker's deterministic ones
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -120,7 +121,8 @@ class MonaiDeployModel:
         self.device = settings.device
         if settings.command:
             self.template = self._parse_template(settings.command)
-            version = settings.version or "0"
+            # a packaged application names no version here: its command (image and tag) stands for it
+            version = settings.version or "command:" + hashlib.sha256(settings.command.encode()).hexdigest()[:12]
         else:
             self.template = None
             self.source = Path(settings.source).expanduser().resolve()
