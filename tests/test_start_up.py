@@ -152,4 +152,6 @@ def test_scp_says_its_part_and_stops_cleanly_on_sigterm(tmp_path):
     assert receiver.proc.returncode == 0
     assert f"DICOM PACSWORKER on 127.0.0.1:{port} (this host only); accepts calling AE titles MODALITY only" in output
     assert "status none (metrics.enabled: false)" in output
+    assert "routes to ct-body" in output and "(the defaults: no models configured)" in output
+    assert "no models configured: the defaults run" not in output  # said once, in the banner
     assert output.endswith("pacsworker stopped")

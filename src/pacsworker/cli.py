@@ -80,7 +80,7 @@ def _receiver(settings: Settings):
 @app.command()
 def scp(config: ConfigOption = None) -> None:
     """Run the DICOM receiver (and the recovery sweeps) against the configured queue."""
-    settings = _setup(config)
+    settings = _setup(config, runs_models=False)
     receiver = _receiver(settings)
     _ops_port(settings, "scp", receiver)
     from .start_up import scp_banner
@@ -429,7 +429,7 @@ def flower(
     if importlib.util.find_spec("flower") is None:
         console.print("[red]Flower is not installed: pip install 'pacsworker[monitor]'[/red]")
         raise typer.Exit(2)
-    settings = _setup(config)
+    settings = _setup(config, runs_models=False)
     from .tasks.app import configure
 
     raise typer.Exit(configure(settings).start(["flower", f"--port={port}", *ctx.args]) or 0)
@@ -594,7 +594,7 @@ def _rule_summary(model) -> str:
 @models_app.command("list")
 def models_list(config: ConfigOption = None) -> None:
     """Name, kind, version, device and routing rules of every configured model (nothing is loaded)."""
-    settings = _setup(config)
+    settings = _setup(config, runs_models=False)
     import torch
 
     table = Table(title="models")
@@ -662,7 +662,7 @@ def series_complete(
     config: ConfigOption = None,
 ) -> None:
     """Complete a series now instead of waiting for its quiet time (the receiver acts within a second)."""
-    settings = _setup(config)
+    settings = _setup(config, runs_models=False)
     from .records import DataLayout, SeriesRecord, SeriesState, read_json
 
     layout = DataLayout(settings.data_dir).create()
@@ -692,7 +692,7 @@ def pull(
     config: ConfigOption = None,
 ) -> None:
     """Fetch a study from scp.pull_url (WADO-RS) into the running receiver, as if it had been sent."""
-    settings = _setup(config)
+    settings = _setup(config, runs_models=False)
     import requests
 
     scp = settings.scp
@@ -731,7 +731,7 @@ def cleanup(
 
     Never removed: what is receiving, queued, running or undelivered; the JSON records; quarantine.
     """
-    settings = _setup(config)
+    settings = _setup(config, runs_models=False)
     from .records import DataLayout
     from .retention import Retention, human_size, parse_age, recover_aside
 
@@ -775,7 +775,7 @@ def rules_test(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """For every series found: the model(s) it would go to, and for each other model the first rule it fails."""
-    settings = _setup(config)
+    settings = _setup(config, runs_models=False)
     import pydicom
 
     from .records import SeriesRecord
@@ -966,7 +966,7 @@ def deliveries_retry(
 
     Only the destinations and instances not yet confirmed are sent. Exit 2: no such job; 1: nothing to retry.
     """
-    settings = _setup(config)
+    settings = _setup(config, runs_models=False)
     from .destinations.outbox import retry_delivery
     from .records import (
         DataLayout,
@@ -1035,7 +1035,7 @@ def jobs_retry(
     The job keeps its id; its new results supersede nothing, being its first. Exit 2: no such job
     or one that has not ended badly; 1: nothing to retry.
     """
-    settings = _setup(config)
+    settings = _setup(config, runs_models=False)
     from .records import DataLayout, JobRecord, JobState, read_json, settle_series_of
     from .tasks.app import configure
     from .tasks.ledger import save_job

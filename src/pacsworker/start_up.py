@@ -115,8 +115,10 @@ def serve_banner(settings: Settings) -> list[str]:
 
 
 def scp_banner(settings: Settings) -> list[str]:
-    """``pacsworker scp``: the receiver, its records and broker (the workers say the rest)."""
-    return receiver_lines(settings) + [status_line(settings)] + storage_lines(settings)
+    """``pacsworker scp``: the receiver, its records and broker, the models it routes to (the workers say the rest)."""
+    defaults = "" if "models" in settings.model_fields_set else " (the defaults: no models configured)"
+    names = ", ".join(m.name for m in settings.models) or "none: every series is recorded as skipped"
+    return receiver_lines(settings) + [status_line(settings)] + storage_lines(settings) + [f"routes to  {names}{defaults}"]
 
 
 def worker_banner(settings: Settings, queues: list[str], pool: str, concurrency: int, port: int | None) -> list[str]:

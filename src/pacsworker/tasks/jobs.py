@@ -41,7 +41,7 @@ def process_series(self, job_id: str) -> str:
     if isinstance(claimed, str):
         return claimed
     job = claimed
-    log.info("job %s: series %s, model %s, attempt %d", job_id, job.series_uid, job.model, job.attempts)
+    log.info("job %s started, attempt %d", job_id, job.attempts)  # the id names the model and the series
 
     from ..scp.spool import series_files
     from ..worker.adapters import ModelLoadError
