@@ -11,7 +11,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -25,7 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
 
 SERVE_CHILD_ENV = "PACSWORKER_SERVE_CHILD"  # set for the workers serve starts: they say less at start
-ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML configuration file")]
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML configuration file")]
 
 
 def _setup(config: Path | None, runs_models: bool = True) -> Settings:
@@ -238,11 +238,11 @@ def _wait_for_data_dir(layout, wait_seconds: float) -> str:
 @app.command()
 def worker(
     config: ConfigOption = None,
-    queues: Annotated[Optional[str], typer.Option(help="comma-separated; default: every model queue and delivery")] = None,
+    queues: Annotated[str | None, typer.Option(help="comma-separated; default: every model queue and delivery")] = None,
     pool: Annotated[str, typer.Option(help="prefork (time limits enforced), threads or solo")] = "prefork",
     concurrency: Annotated[int, typer.Option(help="one per GPU is the rule for model queues")] = 1,
-    name: Annotated[Optional[str], typer.Option(help="Celery node name")] = None,
-    metrics_port: Annotated[Optional[int], typer.Option(help="its metrics/health port; default metrics.worker_port, "
+    name: Annotated[str | None, typer.Option(help="Celery node name")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="its metrics/health port; default metrics.worker_port, "
                                                         "0: none")] = None,
     check_models: Annotated[bool, typer.Option(help="check each model's reference cases first; serve only those that pass")] = False,
 ) -> None:
@@ -614,7 +614,7 @@ def models_list(config: ConfigOption = None) -> None:
 @models_app.command("test")
 def models_test(
     name: Annotated[str, typer.Argument(help="model name from the configuration")],
-    folder: Annotated[Optional[Path], typer.Argument(help="a series to run it on (optional)")] = None,
+    folder: Annotated[Path | None, typer.Argument(help="a series to run it on (optional)")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Load a model, run it on FOLDER with timings, and check its reference cases (exit 1 on a failure)."""
@@ -688,7 +688,7 @@ def series_complete(
 @app.command()
 def pull(
     study: Annotated[str, typer.Option(help="Study Instance UID to fetch")],
-    series: Annotated[Optional[str], typer.Option(help="only this Series Instance UID")] = None,
+    series: Annotated[str | None, typer.Option(help="only this Series Instance UID")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Fetch a study from scp.pull_url (WADO-RS) into the running receiver, as if it had been sent."""
@@ -721,7 +721,7 @@ def pull(
 @app.command()
 def cleanup(
     config: ConfigOption = None,
-    older_than: Annotated[Optional[str], typer.Option(
+    older_than: Annotated[str | None, typer.Option(
         help="idle time such as 7d, 24h, 90m (a bare number: days); default: storage.retention_days")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be removed, with sizes")] = False,
     include_failed: Annotated[bool, typer.Option(
@@ -958,7 +958,7 @@ app.add_typer(deliveries_app, name="deliveries")
 
 @deliveries_app.command("retry")
 def deliveries_retry(
-    job_ids: Annotated[Optional[list[str]], typer.Argument(help="the jobs whose results to send again")] = None,
+    job_ids: Annotated[list[str] | None, typer.Argument(help="the jobs whose results to send again")] = None,
     all_: Annotated[bool, typer.Option("--all", help="every dead-lettered delivery")] = False,
     config: ConfigOption = None,
 ) -> None:
@@ -1026,7 +1026,7 @@ RETRYABLE_JOB_STATES = ("failed", "no-result", "implausible")
 
 @jobs_app.command("retry")
 def jobs_retry(
-    job_ids: Annotated[Optional[list[str]], typer.Argument(help="the jobs to run again")] = None,
+    job_ids: Annotated[list[str] | None, typer.Argument(help="the jobs to run again")] = None,
     failed: Annotated[bool, typer.Option("--failed", help="every failed job")] = False,
     config: ConfigOption = None,
 ) -> None:

@@ -42,7 +42,7 @@ class TlsSettings(BaseModel):
     handshake_timeout: float = Field(10.0, gt=0, description="seconds a connecting peer has to finish the TLS handshake")
 
     @model_validator(mode="after")
-    def _verifiable(self) -> "TlsSettings":
+    def _verifiable(self) -> TlsSettings:
         if self.require_client_certificate and self.ca_certificates is None:
             raise ValueError("require_client_certificate needs ca_certificates to verify them against")
         return self
@@ -104,7 +104,7 @@ class ScpSettings(BaseModel):
         return _check_ae(value)
 
     @model_validator(mode="after")
-    def _listens(self) -> "ScpSettings":
+    def _listens(self) -> ScpSettings:
         if not self.plain and self.tls is None:
             raise ValueError("plain: false needs tls: the receiver would listen nowhere")
         if self.tls is not None and self.plain and self.tls.port == self.port:
@@ -163,7 +163,7 @@ class QueueSettings(BaseModel):
         600.0, gt=0, description="older name of delivery.backoff_max_seconds, used when that is not set")
 
     @model_validator(mode="after")
-    def _limits(self) -> "QueueSettings":
+    def _limits(self) -> QueueSettings:
         if self.job_soft_time_limit >= self.job_time_limit:
             raise ValueError("queue.job_soft_time_limit must be lower than queue.job_time_limit")
         if self.visibility_timeout <= self.job_time_limit:
@@ -241,7 +241,7 @@ class MatchRule(BaseModel):
         return [v.upper() for v in value]
 
     @model_validator(mode="after")
-    def _defaults_follow_modalities(self) -> "MatchRule":
+    def _defaults_follow_modalities(self) -> MatchRule:
         """Fill in what was left out from what was written, so that the rule shown is the rule applied."""
         if self.sop_class_uids is None:
             unknown = [m for m in self.modalities if m not in IMAGE_STORAGE_CLASSES]
@@ -286,7 +286,7 @@ class OutputConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _complete(self) -> "OutputConfig":
+    def _complete(self) -> OutputConfig:
         if self.kind in ("labelmap", "probabilities") and not self.segments:
             raise ValueError(f"a {self.kind} output needs segments")
         if self.kind in ("score", "classification") and self.name is None:
@@ -332,7 +332,7 @@ class ReferenceCase(BaseModel):
     implausible: bool = Field(False, description="the case must fail the model's plausibility checks (a phantom)")
 
     @model_validator(mode="after")
-    def _something_to_check(self) -> "ReferenceCase":
+    def _something_to_check(self) -> ReferenceCase:
         if self.expected_mask is None and not self.expected_volume_ml and not self.expected_values and not self.implausible:
             raise ValueError("a reference case needs expected_mask, expected_volume_ml, expected_values or implausible")
         return self
@@ -387,7 +387,7 @@ class ResultCheck(BaseModel):
     when: CheckCondition | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ResultCheck":
+    def _consistent(self) -> ResultCheck:
         if (self.segment is None) == (self.output is None):
             raise ValueError("a check names either a segment or a score output")
         if (self.measure == "value") != (self.output is not None):
@@ -493,13 +493,13 @@ class ModelSettings(BaseModel):
         default_factory=list, description="names of the destinations its results go to; empty: every destination"
     )
 
-    def __new__(cls, *args: Any, **data: Any) -> "ModelSettings":
+    def __new__(cls, *args: Any, **data: Any) -> ModelSettings:
         if cls is ModelSettings:  # the class of the kind asked for; an unknown kind is refused by the base
             cls = MODEL_KINDS.get(data.get("kind", "builtin"), cls)
         return super().__new__(cls)
 
     @model_validator(mode="after")
-    def _study_scope(self) -> "ModelSettings":
+    def _study_scope(self) -> ModelSettings:
         if self.scope == "study" and self.kind != "python":
             raise ValueError(f"scope: study needs kind: python (a class with predict(study)), not kind: {self.kind}")
         return self
@@ -627,7 +627,7 @@ class MonaiDeployModelSettings(ModelSettings):
         default_factory=dict, description="timeout_seconds, env (extra environment), python (the interpreter)")
 
     @model_validator(mode="after")
-    def _one_application(self) -> "MonaiDeployModelSettings":
+    def _one_application(self) -> MonaiDeployModelSettings:
         if (self.source is None) == (self.command is None):
             raise ValueError("kind monai-deploy needs either source (an application) or command (a MAP), not "
                              + ("both" if self.source else "neither"))
@@ -698,7 +698,7 @@ class _NamedSecret(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _one_source(self) -> "_NamedSecret":
+    def _one_source(self) -> _NamedSecret:
         key = self.secret_key
         given = [name for name in (f"{key}_env", f"{key}_file") if getattr(self, name) is not None]
         if len(given) != 1:
@@ -778,7 +778,7 @@ class ClientTlsSettings(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _pair(self) -> "ClientTlsSettings":
+    def _pair(self) -> ClientTlsSettings:
         if self.client_key is not None and self.client_certificate is None:
             raise ValueError("client_key needs client_certificate")
         return self
@@ -862,7 +862,7 @@ class DeliverySettings(BaseModel):
     backoff_max_seconds: float = Field(600.0, gt=0, description="the longest wait between two attempts")
 
     @model_validator(mode="after")
-    def _order(self) -> "DeliverySettings":
+    def _order(self) -> DeliverySettings:
         if self.backoff_max_seconds < self.backoff_base_seconds:
             raise ValueError("delivery.backoff_max_seconds must not be lower than delivery.backoff_base_seconds")
         return self
@@ -951,7 +951,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _routes(self) -> "Settings":
+    def _routes(self) -> Settings:
         names = [d.name for d in self.destinations]
         if len(set(names)) != len(names):
             raise ValueError(f"destination names must be unique (give each a name:), got {names}")

@@ -271,7 +271,7 @@ class OpsServer:
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="ops-http", daemon=True)
 
-    def start(self) -> "OpsServer":
+    def start(self) -> OpsServer:
         self._thread.start()
         log.info("metrics, health and status page on http://%s:%d/", self.settings.metrics.host, self.port)
         return self

@@ -234,7 +234,7 @@ class DataLayout:
         self.studies = self.root / "studies"
         self.receivers = self.root / "receivers"
 
-    def create(self) -> "DataLayout":
+    def create(self) -> DataLayout:
         for folder in (self.spool, self.incoming, self.series, self.jobs, self.outbox, self.broker, self.studies,
                        self.receivers):
             folder.mkdir(parents=True, exist_ok=True)

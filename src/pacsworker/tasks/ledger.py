@@ -69,7 +69,7 @@ class Heartbeat:
         except OSError as exc:
             log.warning("job stage %s not written (%s)", stage, exc.strerror or exc)
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 
