@@ -40,5 +40,9 @@ if [ -z "${PACSWORKER_OHIF_DIST:-}" ]; then
   fi
   export PACSWORKER_OHIF_DIST=$ohif_dir/dist
 fi
+# static checks over src/ first, configured in pyproject.toml: lint and import order, then types
+echo "static checks: ruff check src, mypy (src/pacsworker)" >&2
+.venv/bin/ruff check --quiet src
+.venv/bin/mypy --no-error-summary
 export PACSWORKER_REQUIRE_SERVERS=1
 exec .venv/bin/python -m pytest "$@"
