@@ -11,14 +11,22 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from .config import CONFIG_ENV, ConfigError, Settings, load_settings
+from .config import (
+    CONFIG_ENV,
+    ArterysModelSettings,
+    ConfigError,
+    MonaiDeployModelSettings,
+    Settings,
+    TritonModelSettings,
+    load_settings,
+)
 from .logs import configure_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -244,7 +252,9 @@ def worker(
     name: Annotated[str | None, typer.Option(help="Celery node name")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="its metrics/health port; default metrics.worker_port, "
                                                         "0: none")] = None,
-    check_models: Annotated[bool, typer.Option(help="check each model's reference cases first; serve only those that pass")] = False,
+    check_models: Annotated[
+        bool, typer.Option(help="check each model's reference cases first; serve only those that pass")
+    ] = False,
 ) -> None:
     """Run a queue worker: model jobs and/or deliveries."""
     child_of_serve = bool(os.environ.get(SERVE_CHILD_ENV))
@@ -525,8 +535,10 @@ def run(
         _print_model_traceback(exc)
         raise typer.Exit(4) from None
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    written: list[Path] = []
     if outcome.label_map is not None or outcome.boxes:
+        if outcome.volume is None:  # run_model loads the volume before the model gives labels or boxes
+            raise RuntimeError("a label map or boxes without the series' volume")
         series = Series(outcome.volume)
         labels = outcome.label_map.array if outcome.label_map is not None else None
         if labels is not None:
@@ -604,8 +616,15 @@ def models_list(config: ConfigOption = None) -> None:
         device = getattr(model, "device", "auto")
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         device = "remote" if model.kind in ("triton", "arterys") else device
-        where = {"triton": lambda: f"{model.url} {model.model_name}", "arterys": lambda: model.url,
-                 "monai-deploy": lambda: model.command or model.source}.get(model.kind, lambda: model.source)()
+        where: str | None
+        if isinstance(model, TritonModelSettings):
+            where = f"{model.url} {model.model_name}"
+        elif isinstance(model, ArterysModelSettings):
+            where = model.url
+        elif isinstance(model, MonaiDeployModelSettings):
+            where = model.command or model.source
+        else:
+            where = model.source
         table.add_row(model.name, model.kind, where, model.version or "(from the model)", device,
                       _rule_summary(model), str(len(model.tests)))
     Console().print(table)
@@ -631,7 +650,8 @@ def models_test(
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
     out = Console()
-    out.print(f"{name}: loaded in {time.perf_counter() - started:.2f} s on {loaded.device}, version {loaded.identity.version}")
+    out.print(f"{name}: loaded in {time.perf_counter() - started:.2f} s on {loaded.device}, "
+              f"version {loaded.identity.version}")
     if folder is not None:
         for run in ("first", "second"):
             outcome = run_model(collect_files([folder]), model)
@@ -799,7 +819,7 @@ def rules_test(
             series[uid].frames += int(ds.get("NumberOfFrames") or 1)
         except (TypeError, ValueError):  # a malformed count: one image, as the receiver counts it
             series[uid].frames += 1
-    report = []
+    report: list[dict[str, Any]] = []
     for record in series.values():
         reasons = {model.name: match_reason(record, model) for model in settings.models}
         report.append({
@@ -855,7 +875,7 @@ def status(
     receivers = list(layout.iter_records(layout.receivers, ReceiverRecord))
     counts = {uid: n for r in receivers for uid, n in r.receiving.items()}
     now = time.time()
-    report = {
+    report: dict[str, Any] = {
         "receivers": {
             f"{r.ae_title}@{r.host}": {
                 "state": "up" if now - r.heartbeat < 3 * RECEIVER_HEARTBEAT_SECONDS else "not running",
@@ -984,6 +1004,7 @@ def deliveries_retry(
     layout = DataLayout(settings.data_dir)
     if all_:
         job_ids = [d.job_id for d in layout.iter_deliveries() if d.dead_lettered]
+    job_ids = job_ids or []  # given (checked above), or every dead letter
     for jid in job_ids:
         if "/" in jid or jid.startswith(".") or read_json(layout.delivery_record(jid), DeliveryRecord) is None:
             console.print(f"[red]no results of job {jid} in {layout.outbox}[/red]")
@@ -1057,7 +1078,7 @@ def jobs_retry(
                               f"(pacsworker deliveries retry {job.job_id})", soft_wrap=True)
     else:
         jobs = []
-        for jid in job_ids:
+        for jid in job_ids or []:  # given: checked above
             job = read_json(layout.job_record(jid), JobRecord) if "/" not in jid and not jid.startswith(".") else None
             if job is None:
                 console.print(f"[red]no job {jid} in {layout.jobs}[/red]")

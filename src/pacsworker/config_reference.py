@@ -17,6 +17,7 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -30,7 +31,10 @@ from .config import Settings
 
 REGENERATE = ".venv/bin/python -m pacsworker.config_reference > docs/configuration.md"
 ENV_PREFIX = Settings.model_config["env_prefix"]
-ENV_DELIMITER = Settings.model_config["env_nested_delimiter"]
+_delimiter = Settings.model_config["env_nested_delimiter"]
+if _delimiter is None:
+    raise RuntimeError("Settings.model_config must set env_nested_delimiter")
+ENV_DELIMITER: str = _delimiter
 SCALARS = {int: "integer", float: "number", bool: "boolean", str: "string", Path: "path", Any: "any value"}
 
 
@@ -87,7 +91,7 @@ def _is_section(annotation: Any) -> bool:
     return inspect.isclass(annotation) and issubclass(annotation, BaseModel)
 
 
-def _number(value: float) -> str:
+def _number(value: object) -> str:
     """A number as written in YAML, with its size in MiB or GiB when it is a whole number of them."""
     text = str(value)
     if isinstance(value, int) and value >= 1 << 20 and value % (1 << 20) == 0:
@@ -123,10 +127,10 @@ def _constraints(metadata: list[Any]) -> list[str]:
     return found
 
 
-def describe_type(annotation: Any, metadata: list[Any] = ()) -> str:
+def describe_type(annotation: Any, metadata: Sequence[Any] = ()) -> str:
     """A reader's name for a type: ``integer, >= 1``, ``list of string``, ``one of `a`, `b```."""
     annotation, inner = _strip(annotation)
-    metadata = [*metadata, *inner]
+    constraints = [*metadata, *inner]
     members = _members(annotation)
     optional = type(None) in members
     members = [m for m in members if m is not type(None)]
@@ -134,7 +138,7 @@ def describe_type(annotation: Any, metadata: list[Any] = ()) -> str:
         text = " or ".join(describe_type(m) for m in members)
     else:
         annotation, inner = _strip(members[0])
-        metadata += inner
+        constraints += inner
         origin = typing.get_origin(annotation)
         args = typing.get_args(annotation)
         if origin is Literal:
@@ -150,7 +154,7 @@ def describe_type(annotation: Any, metadata: list[Any] = ()) -> str:
             text = "one of " + ", ".join(f"`{m.value}`" for m in annotation)
         else:
             text = SCALARS.get(annotation, getattr(annotation, "__name__", str(annotation)))
-    limits = _constraints(metadata)
+    limits = _constraints(constraints)
     text = f"{text}, {', '.join(limits)}" if limits else text
     return f"{text}, or null" if optional else text
 
@@ -176,7 +180,7 @@ def describe_default(info: FieldInfo) -> str:
         if inspect.isfunction(factory) and factory.__name__ != "<lambda>":
             doc = (inspect.getdoc(factory) or factory.__name__).split("\n\n")[0]
             return " ".join(doc.replace("``", "`").split())
-        value = factory()
+        value = info.get_default(call_default_factory=True)
         if isinstance(value, BaseModel):
             return "(section below)"
     elif info.default is PydanticUndefined:

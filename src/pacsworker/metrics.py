@@ -172,7 +172,7 @@ def queue_depths(settings) -> dict[str, int]:
         from .records import DataLayout
 
         folder = DataLayout(settings.data_dir).broker
-        counts = Tally()
+        counts: Tally[str] = Tally()
         try:
             for entry in os.scandir(folder):
                 if entry.name.endswith(".msg"):
@@ -189,7 +189,7 @@ def queue_depths(settings) -> dict[str, int]:
             keys = [(name, key) for name in names for key in [name] + [f"{name}\x06\x16{p}" for p in range(1, 10)]]
             for _, key in keys:
                 pipe.llen(key)
-            depths = Tally()
+            depths: Tally[str] = Tally()
             for (name, _), length in zip(keys, pipe.execute(), strict=True):
                 depths[name] += int(length)
             return {name: depths.get(name, 0) for name in names}

@@ -204,7 +204,8 @@ def page(settings: Settings, role: str) -> str:
                             f"<td>{e(outcome.last_error)}</td></tr>")
     rows.append("</table>")
     return (
-        "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='10'><link rel='icon' href='data:,'>"
+        "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='10'>"
+        "<link rel='icon' href='data:,'>"
         f"<title>pacsworker {e(role)}</title><style>body{{font-family:sans-serif;margin:1em}}"
         "table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #ccc;padding:2px 6px;"
         "text-align:left;font-size:13px}tr.failed,tr.bad,tr.dead-letter,tr.implausible{background:#fdd}"
