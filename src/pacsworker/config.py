@@ -8,6 +8,7 @@ import re
 import types
 import typing
 import urllib.parse
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -457,8 +458,9 @@ ModelKind = Literal["builtin", "python", "torchscript", "monai-bundle", "triton"
 # fingerprint() reproduces them, so that the jobs of an unchanged configuration keep their names
 _FINGERPRINT_FIELDS: dict[str, Any] = {"kind": None, "source": "ct-body", "pipeline": None, "version": "", "options": {},
                        "outputs": {}, "seg": None}
-_SERVED_FIELDS: dict[str, Any] = {"url": None, "model_name": None, "model_version": "", "inference_command": "get-probability-mask",
-                  "command": None, "model_path": None, "irregular_spacing": "refuse", "scope": "series"}
+_SERVED_FIELDS: dict[str, Any] = {"url": None, "model_name": None, "model_version": "",
+                                  "inference_command": "get-probability-mask", "command": None, "model_path": None,
+                                  "irregular_spacing": "refuse", "scope": "series"}
 
 
 class ModelSettings(BaseModel):
@@ -1119,7 +1121,7 @@ def _yaml_error(file: Path, exc: yaml.YAMLError) -> str:
 class _StrictLoader(yaml.SafeLoader):
     """YAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the last one)."""
 
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
         seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)

@@ -15,6 +15,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -125,7 +126,9 @@ def present_segments(labels: np.ndarray, segments: tuple[SegmentSpec, ...]) -> l
     return [(spec, number) for number, spec in enumerate(found, start=1)]
 
 
-def segment_statistics(volume: Volume, labels: np.ndarray, segments: list[tuple[SegmentSpec, int]]) -> list[SegmentStatistics]:
+def segment_statistics(
+    volume: Volume, labels: np.ndarray, segments: list[tuple[SegmentSpec, int]]
+) -> list[SegmentStatistics]:
     """Statistics of the present segments (``present_segments``), under their SEG numbers."""
     found = []
     for spec, number in segments:
@@ -362,8 +365,7 @@ def _encode(volume: Volume, output: LabelMap | ProbabilityMaps | None, findings:
             options: SegOptions, flags: list[str], inputs: str = "", provenance: str = "") -> EncodedResults | None:
     segments: list[tuple[SegmentSpec, int]] = []
     if output is not None:
-        fractional = isinstance(output, ProbabilityMaps)
-        labels = exclusive_labels(output, options.threshold).array if fractional else output.array
+        labels = exclusive_labels(output, options.threshold).array if isinstance(output, ProbabilityMaps) else output.array
         if labels.shape != volume.pixels.shape:
             raise ValueError(f"label map shape {labels.shape} differs from the volume's {volume.pixels.shape}")
         segments = present_segments(labels, output.segments)
@@ -427,9 +429,9 @@ def _encode(volume: Volume, output: LabelMap | ProbabilityMaps | None, findings:
         image_sr.SeriesDescription = _described(" and ".join(k for k in kinds if k) + flagged, model, source_name)
     timings["sr_s"] = time.perf_counter() - started
     when = result_datetime(volume)
-    for ds in (seg, sr, image_sr):
-        if ds is not None:
-            _dated(ds, when)
+    for result in (seg, sr, image_sr):
+        if result is not None:
+            _dated(result, when)
     if seg is not None:
         _dimension_organization(seg, uid("dimension-organization"))
     return EncodedResults(seg=seg, sr=sr, image_sr=image_sr, statistics=tuple(stats), timings=timings)
@@ -511,13 +513,15 @@ def _segmentation(volume, sources, output, labels, segments, model, options, uid
         )
         for spec, number in segments
     ]
+    extra: dict[str, Any]  # Segmentation's arguments of one segmentation type
     if isinstance(output, ProbabilityMaps):
         index = {spec.label: i for i, spec in enumerate(output.segments)}
         pixels = np.stack([output.array[index[spec.label]] for spec, _ in segments], axis=-1).astype(np.float32)
         kind, extra = hd.seg.SegmentationTypeValues.FRACTIONAL, {
             "fractional_type": hd.seg.SegmentationFractionalTypeValues.PROBABILITY, "max_fractional_value": 255}
     else:
-        if all(spec.label == number for spec, number in segments) and labels.dtype == np.uint8 and int(labels.max()) <= len(segments):
+        numbered = all(spec.label == number for spec, number in segments)
+        if numbered and labels.dtype == np.uint8 and int(labels.max()) <= len(segments):
             pixels = labels  # already numbered as the SEG's segments
         else:
             lookup = np.zeros(max(int(labels.max()), max(spec.label for spec, _ in segments)) + 1, dtype=np.uint8)
@@ -566,11 +570,14 @@ def _long_axis_group(volume: Volume, s: SegmentStatistics, algorithm, uid):
     """The longest in-plane diameter as a length (TID 1501, DCM 125007): its NUM is INFERRED FROM an
     image-region SCOORD POLYLINE of its two end points on the source image where it lies, the way
     viewers' own length tools write it, so OHIF lists it in its measurement panel."""
-    image = _source_image(volume, s.diameter.slice_index)
+    diameter = s.diameter
+    if diameter is None:
+        raise ValueError(f"segment {s.spec.name} has no diameter to report")
+    image = _source_image(volume, diameter.slice_index)
     # image coordinates are (column, row), (0, 0) the outer corner of the first pixel
-    points = np.array([[s.diameter.start[1] + 0.5, s.diameter.start[0] + 0.5],
-                       [s.diameter.end[1] + 0.5, s.diameter.end[0] + 0.5]], dtype=np.float32)
-    length = hd.sr.Measurement(name=LONG_AXIS, value=round(s.diameter.length_mm, 3), unit=MILLIMETER,
+    points = np.array([[diameter.start[1] + 0.5, diameter.start[0] + 0.5],
+                       [diameter.end[1] + 0.5, diameter.end[0] + 0.5]], dtype=np.float32)
+    length = hd.sr.Measurement(name=LONG_AXIS, value=round(diameter.length_mm, 3), unit=MILLIMETER,
                                algorithm_id=algorithm)
     region = hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=points, source_image=image)
     region.RelationshipType = "INFERRED FROM"

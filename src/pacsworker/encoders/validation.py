@@ -31,7 +31,8 @@ def _referenced_instances(ds: Dataset) -> set[str]:
         for item in ds.get(keyword, []):
             series = item.get("ReferencedSeriesSequence", [item]) if keyword != "ReferencedSeriesSequence" else [item]
             for series_item in series:
-                for instance in series_item.get("ReferencedInstanceSequence", []) or series_item.get("ReferencedSOPSequence", []):
+                instances = series_item.get("ReferencedInstanceSequence", []) or series_item.get("ReferencedSOPSequence", [])
+                for instance in instances:
                     found.add(str(instance.ReferencedSOPInstanceUID))
     return found
 

@@ -38,7 +38,17 @@ HEADER_KEYWORDS = [
     "ImagesInAcquisition", "ImagePositionPatient", "TemporalPositionIdentifier", "NumberOfTemporalPositions",
     "SpacingBetweenSlices",
 ]
-HEADER_TAGS = {tag_for_keyword(k) for k in HEADER_KEYWORDS}
+
+
+def _tag(keyword: str) -> int:
+    """The tag of a keyword of pydicom's dictionary (every keyword named here is one)."""
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(f"{keyword} is not a DICOM keyword")
+    return tag
+
+
+HEADER_TAGS = {_tag(k) for k in HEADER_KEYWORDS}
 MAX_HEADER_VALUE = 64 * 1024
 # element and item headers, by byte order: tag + 4-byte length (implicit VR, items), tag + VR + 2-byte length
 # (explicit VR; for a long VR the 2 bytes are reserved and a 4-byte length follows)
@@ -53,7 +63,8 @@ def _is_vr(vr: bytes) -> bool:
 
 
 def _bad_vr(group: int, element: int, vr: bytes, at: int) -> str:
-    return f"element ({group:04X},{element:04X}) at byte {at} has no valid VR (0x{vr.hex()}); no reader can parse what follows"
+    return (f"element ({group:04X},{element:04X}) at byte {at} has no valid VR (0x{vr.hex()}); "
+            "no reader can parse what follows")
 
 
 class IncompleteDataset(ValueError):
@@ -71,7 +82,7 @@ class _BytesSource:
         self.data = memoryview(data)
         self.pos = 0
 
-    def read(self, count: int) -> bytes:
+    def read(self, count: int) -> memoryview:
         end = self.pos + count
         if end > len(self.data):
             raise _Truncated
@@ -104,7 +115,7 @@ class _InflatingSource:
         self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         self.compressed = memoryview(data)
         self.fed = 0  # compressed bytes handed to the inflater so far
-        self.pending = b""
+        self.pending: bytes | memoryview = b""
         self.buffer = bytearray()
         self.pos = 0
         self.inflated = 0
@@ -286,7 +297,9 @@ class _Walker:
             # an undefined-length UN holds an implicit VR little endian sequence (PS3.5 6.2.2)
             self._sequence(True, "<", depth + 1, tag)
         else:
-            raise IncompleteDataset(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) of VR {vr.decode('latin-1')} has undefined length")
+            raise IncompleteDataset(
+                f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) of VR {vr.decode('latin-1')} has undefined length"
+            )
 
     def _keep(self, tag: int, vr: bytes, length: int, implicit: bool, order: str) -> None:
         if length > MAX_HEADER_VALUE:
@@ -420,7 +433,7 @@ def expected_pixel_bytes(header) -> int:
 _US = {order: struct.Struct(order + "H") for order in "<>"}
 # how the header's own elements are read without pydicom: keyword -> (tag, VR, kind)
 _FAST = {
-    keyword: (tag_for_keyword(keyword), vr, kind)
+    keyword: (_tag(keyword), vr, kind)
     for keywords, vr, kind in (
         (("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"), b"UI", "text"),
         (("Modality", "PhotometricInterpretation", "BodyPartExamined", "MRAcquisitionType", "ImageType",

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
+from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info
@@ -31,7 +32,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import, from a table
 
 from .. import metrics
 from ..config import Settings
@@ -146,7 +147,7 @@ def read_instance_meta(header: Dataset | Header, calling_aet: str) -> InstanceMe
     )
 
 
-def _count(header: Dataset, keyword: str) -> int | None:
+def _count(header: Dataset | Header, keyword: str) -> int | None:
     """A positive whole number from the header, or None (absent, empty, malformed)."""
     try:
         value = int(header.get(keyword) or 0)
@@ -197,7 +198,8 @@ class Receiver:
         ae.dimse_timeout = cfg.dimse_timeout
         ae.maximum_pdu_size = cfg.max_pdu_length
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+            # every storage context names its SOP class (pynetdicom casts the same way)
+            ae.add_supported_context(cast(UID, context.abstract_syntax), ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         return ae
 
@@ -280,7 +282,8 @@ class Receiver:
 
     def _store_bytes(self, event, meta: InstanceMeta, dataset: memoryview) -> None:
         file_meta = BytesIO()
-        write_file_meta_info(file_meta, event.file_meta, enforce_standard=True)
+        # pydicom only calls fp.write(); its DicomIO annotation is narrower than what it needs
+        write_file_meta_info(file_meta, event.file_meta, enforce_standard=True)  # type: ignore[arg-type]
         self.spool.store(meta.series_uid, meta.sop_instance_uid, [PREAMBLE, file_meta.getvalue(), dataset])
 
     def _check_and_store(self, event, dataset: memoryview, store: Callable[[InstanceMeta], object]) -> int:
@@ -375,7 +378,8 @@ class Receiver:
         assoc = event.assoc
         rj, rq = assoc.acceptor.primitive, assoc.requestor.primitive
         key = (rj.result, rj.result_source, rj.diagnostic) if rj is not None else None
-        reason = REJECT_REASONS.get(key, f"result/source/diagnostic {key}")
+        unknown = f"result/source/diagnostic {key}"
+        reason = REJECT_REASONS.get(key, unknown) if key is not None else unknown
         if key == (0x02, 0x03, 0x02):
             reason += f" (max_associations {self.settings.scp.max_associations})"
         called = printable(rq.called_ae_title) if rq is not None and rq.called_ae_title else "(none)"

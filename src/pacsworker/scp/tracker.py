@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import pydicom
@@ -49,11 +50,11 @@ class InstanceMeta:
     def routing_facts(self) -> dict:
         """The routing facts: given, or read from ``header`` (once; only a series' first instance needs them)."""
         if not self.facts and self.header is not None:
-            self.facts = series_facts(self.header)
+            self.facts = series_facts(cast(Dataset, self.header))  # a Header reads as a Dataset does (get, attributes)
         return self.facts
 
 
-def _number(header: Dataset, keyword: str, n: int = 1) -> tuple[float, ...] | None:
+def _number(header: Dataset | Header, keyword: str, n: int = 1) -> tuple[float, ...] | None:
     try:
         value = header.get(keyword)
         values = [float(v) for v in (value if n > 1 else [value])]
@@ -62,7 +63,7 @@ def _number(header: Dataset, keyword: str, n: int = 1) -> tuple[float, ...] | No
     return tuple(values) if len(values) == n and all(math.isfinite(v) for v in values) else None
 
 
-def plane_facts(header: Dataset) -> dict:
+def plane_facts(header: Dataset | Header) -> dict:
     """Where an instance lies and which temporal position it is, for completion and contiguity."""
     position, cosines = _number(header, "ImagePositionPatient", 3), _number(header, "ImageOrientationPatient", 6)
     temporal, temporals = _number(header, "TemporalPositionIdentifier"), _number(header, "NumberOfTemporalPositions")
@@ -78,7 +79,7 @@ def plane_facts(header: Dataset) -> dict:
 
 @dataclass
 class _Pending:
-    record: SeriesRecord | None
+    record: SeriesRecord
     sop_uids: set[str] = field(default_factory=set)
     frames: dict[str, int] = field(default_factory=dict)  # SOP Instance UID -> Number of Frames
     in_acquisition: set[int | None] = field(default_factory=set)  # Images in Acquisition values seen
@@ -140,12 +141,12 @@ class _Pending:
         """Whether the slice positions leave no gap wider than the series' own spacing, and what was found."""
         if max(self.frames.values(), default=1) > 1:
             return None, "not checked here: multi-frame (the loader checks each frame's position)"
-        if len(self.cosines) != 1 or None in self.cosines:
+        cosines = next(iter(self.cosines)) if len(self.cosines) == 1 else None
+        if cosines is None:
             return None, "not checked: orientation missing or differing between instances"
         positions = [p for p, _ in self.planes.values()]
         if any(p is None for p in positions):
             return None, "not checked: an instance without Image Position (Patient)"
-        [cosines] = self.cosines
         normal = np.cross(cosines[:3], cosines[3:])
         distances = np.unique(np.round(np.asarray(positions) @ normal, 3))
         if len(distances) < 2:
@@ -208,17 +209,17 @@ class SeriesTracker:
     def _open(self, meta: InstanceMeta, now: float) -> _Pending:
         """A pending entry for a series not pending: new, or received again after routing."""
         record = read_json(self.layout.series_record(meta.series_uid), SeriesRecord)
-        entry = _Pending(record)
         if record is None:
-            entry.record = SeriesRecord(
+            entry = _Pending(SeriesRecord(
                 series_uid=meta.series_uid,
                 study_uid=meta.study_uid,
                 modality=meta.modality,
                 sop_class_uid=meta.sop_class_uid,
                 calling_aet=meta.calling_aet,
                 **meta.routing_facts(),
-            )
+            ))
         else:
+            entry = _Pending(record)
             # received again after routing: process the series anew, with what it already holds
             for earlier in _metas_of(series_files(self.layout.series_dir(meta.series_uid))):
                 entry.add(earlier)
@@ -284,7 +285,7 @@ class SeriesTracker:
                 evidence = entry.evidence() if self.evidence_seconds is not None else ""
                 if quiet >= self.quiet_seconds:
                     due.append((entry, f"quiet for {self.quiet_seconds:g} s"))
-                elif evidence and quiet >= self.evidence_seconds:
+                elif evidence and self.evidence_seconds is not None and quiet >= self.evidence_seconds:
                     due.append((entry, evidence))
         for entry in list(self._pending.values()):
             if all(entry is not e for e, _ in due) and self._requested(entry.record.series_uid):

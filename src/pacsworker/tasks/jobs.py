@@ -73,8 +73,9 @@ def process_series(self, job_id: str) -> str:
     except (ModelLoadError, ModelOutputError, ModelRunError) as exc:
         job.state, job.reason = JobState.FAILED, str(exc)
         job.traceback = getattr(exc, "traceback", "")  # what the model's own code raised, where
-        if getattr(exc, "log", ""):  # a MONAI Deploy application that failed: its whole log
-            job.reason += f"\n(full log: {_keep_app_log(layout, job_id, exc.log)})"
+        app_log = getattr(exc, "log", "")
+        if app_log:  # a MONAI Deploy application that failed: its whole log
+            job.reason += f"\n(full log: {_keep_app_log(layout, job_id, app_log)})"
     except Exception as exc:  # noqa: BLE001 - the job fails with its reason, the worker keeps serving
         job.state, job.reason = JobState.FAILED, f"{type(exc).__name__}: {exc}"
         job.traceback = traceback.format_exc().rstrip("\n")

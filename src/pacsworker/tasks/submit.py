@@ -46,7 +46,8 @@ def submit_series(settings: Settings, record: SeriesRecord) -> None:
     again. Never blocks on the broker for longer than ``queue.publish_timeout_seconds``.
     """
     layout = DataLayout(settings.data_dir)
-    models, reason = route(record, settings.models)
+    configured: list[ModelSettings] = list(settings.models)  # (route takes a list of the base class)
+    models, reason = route(record, configured)
     if not models:
         record.state, record.reason = SeriesState.SKIPPED, reason
         log.info("series %s (%s, %d instances) skipped: %s", record.series_uid, record.modality, record.instances, reason)
@@ -75,7 +76,8 @@ def submit_series(settings: Settings, record: SeriesRecord) -> None:
             log.info("series %s received again after job %s failed; the job runs again", record.series_uid, job_id)
             to_send.append(job)
         else:
-            log.info("series %s received again with the same instances; job %s (%s) stands", record.series_uid, job_id, job.state.value)
+            log.info("series %s received again with the same instances; job %s (%s) stands",
+                     record.series_uid, job_id, job.state.value)
         routed.append(job_id)
     # the series' state follows this routing's jobs; jobs of earlier content stay listed apart
     record.earlier_jobs += [job_id for job_id in record.jobs if job_id not in routed and job_id not in record.earlier_jobs]
@@ -157,7 +159,7 @@ def _make_study_jobs(settings: Settings, layout: DataLayout, study: StudyRecord,
             gone.append(name)
             continue
         members = {uid: study.series[uid] for uid in sorted(study.series)
-                   if records.get(uid) is not None and name in records[uid].study_models}
+                   if (member := records.get(uid)) is not None and name in member.study_models}
         if not members:
             continue
         job_id = study_job_id(model, study.study_uid, members)

@@ -87,9 +87,9 @@ class RunOutcome:
     (``app_files``, by relative path) and its log (``app_log``), which are kept and never delivered.
     """
 
-    seg: object | None = None
-    sr: object | None = None  # the measurement SR
-    image_sr: object | None = None  # lengths and boxes on source images
+    seg: Dataset | None = None
+    sr: Dataset | None = None  # the measurement SR
+    image_sr: Dataset | None = None  # lengths and boxes on source images
     objects: dict[str, Dataset] = field(default_factory=dict)
     app_files: dict[str, bytes] = field(default_factory=dict)
     app_log: str = ""
@@ -178,11 +178,15 @@ def run_study_model(files: list[list[Path]], settings: ModelSettings, predecesso
         raise NotAVolumeError(VolumeOutcome.NOT_A_VOLUME, f"no series of the study is a volume ({reasons})")
     loaded.sort(key=lambda series: (_series_number(series), series.series_uid))
     model = get_model(settings)
+    # PythonModel's; the settings allow scope: study for kind: python alone
+    run_study = getattr(model, "run_study", None)
+    if run_study is None:
+        raise ModelRunError(f"model {settings.name}: scope: study needs kind: python (a class with predict(study))")
     study = Study(loaded, not_volumes)
     # what the model was given, all of it: the results' UIDs depend on it, not only on their series
     given = sorted(str(ds.SOPInstanceUID) for series in loaded for ds in series.volume.source_datasets)
     identity = hashlib.sha256("\n".join(given + sorted(not_volumes)).encode()).hexdigest()[:16]
-    return _run(outcome, model, settings, predecessor, loaded, lambda: model.run_study(study), stage, identity)
+    return _run(outcome, model, settings, predecessor, loaded, lambda: run_study(study), stage, identity)
 
 
 def _series_number(series: Series) -> float:

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -32,7 +33,8 @@ def age_in_months(header: Dataset) -> int | None:
     match = _AGE.match(str(header.get("PatientAge", "") or "").strip())
     if match:
         number, unit = int(match.group(1)), match.group(2)
-        return {"Y": number * 12, "M": number, "W": int(number * 7 / DAYS_PER_MONTH), "D": int(number / DAYS_PER_MONTH)}[unit]
+        by_unit = {"Y": number * 12, "M": number, "W": int(number * 7 / DAYS_PER_MONTH), "D": int(number / DAYS_PER_MONTH)}
+        return by_unit[unit]
     try:
         study = dt.datetime.strptime(str(header.StudyDate), "%Y%m%d").date()
         birth = dt.datetime.strptime(str(header.PatientBirthDate), "%Y%m%d").date()
@@ -191,7 +193,7 @@ class Series:
             "series_description": lambda: self.description or None,
             "body_part_examined": lambda: _value(first, "BodyPartExamined"),
         }
-        values = {}
+        values: dict[str, Any] = {}
         for name in names:
             if name == "chronological_age_months":
                 values[name] = self.patient_age_months

@@ -118,6 +118,11 @@ def _floats(value, n: int, what: str) -> tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
+def _point(value, what: str) -> tuple[float, float, float]:
+    x, y, z = _floats(value, 3, what)
+    return x, y, z
+
+
 class _HeaderValues:
     """Header values of one series, each distinct encoded value converted once by pydicom.
 
@@ -131,6 +136,8 @@ class _HeaderValues:
     def get(self, ds: Dataset, keyword: str, default=None):
         """What ``ds.get(keyword, default)`` gives."""
         tag = tag_for_keyword(keyword)
+        if tag is None:  # not a keyword of the dictionary: as ds.get does
+            return ds.get(keyword, default)
         element = ds.get_item(tag, keep_deferred=True)
         if element is None:
             return default
@@ -219,18 +226,21 @@ class _Instance:
 
     def read(self, first: int, count: int, buffer: np.ndarray) -> np.ndarray:
         """Frames ``first`` to ``first + count`` of native Pixel Data, read into ``buffer`` (bytes)."""
+        offset, dtype = self.offset, self.dtype
+        if offset is None or dtype is None:
+            raise ValueError(f"{self.dataset.filename}: pixel data not native; pydicom decodes it")
         frame_values = math.prod(self.shape[1:])
-        size = count * frame_values * self.dtype.itemsize
-        view = memoryview(buffer)[:size]
+        size = count * frame_values * dtype.itemsize
+        view = buffer.data[:size]
         with open(self.dataset.filename, "rb", buffering=0) as file:
-            file.seek(self.offset + first * frame_values * self.dtype.itemsize)
+            file.seek(offset + first * frame_values * dtype.itemsize)
             done = 0
             while done < size:
                 got = file.readinto(view[done:])
                 if not got:
                     raise NotAVolumeError(VolumeOutcome.NOT_A_VOLUME, f"{self.dataset.filename}: pixel data ends early")
                 done += got
-        values = np.frombuffer(buffer, dtype=self.dtype, count=count * frame_values).reshape(count, *self.shape[1:])
+        values = np.frombuffer(buffer, dtype=dtype, count=count * frame_values).reshape(count, *self.shape[1:])
         return _clear_unused_bits(values, self.bits_stored)
 
 
@@ -264,7 +274,9 @@ def _read_instance(path: Path, values: _HeaderValues) -> _Instance:
     if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
         raise NotAVolumeError(VolumeOutcome.NOT_A_VOLUME, f"instance {ds.SOPInstanceUID} has no pixel data")
     samples = int(values.get(ds, "SamplesPerPixel", 1) or 1)
-    shape = (int(values.get(ds, "NumberOfFrames", 1) or 1), int(values.get(ds, "Rows")), int(values.get(ds, "Columns")))
+    shape: tuple[int, ...] = (
+        int(values.get(ds, "NumberOfFrames", 1) or 1), int(values.get(ds, "Rows")), int(values.get(ds, "Columns"))
+    )
     shape += (samples,) if samples > 1 else ()
     dtype = _native_dtype(ds, values)
     if (pixel is not None and pixel.tag == 0x7FE00010 and dtype is not None
@@ -302,7 +314,7 @@ def _planes_of(instance: _Instance, values: _HeaderValues) -> list[_Plane]:
             _Plane(
                 instance, None,
                 _floats(values.get(ds, "ImageOrientationPatient"), 6, "Image Orientation (Patient)"),
-                _floats(values.get(ds, "ImagePositionPatient"), 3, "Image Position (Patient)"),
+                _point(values.get(ds, "ImagePositionPatient"), "Image Position (Patient)"),
                 (spacing[0], spacing[1]),
                 float(thickness) if thickness not in (None, "") else None,
                 _rescale(values, None, ds),
@@ -321,7 +333,7 @@ def _planes_of(instance: _Instance, values: _HeaderValues) -> list[_Plane]:
             _Plane(
                 instance, index + 1,
                 _floats(values.get(orientation, "ImageOrientationPatient"), 6, "Image Orientation (Patient)"),
-                _floats(values.get(position, "ImagePositionPatient"), 3, "Image Position (Patient)"),
+                _point(values.get(position, "ImagePositionPatient"), "Image Position (Patient)"),
                 (spacing[0], spacing[1]),
                 float(thickness) if thickness not in (None, "") else None,
                 _rescale(values, _frame_group(ds, frame_item, "PixelValueTransformationSequence"), ds),
@@ -394,7 +406,10 @@ def _modality_values(planes: list[_Plane], pool: ThreadPoolExecutor, workers: in
     for targets in by_instance.values():
         instance = targets[0][1].instance
         frames = instance.shape[0]
-        step = frames if instance.offset is None else max(1, _READ_BYTES // (pixels[0].size * instance.dtype.itemsize))
+        if instance.offset is None or instance.dtype is None:  # decoded by pydicom (the two are set together)
+            step = frames
+        else:
+            step = max(1, _READ_BYTES // (pixels[0].size * instance.dtype.itemsize))
         by_frame = {(plane.frame_number or 1) - 1: (index, plane) for index, plane in targets}
         for first in range(0, frames, step):
             wanted = [by_frame[f] for f in range(first, min(first + step, frames)) if f in by_frame]
@@ -634,7 +649,7 @@ def _arrange(planes: list[_Plane], tolerance: float, irregular_spacing: str) -> 
                 f"all {len(planes)} planes lie at one position ({distances[0]:.3f} mm along the normal); "
                 "a volume needs planes at 2 or more positions",
             )
-        groups = [planes[a:b] for a, b in zip(starts, [*starts[1:], len(planes)])]
+        groups = [planes[a:b] for a, b in zip(starts, [*starts[1:], len(planes)], strict=True)]
         raise NotAVolumeError(VolumeOutcome.NOT_A_VOLUME, _repeated_positions_reason(groups, [distances[a] for a in starts]))
     median = float(np.median(gaps))
     notes = []
