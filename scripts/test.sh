@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Installs what the tests need (Debian packages: Redis, Orthanc + DICOMweb, DCMTK, dicom3tools,
+# Installs what the tests need (Debian packages: Redis, PostgreSQL, Orthanc + DICOMweb, DCMTK, dicom3tools,
 # docker-compose for parsing, Chromium and npm for the OHIF Viewer test; OHIF's prebuilt app from the
 # npm registry) and runs the whole suite against those real servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
+compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || need+=(postgresql)  # the ledger's tests on PostgreSQL
 [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 [ -x /usr/bin/storescu ] || need+=(dcmtk)

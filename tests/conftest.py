@@ -251,3 +251,16 @@ def status_json(config: Path) -> dict:
         capture_output=True, text=True, timeout=60, check=True,
     )
     return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """Debian's PostgreSQL (tests/postgres_server.py), one per test session; each test asks it for a fresh database."""
+    from postgres_server import PostgresServer, binaries
+
+    bin_dir = binaries()
+    if bin_dir is None:
+        missing("PostgreSQL (Debian: postgresql; /usr/lib/postgresql/*/bin/postgres)")
+    server = PostgresServer(bin_dir).start()
+    yield server
+    server.stop()
