@@ -29,8 +29,9 @@ def _label(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
     """3D connected components (26-connectivity) of a boolean mask, on the mask's device."""
     if mask.is_cuda:
         try:
-            import cupy
-            from cucim.skimage.measure import label as cu_label
+            # optional CUDA libraries without type information, absent where there is no GPU
+            import cupy  # type: ignore[import-untyped, import-not-found, unused-ignore]
+            from cucim.skimage.measure import label as cu_label  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
             labels, count = cu_label(cupy.asarray(mask), return_num=True)
             return torch.as_tensor(labels, device=mask.device), int(count)

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from ...config import ModelSettings
+from ...config import (
+    ArterysModelSettings,
+    BuiltinModelSettings,
+    ModelSettings,
+    MonaiBundleModelSettings,
+    MonaiDeployModelSettings,
+    PythonModelSettings,
+    TorchscriptModelSettings,
+    TritonModelSettings,
+)
 from ..outputs import ModelIdentity, ModelResult
 from ..series import Series
 
@@ -19,8 +28,11 @@ BUILTIN = {
 
 
 class LoadedModel(Protocol):
-    identity: ModelIdentity
     device: str
+
+    @property
+    def identity(self) -> ModelIdentity:  # read-only: kind triton's names the version the server served
+        ...
 
     def run(self, series: Series) -> ModelResult:
         ...
@@ -41,29 +53,29 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     from .python_class import PythonModel
 
     try:
-        if settings.kind == "builtin":
+        if isinstance(settings, BuiltinModelSettings):
             if settings.source not in BUILTIN:
                 raise ModelLoadError(f"no built-in model named {settings.source!r} (known: {', '.join(BUILTIN)})")
             return PythonModel(settings, BUILTIN[settings.source])
-        if settings.kind == "python":
+        if isinstance(settings, PythonModelSettings):
             return PythonModel(settings, settings.source)
-        if settings.kind == "torchscript":
+        if isinstance(settings, TorchscriptModelSettings):
             from .torchscript import TorchScriptModel
 
             return TorchScriptModel(settings)
-        if settings.kind == "monai-bundle":
+        if isinstance(settings, MonaiBundleModelSettings):
             from .monai_bundle import MonaiBundleModel
 
             return MonaiBundleModel(settings)
-        if settings.kind == "triton":
+        if isinstance(settings, TritonModelSettings):
             from .triton import TritonModel
 
             return TritonModel(settings)
-        if settings.kind == "arterys":
+        if isinstance(settings, ArterysModelSettings):
             from .arterys import ArterysModel
 
             return ArterysModel(settings)
-        if settings.kind == "monai-deploy":
+        if isinstance(settings, MonaiDeployModelSettings):
             from .monai_deploy import MonaiDeployModel
 
             return MonaiDeployModel(settings)

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from ...config import ModelSettings
+from ...config import ArterysModelSettings
 from ...multipart import decode_multipart, encode_multipart
 from ..outputs import (
     ANATOMICAL_STRUCTURE,
@@ -69,7 +69,7 @@ POLL_SECONDS = 1.0
 class ArterysModel:
     """A remote model speaking the Arterys inference protocol; nothing is loaded in the worker."""
 
-    def __init__(self, settings: ModelSettings):
+    def __init__(self, settings: ArterysModelSettings):
         if not settings.url:
             raise ValueError("kind arterys needs url: the model server's base URL")
         self.settings = settings
@@ -136,7 +136,7 @@ class ArterysModel:
 class ArterysAnswer:
     """Reads one answer of the protocol against the series it was asked about."""
 
-    def __init__(self, settings: ModelSettings, series: Series):
+    def __init__(self, settings: ArterysModelSettings, series: Series):
         self.settings, self.series = settings, series
         self.index = {(str(s.dataset.SOPInstanceUID), s.frame_number): i for i, s in enumerate(series.volume.sources)}
         self.slices, self.rows, self.columns = series.pixels.shape

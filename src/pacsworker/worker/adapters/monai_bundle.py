@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from ...config import ModelSettings
+from ...config import MonaiBundleModelSettings
 from ..export import nifti_affine
 from ..model_files import files_digest
 from ..outputs import (
@@ -54,7 +54,7 @@ def segments_from_metadata(metadata: dict) -> tuple[SegmentSpec, ...]:
 class MonaiBundleModel:
     """A bundle's network and transforms, parsed once."""
 
-    def __init__(self, settings: ModelSettings):
+    def __init__(self, settings: MonaiBundleModelSettings):
         from monai.bundle import ConfigParser
         from monai.transforms import Compose
 

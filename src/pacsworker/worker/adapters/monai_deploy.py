@@ -40,12 +40,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from ...config import ModelSettings
+from ...config import MonaiDeployModelSettings
 from ..outputs import (
     CodedTerm,
     DicomObjects,
     LabelMap,
     ModelIdentity,
+    ModelOutput,
     ModelResult,
     ModelRunError,
     SegmentSpec,
@@ -108,7 +109,7 @@ def log_tail(text: str, lines: int = LOG_TAIL_LINES, chars: int = LOG_TAIL_CHARS
 class MonaiDeployModel:
     """A MONAI Deploy application, checked at load and run once per series as a subprocess."""
 
-    def __init__(self, settings: ModelSettings):
+    def __init__(self, settings: MonaiDeployModelSettings):
         self.settings = settings
         options = dict(settings.options)
         self.timeout = float(options.get("timeout_seconds", DEFAULT_TIMEOUT_SECONDS))
@@ -119,11 +120,14 @@ class MonaiDeployModel:
         if self.model_path is not None and not self.model_path.exists():
             raise ModelLoadError(f"model {settings.name}: model_path {self.model_path} does not exist")
         self.device = settings.device
-        if settings.command:
+        self.template: list[str] | None
+        if settings.command is not None:  # an empty command is refused by _parse_template, with the reason
             self.template = self._parse_template(settings.command)
             # a packaged application names no version here: its command (image and tag) stands for it
             version = settings.version or "command:" + hashlib.sha256(settings.command.encode()).hexdigest()[:12]
         else:
+            if settings.source is None:  # the settings' validator asks for source or command
+                raise ModelLoadError(f"model {settings.name}: kind monai-deploy needs source or command")
             self.template = None
             self.source = Path(settings.source).expanduser().resolve()
             self.python = str(options.get("python") or sys.executable)
@@ -213,7 +217,8 @@ class MonaiDeployModel:
                 raise ApplicationError(f"application {self.settings.name} wrote {exc}", text) from exc
             log.info("model %s: application wrote %d DICOM object(s) and %d other file(s) in %.1f s",
                      self.settings.name, len(datasets), len(others), time.perf_counter() - started)
-        outputs = {"application": DicomObjects(tuple(datasets), others, text), **_label_maps(datasets, series)}
+        outputs: dict[str, ModelOutput] = {"application": DicomObjects(tuple(datasets), others, text),
+                                           **_label_maps(datasets, series)}
         return ModelResult(outputs=outputs)
 
     def _execute(self, argv: list[str], env: dict[str, str], cwd: Path, log_path: Path) -> int:
@@ -260,7 +265,7 @@ def _label_maps(datasets: list[pydicom.Dataset], series: Series) -> dict[str, La
     if any(source.frame_number is not None for source in series.volume.sources):
         return {}  # multi-frame sources: frames, not instances, are the slices
     uids = [str(source.dataset.SOPInstanceUID) for source in series.volume.sources]
-    maps = {}
+    maps: dict[str, LabelMap] = {}
     for ds in datasets:
         if str(ds.get("SOPClassUID", "")) != SEG_CLASS:
             continue
@@ -303,7 +308,8 @@ def _collect_outputs(output_dir: Path) -> tuple[list[pydicom.Dataset], dict[str,
     ValueError
         For a Part 10 file that does not parse (the message names it).
     """
-    datasets, others = [], {}
+    datasets: list[pydicom.Dataset] = []
+    others: dict[str, bytes] = {}
     for path in sorted(p for p in output_dir.rglob("*") if p.is_file()):
         name = path.relative_to(output_dir).as_posix()
         if not _is_part10(path):

@@ -17,11 +17,12 @@ import sys
 import types
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 
-from ...config import ModelSettings, OutputConfig
+from ...config import BuiltinModelSettings, OutputConfig, PythonModelSettings
 from ..outputs import (
     Box,
     Boxes,
@@ -132,7 +133,7 @@ def resolve_device(device: str) -> str:
 def segments_of(config: OutputConfig) -> tuple[SegmentSpec, ...]:
     return tuple(
         SegmentSpec(s.label, s.name, CodedTerm.from_triple(s.category), CodedTerm.from_triple(s.property_type),
-                    s.description, tuple(s.color) if s.color else None)
+                    s.description, (s.color[0], s.color[1], s.color[2]) if s.color else None)
         for s in config.segments
     )
 
@@ -140,7 +141,7 @@ def segments_of(config: OutputConfig) -> tuple[SegmentSpec, ...]:
 class PythonModel:
     """A model class loaded once; ``run`` calls whichever contract the class implements."""
 
-    def __init__(self, settings: ModelSettings, source: str):
+    def __init__(self, settings: BuiltinModelSettings | PythonModelSettings, source: str):
         self.settings = settings
         self.device = resolve_device(settings.device)
         cls = import_class(source)
@@ -151,6 +152,8 @@ class PythonModel:
         self.instance = cls(**kwargs)
         version = settings.version or str(getattr(self.instance, "version", "") or "") or _source_digest(cls)
         self.identity = ModelIdentity(settings.name, version)
+        self.contract: str
+        self.wanted: tuple[str, ...]
         if callable(getattr(self.instance, "predict", None)):
             self.contract, self.wanted = "predict", ()
         elif callable(getattr(self.instance, "inference", None)):
@@ -311,7 +314,8 @@ def _typed(key: str, value, config: OutputConfig, series: Series):
     if not isinstance(plain, (int, str, float)):
         raise ModelOutputError(f"output {key!r}: a class must be a number or a string, got {type(plain).__name__}")
     meaning = config.values.get(str(plain))
-    return Classification(plain, name, CodedTerm.from_triple(meaning) if meaning else None, score)
+    # a float class is kept as the model gave it (Classification.check accepts it; the README's contract says int | str)
+    return Classification(cast("int | str", plain), name, CodedTerm.from_triple(meaning) if meaning else None, score)
 
 
 def _boxes(key: str, value, config: OutputConfig, series: Series) -> Boxes:
@@ -339,8 +343,9 @@ def _boxes(key: str, value, config: OutputConfig, series: Series) -> Boxes:
                 raise ModelOutputError(f"output {key!r}: box {number} gives both 'slice' and 'slice_index'; give one")
             boxes.append(Box(
                 slice=int(item["slice"] if "slice" in item or "slice_index" not in item else item["slice_index"]),
-                top_left=tuple(float(v) for v in item["top_left"]),
-                bottom_right=tuple(float(v) for v in item["bottom_right"]),
+                # [column, row]: the corners' lengths are checked below, with a reason
+                top_left=cast("tuple[float, float]", tuple(float(v) for v in item["top_left"])),
+                bottom_right=cast("tuple[float, float]", tuple(float(v) for v in item["bottom_right"])),
                 label=label,
                 score=None if score is None else float(score),
                 finding=CodedTerm.from_triple(meaning) if meaning else None,

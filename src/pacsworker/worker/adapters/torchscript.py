@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import yaml
 
-from ...config import ModelSettings, PipelineConfig, TransformConfig
+from ...config import PipelineConfig, TorchscriptModelSettings, TransformConfig, TritonModelSettings
 from ..export import nifti_affine
 from ..outputs import (
     LabelMap,
@@ -37,12 +37,14 @@ from .python_class import file_digest, resolve_device, segments_of
 log = logging.getLogger("pacsworker.worker")
 
 
-def load_pipeline(settings: ModelSettings) -> PipelineConfig:
+def load_pipeline(settings: TorchscriptModelSettings | TritonModelSettings) -> PipelineConfig:
     """The model's pipeline: inline, or a YAML file (relative to the model file)."""
     pipeline = settings.pipeline
     if isinstance(pipeline, str):
         path = Path(pipeline)
         if not path.is_absolute():
+            if not isinstance(settings, TorchscriptModelSettings):  # kind triton's settings refuse it already
+                raise ValueError(f"kind {settings.kind}: pipeline file {pipeline!r} must be named by its absolute path")
             path = Path(settings.source).parent / path
         pipeline = PipelineConfig.model_validate(yaml.safe_load(path.read_text()))
     if pipeline is None:
@@ -99,7 +101,9 @@ class PipelineModel:
     of images (or of sliding-window tiles), (N, C, ...), to the network's output (N, channels, ...).
     """
 
-    def __init__(self, settings: ModelSettings):
+    settings: TorchscriptModelSettings | TritonModelSettings
+
+    def __init__(self, settings: TorchscriptModelSettings | TritonModelSettings):
         from monai.transforms import Compose, Invertd
 
         self.settings = settings
@@ -162,6 +166,7 @@ class PipelineModel:
             )
         array = array.transpose(0, 3, 2, 1)  # back to (channels, slices, rows, columns)
         segments = segments_of(self.output)
+        result: LabelMap | ProbabilityMaps
         if self.output.kind == "labelmap":
             if array.shape[0] != 1:
                 raise ModelOutputError(f"output {self.output_key!r}: a label map needs one channel, got {array.shape[0]} "
@@ -178,7 +183,9 @@ class PipelineModel:
 class TorchScriptModel(PipelineModel):
     """A TorchScript network with its MONAI pipeline, loaded once and kept on its device."""
 
-    def __init__(self, settings: ModelSettings):
+    settings: TorchscriptModelSettings
+
+    def __init__(self, settings: TorchscriptModelSettings):
         super().__init__(settings)
         # no version configured: the file's digest (its name, often "model", says nothing)
         self.identity = ModelIdentity(settings.name, settings.version or file_digest(Path(settings.source).expanduser()))

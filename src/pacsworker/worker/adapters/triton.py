@@ -32,8 +32,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 
-from ...config import ModelSettings
-from ..outputs import ModelIdentity, ModelRunError
+from ...config import TritonModelSettings
+from ..outputs import ModelIdentity, ModelResult, ModelRunError
 from ..series import Series
 from .torchscript import PipelineModel
 
@@ -124,7 +124,7 @@ class TritonNetwork:
     """The network as MONAI's inferer sees it: a callable from a batch of tiles to the model's output,
     computed by Triton."""
 
-    def __init__(self, settings: ModelSettings):
+    def __init__(self, settings: TritonModelSettings):
         if not settings.url:
             raise ValueError("kind triton needs url: (http://host:port or grpc://host:port)")
         if not settings.model_name:
@@ -315,6 +315,7 @@ class TritonNetwork:
 class TritonModel(PipelineModel):
     """The MONAI pipeline here, the network on a Triton server; see the module's docstring."""
 
+    settings: TritonModelSettings
     network: TritonNetwork
 
     def _load_network(self) -> TritonNetwork:
@@ -329,6 +330,6 @@ class TritonModel(PipelineModel):
         served = self.network.served.version if self.network.served else self.settings.model_version
         return ModelIdentity(self.settings.name, f"{self.network.model_name} {served or '(not yet asked)'}")
 
-    def run(self, series: Series):
+    def run(self, series: Series) -> ModelResult:
         self.network.wait_until_ready()  # before the pre-transforms: a job for a missing server fails fast
         return super().run(series)
