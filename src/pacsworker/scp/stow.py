@@ -240,7 +240,7 @@ class StowServer:
                         log.warning("STOW-RS from %s: part %d not stored (0x%04X): %s", peer, number, status,
                                     printable(reason))
                 log.info("STOW-RS from %s: %d instance(s) stored, %d refused", peer, len(stored), len(failed))
-                answer: dict = {}
+                answer = {}
                 if stored:
                     answer["00081199"] = _element("SQ", *stored)
                 if failed:
