@@ -62,7 +62,8 @@ def check_case(settings: ModelSettings, case: ReferenceCase) -> CaseResult:
         if labels is None:
             record(False, "no label map to compare with the expected mask")
         else:
-            expected = np.asarray(nib.load(case.expected_mask).dataobj)  # type: ignore[attr-defined]  # a NIfTI image.transpose(2, 1, 0)
+            image = nib.load(case.expected_mask)
+            expected = np.asarray(image.dataobj).transpose(2, 1, 0)  # type: ignore[attr-defined]  # a NIfTI image
             if expected.shape != labels.shape:
                 record(False, f"expected mask is {expected.shape}, the model's is {labels.shape}")
             else:
