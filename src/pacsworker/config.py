@@ -135,6 +135,22 @@ class StorageSettings(BaseModel):
     retention_days: float = Field(
         7.0, gt=0, description="pacsworker cleanup removes finished series and delivered results older than this"
     )
+    database_url: str = Field(
+        "", pattern=r"^$|^(postgresql|postgres|postgresql\+psycopg|sqlite)://",
+        description="the ledger (series, jobs, deliveries, history): empty: a SQLite file data_dir/ledger.sqlite3 "
+        "(one host); postgresql://user@host/db for roles on several hosts (the password from PGPASSWORD or "
+        "~/.pgpass, never here)",
+    )
+    history_days: float = Field(
+        90.0, gt=0, description="pacsworker cleanup removes the ledger's history events older than this"
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _no_password(cls, value: str) -> str:
+        if value and urllib.parse.urlsplit(value).password is not None:
+            raise ValueError("a password may not be part of database_url: give it in PGPASSWORD or ~/.pgpass")
+        return value
 
 
 class QueueSettings(BaseModel):
