@@ -12,6 +12,10 @@ See docs/ledger.md.
 
 from __future__ import annotations
 
+import socket
+import threading
+from typing import Any
+
 from .database import LedgerError, default_url, filesystem_of, refuse_network_filesystem
 from .deliveries import DeliveryTransitions
 from .jobs import JobTransitions
@@ -36,7 +40,42 @@ class Ledger(SeriesTransitions, JobTransitions, DeliveryTransitions, LedgerQueri
     """The one database API: open it with :meth:`Ledger.open`; every state change is a method."""
 
 
+_OPEN: dict[str, Ledger] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def ledger_url(settings: Any) -> str:
+    """The ledger ``settings`` name: ``storage.database_url``, or the SQLite file under ``data_dir``."""
+    return settings.storage.database_url or default_url(settings.data_dir)
+
+
+def open_ledger(settings: Any, role: str) -> Ledger:
+    """The ledger of ``settings``, opened once per process and URL (later calls share it; the first
+    caller's role names the actor ``host/role`` in the history).
+
+    Raises
+    ------
+    LedgerError
+        For a database other than SQLite or PostgreSQL, or a SQLite file on a network file system.
+    """
+    url = ledger_url(settings)
+    with _OPEN_LOCK:
+        ledger = _OPEN.get(url)
+        if ledger is None:
+            ledger = _OPEN[url] = Ledger.open(url, actor=f"{socket.gethostname()}/{role}")
+        return ledger
+
+
+def close_ledgers() -> None:
+    """Close every ledger this process opened (tests; a forked child must not share its parent's engine)."""
+    with _OPEN_LOCK:
+        for ledger in _OPEN.values():
+            ledger.close()
+        _OPEN.clear()
+
+
 __all__ = [
     "Claim", "DeliveredInstance", "Delivery", "Event", "EventKind", "Job", "Ledger", "LedgerError", "NewJob",
-    "Receiver", "Series", "SeriesFacts", "Study", "default_url", "filesystem_of", "refuse_network_filesystem",
+    "Receiver", "Series", "SeriesFacts", "Study", "close_ledgers", "default_url", "filesystem_of", "ledger_url",
+    "open_ledger", "refuse_network_filesystem",
 ]
