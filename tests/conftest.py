@@ -264,3 +264,10 @@ def postgres_server():
     server = PostgresServer(bin_dir).start()
     yield server
     server.stop()
+
+
+def ledger_of(data_dir: Path | str):
+    """The ledger (SQLite under ``data_dir``) that the roles of a test write: what the tests read state from."""
+    from pacsworker.ledger import ledger_at
+
+    return ledger_at(Path(data_dir).resolve(), "test")

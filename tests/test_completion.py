@@ -8,11 +8,11 @@ import time
 
 import pydicom
 import pytest
-from conftest import Pacsworker, free_port, port_open, storescu, wait_until, write_config
+from conftest import Pacsworker, free_port, ledger_of, port_open, storescu, wait_until, write_config
 from pydicom.uid import generate_uid
 
 from pacsworker.config import Settings
-from pacsworker.records import DataLayout, SeriesRecord, SeriesState, read_json
+from pacsworker.records import DataLayout, SeriesRecord, SeriesState
 from pacsworker.scp.server import Receiver
 from pacsworker.scp.spool import series_files
 
@@ -36,8 +36,8 @@ def receiver(tmp_path):
     rx.stop()
 
 
-def _record(receiver, series_uid: str) -> SeriesRecord:
-    return read_json(receiver.layout.series_record(series_uid), SeriesRecord)
+def _record(receiver, series_uid: str):
+    return ledger_of(receiver.layout.root).series(series_uid)
 
 
 def _copies(dicom_dir, folder, tmp_path, images_in_acquisition: int | None, keep: int | None = None):
@@ -104,9 +104,8 @@ def test_series_complete_command_completes_a_series_now(receiver, dicom_dir, tmp
     # the request is removed once the completion is recorded (just after the series is handed on)
     wait_until(lambda: not DataLayout(receiver.layout.root).completion_request(series_uid).exists(), 10,
                what="the completion request to be removed")
-    record = _record(receiver, series_uid)
-    record.state = SeriesState.QUEUED  # as routing leaves it (this receiver's callback only collects)
-    receiver.layout.series_record(series_uid).write_text(record.model_dump_json())
+    # routed, as routing leaves it (this receiver's callback only collects)
+    assert ledger_of(receiver.layout.root).route_series(series_uid, []) == []
     again = cli(series_uid)
     assert again.returncode == 1 and "is not being received: it is queued" in again.stdout
     assert cli("1.2.3.999").returncode == 2
@@ -205,7 +204,7 @@ def test_a_receiver_killed_mid_series_finishes_it_after_restart(tmp_path, dicom_
         receiver = Pacsworker(["scp"], config, tmp_path / "scp2.log")
         wait_until(lambda: port_open(port), 60, what="the receiver to listen again")
         assert storescu(port, rest).returncode == 0
-        record = wait_until(lambda: (r := read_json(layout.series_record(series_uid), SeriesRecord))
+        record = wait_until(lambda: (r := ledger_of(layout.root).series(series_uid))
                             and r.state != SeriesState.RECEIVING and r, 20, what="the series to complete")
         assert record.instances == 3 and record.completed_by == "all 3 Images in Acquisition arrived"
         assert "1 series found pending in the spool after restart" in receiver.output()

@@ -8,12 +8,11 @@ import time
 
 import pytest
 import redis
-from conftest import free_port, missing, port_open, wait_until
+from conftest import free_port, ledger_of, missing, port_open, wait_until
 
 from pacsworker.config import Settings
-from pacsworker.records import DataLayout, JobRecord, JobState, SeriesRecord, SeriesState, read_json
+from pacsworker.records import DataLayout, JobState, SeriesRecord, SeriesState
 from pacsworker.tasks.app import configure, model_queue
-from pacsworker.tasks.ledger import save_job
 from pacsworker.tasks.submit import recover, submit_series
 
 SERIES = "1.2.826.0.1.3680043.9.7433.1.1"
@@ -26,9 +25,33 @@ def _record(instances: int = 12, digest: str = "aaaa") -> SeriesRecord:
     )
 
 
-def _jobs(settings: Settings) -> list[JobRecord]:
-    layout = DataLayout(settings.data_dir)
-    return list(layout.iter_records(layout.jobs, JobRecord))
+def _ledger(settings: Settings):
+    return ledger_of(settings.data_dir)
+
+
+def _jobs(settings: Settings):
+    return _ledger(settings).latest_jobs(100)
+
+
+def _receive(settings: Settings, record: SeriesRecord) -> None:
+    """What the receiver does before routing: the series received (again) and complete in the ledger."""
+    from pacsworker.scp.tracker import _facts
+
+    ledger = _ledger(settings)
+    ledger.record_instance(_facts(record), instances=record.instances)
+    ledger.complete_series(record.series_uid, instances=record.instances, frames=0, content_digest=record.content_digest,
+                           completed_by="test")
+    submit_series(settings, record)
+
+
+def _end(settings: Settings, job_id: str, state: JobState, reason: str = "") -> None:
+    """A worker ran the job and it ended so."""
+    ledger = _ledger(settings)
+    claim = ledger.claim_job(job_id, "w", 3, 60)
+    assert claim.won and claim.job is not None
+    results = {"sr.dcm": "1.2.3.4"} if state == JobState.DELIVERING else None
+    assert ledger.finish_job(job_id, "w", claim.job.attempts, state, reason=reason, results=results,
+                             destinations=["results"] if results else ())
 
 
 def _embedded(tmp_path) -> Settings:
@@ -43,45 +66,39 @@ def _queued_messages(settings: Settings) -> int:
 
 def test_same_content_makes_one_job_and_a_failed_one_runs_again(tmp_path):
     settings = _embedded(tmp_path)
-    first = _record()
-    submit_series(settings, first)
-    assert first.state == SeriesState.QUEUED and len(first.jobs) == 1
-    [job] = _jobs(settings)
-    assert job.sent_at > 0 and _queued_messages(settings) == 1
+    _receive(settings, _record())
+    [job] = _ledger(settings).jobs_of_series(SERIES)
+    assert _ledger(settings).series(SERIES).state == SeriesState.QUEUED
+    assert _ledger(settings).job(job.job_id).sent_at > 0 and _queued_messages(settings) == 1
     # the sender resends the same instances: the job stands, nothing new is sent
-    again = _record()
-    submit_series(settings, again)
-    assert again.jobs == first.jobs and len(_jobs(settings)) == 1 and _queued_messages(settings) == 1
+    _receive(settings, _record())
+    assert [j.job_id for j in _ledger(settings).jobs_of_series(SERIES)] == [job.job_id]
+    assert len(_jobs(settings)) == 1 and _queued_messages(settings) == 1
     # different content (one more instance) is a different job
-    more = _record(instances=13, digest="bbbb")
-    submit_series(settings, more)
+    _receive(settings, _record(instances=13, digest="bbbb"))
     assert len(_jobs(settings)) == 2 and _queued_messages(settings) == 2
     # a job that failed runs again when its series is resent
-    job.state, job.reason, job.attempts = JobState.FAILED, "worker lost", 3
-    save_job(DataLayout(settings.data_dir), job)
-    submit_series(settings, _record())
-    rerun = read_json(DataLayout(settings.data_dir).job_record(job.job_id), JobRecord)
+    _end(settings, job.job_id, JobState.FAILED, "worker lost")
+    _receive(settings, _record())
+    rerun = _ledger(settings).job(job.job_id)
     assert rerun.state == JobState.QUEUED and rerun.attempts == 0 and _queued_messages(settings) == 3
 
 
-def test_series_record_says_how_it_ended(tmp_path):
-    from pacsworker.records import save_series, settle_series_of
-
+@pytest.mark.parametrize("state, expected", [(JobState.NO_RESULT, SeriesState.NO_RESULT),
+                                             (JobState.DELIVERING, SeriesState.QUEUED),
+                                             (JobState.FAILED, SeriesState.FAILED)])
+def test_series_record_says_how_it_ended(tmp_path, state, expected):
     settings = _embedded(tmp_path)
-    layout = DataLayout(settings.data_dir)
-    record = _record()
-    submit_series(settings, record)
-    save_series(layout, record)
-    assert read_json(layout.series_record(SERIES), SeriesRecord).state == SeriesState.QUEUED
-    [job] = _jobs(settings)
-    for state, expected in ((JobState.NO_RESULT, SeriesState.NO_RESULT), (JobState.DONE, SeriesState.DONE),
-                            (JobState.FAILED, SeriesState.FAILED)):
-        job.state, job.reason = state, "" if state == JobState.DONE else "a reason"
-        save_job(layout, job)
-        settle_series_of(layout, SERIES)
-        ended = read_json(layout.series_record(SERIES), SeriesRecord)
-        assert ended.state == expected and ended.jobs == [job.job_id]
-        assert ("ct-body: a reason" in ended.reason) == (state != JobState.DONE)
+    _receive(settings, _record())
+    assert _ledger(settings).series(SERIES).state == SeriesState.QUEUED
+    [job] = _ledger(settings).jobs_of_series(SERIES)
+    _end(settings, job.job_id, state, "" if state == JobState.DELIVERING else "a reason")
+    ended = _ledger(settings).series(SERIES)
+    assert ended.state == expected and [j.job_id for j in _ledger(settings).jobs_of_series(SERIES)] == [job.job_id]
+    assert ("ct-body: a reason" in ended.reason) == (state != JobState.DELIVERING)
+    if state == JobState.DELIVERING:  # delivered: done
+        _ledger(settings).record_attempt(job.job_id, "results", {"sr.dcm": "stored"}, {})
+        assert _ledger(settings).series(SERIES).state == SeriesState.DONE
 
 
 @pytest.fixture
@@ -101,10 +118,10 @@ def test_broker_down_routing_does_not_block_and_the_sweep_sends_later(tmp_path, 
     configure(settings)
     record = _record()
     started = time.monotonic()
-    submit_series(settings, record)  # nothing listens on the broker's port
+    _receive(settings, record)  # nothing listens on the broker's port
     blocked = time.monotonic() - started
     print(f"routing with the broker down returned after {blocked:.2f} s")
-    assert record.state == SeriesState.QUEUED
+    assert _ledger(settings).series(SERIES).state == SeriesState.QUEUED
     [job] = _jobs(settings)
     assert job.state == JobState.QUEUED and job.sent_at == 0 and job.attempts == 0
     assert blocked < 10, "routing must not wait for the broker"
@@ -125,29 +142,19 @@ def test_broker_down_routing_does_not_block_and_the_sweep_sends_later(tmp_path, 
 
 
 def test_new_content_supersedes_and_the_series_follows_its_latest_job(tmp_path):
-    from pacsworker.records import save_series, settle_series_of
-
     settings = _embedded(tmp_path)
-    layout = DataLayout(settings.data_dir)
-    first = _record()
-    submit_series(settings, first)
-    save_series(layout, first)
-    [old_id] = first.jobs
-    old = read_json(layout.job_record(old_id), JobRecord)
-    old.state, old.reason = JobState.FAILED, "cut short"
-    save_job(layout, old)
+    _receive(settings, _record())
+    [old] = _ledger(settings).jobs_of_series(SERIES)
+    _end(settings, old.job_id, JobState.FAILED, "cut short")
+    assert _ledger(settings).series(SERIES).state == SeriesState.FAILED
     # more instances arrived: a new routing, a new job; the failed one is history
-    grown = read_json(layout.series_record(SERIES), SeriesRecord)
-    grown.instances, grown.content_digest, grown.state = 20, "cccc", SeriesState.RECEIVING
-    submit_series(settings, grown)
-    save_series(layout, grown)
-    [new_id] = grown.jobs
-    assert new_id != old_id and grown.earlier_jobs == [old_id]
-    new = read_json(layout.job_record(new_id), JobRecord)
-    new.state = JobState.DONE
-    save_job(layout, new)
-    settle_series_of(layout, SERIES)
-    assert read_json(layout.series_record(SERIES), SeriesRecord).state == SeriesState.DONE
+    _receive(settings, _record(instances=20, digest="cccc"))
+    [new] = _ledger(settings).jobs_of_series(SERIES)
+    assert new.job_id != old.job_id
+    assert [j.job_id for j in _ledger(settings).jobs_of_series(SERIES, current=False)] == [old.job_id]
+    _end(settings, new.job_id, JobState.DELIVERING)
+    _ledger(settings).record_attempt(new.job_id, "results", {"sr.dcm": "stored"}, {})
+    assert _ledger(settings).series(SERIES).state == SeriesState.DONE
 
 
 def test_a_newer_model_version_reruns_and_its_sr_names_the_earlier_one(tmp_path, dicom_dir):
@@ -166,8 +173,8 @@ def test_a_newer_model_version_reruns_and_its_sr_names_the_earlier_one(tmp_path,
     spool.mkdir(parents=True)
     uids = set()
     for path in source:
-        uids.add(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID))
-        shutil.copy(path, spool / path.name)
+        uids.add(uid := str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+        shutil.copy(path, spool / f"{uid}.dcm")  # as the receiver spools it
     record = SeriesRecord(series_uid=str(first.SeriesInstanceUID), study_uid=str(first.StudyInstanceUID), modality="CT",
                           sop_class_uid=str(first.SOPClassUID), instances=len(source), content_digest=content_digest(uids))
     jobs = []
@@ -175,14 +182,13 @@ def test_a_newer_model_version_reruns_and_its_sr_names_the_earlier_one(tmp_path,
         settings = Settings(storage={"data_dir": str(tmp_path / "data")},
                             models=[{"name": "ct-body", "version": version, "match": {"min_instances": 1}}])
         configure(settings)
-        routed = record.model_copy()
-        submit_series(settings, routed)
-        [job_id] = routed.jobs
+        _receive(settings, record.model_copy())
+        [job_id] = [j.job_id for j in ledger_of(settings.data_dir).jobs_of_series(record.series_uid)]
         if job_id not in jobs:
             jobs.append(job_id)
             assert process_series(job_id) == "delivering"
     assert len(jobs) == 2, "a new version is a new job; the same version again is the same job"
-    old, new = (read_json(layout.job_record(job_id), JobRecord) for job_id in jobs)
+    old, new = (ledger_of(layout.root).job(job_id) for job_id in jobs)
     assert old.outputs["sr"] != new.outputs["sr"] and old.outputs["seg"] != new.outputs["seg"]
     for role in ("sr", "image_sr"):  # each SR names the earlier one of its kind
         sr = pydicom.dcmread(layout.job_outbox(new.job_id) / f"{role}.dcm")

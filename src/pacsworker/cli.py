@@ -59,20 +59,33 @@ def _setup(config: Path | None, runs_models: bool = True) -> Settings:
 
 
 def _receiver(settings: Settings):
+    import threading
+
     from .scp.server import Receiver
     from .tasks.app import configure
     from .tasks.submit import complete_studies, recover, submit_series
 
     configure(settings)
     receiver = Receiver(settings, lambda record: submit_series(settings, record))
-    last_sweep = [0.0]
+    # the recovery sweep runs in a thread of its own: it never delays series completion
+    every = min(5.0, settings.queue.stale_after_seconds / 2)
+    stopped = threading.Event()
 
-    def sweep() -> None:
-        if time.time() - last_sweep[0] >= min(5.0, settings.queue.stale_after_seconds / 2):
-            last_sweep[0] = time.time()
-            recover(settings)
+    def sweeps() -> None:
+        while not stopped.wait(every):
+            try:
+                recover(settings)
+            except Exception:  # noqa: BLE001 - a failed sweep must not stop the receiver
+                logging.getLogger("pacsworker.tasks").exception("recovery sweep failed; will run again")
 
-    receiver.periodic.append(sweep)
+    sweeper = threading.Thread(target=sweeps, name="recovery-sweep", daemon=True)
+
+    def start_sweeps() -> None:  # with the receiver's first tick: a receiver only built starts nothing
+        if not sweeper.is_alive() and not stopped.is_set():
+            sweeper.start()
+
+    receiver.periodic.append(start_sweeps)
+    receiver.on_stop.append(stopped.set)
     receiver.periodic.append(_receiver_heartbeat(settings, receiver))
     last_studies = [0.0]
 
@@ -144,26 +157,26 @@ def _receiver_heartbeat(settings: Settings, receiver):
     """A duty that records, every few seconds, that this receiver is up (``status`` reads it)."""
     import socket
 
-    from .records import DataLayout, ReceiverRecord, write_json_atomic
+    from .ledger import open_ledger
 
     cfg = settings.scp
     ports = {"dimse": cfg.port} if cfg.plain else {}
     ports.update({"tls": cfg.tls.port} if cfg.tls else {})
     ports.update({"stow": cfg.stow_port} if cfg.stow_port else {})
     ports.update({"metrics": settings.metrics.port} if settings.metrics.enabled else {})
-    record = ReceiverRecord(host=socket.gethostname(), pid=os.getpid(), ae_title=cfg.ae_title, ports=ports,
-                            started_at=time.time(), heartbeat=0.0)
-    path = DataLayout(settings.data_dir).receivers / f"{record.host}-{cfg.port}.json"
+    host = socket.gethostname()
+    receiver_id = f"{host}-{cfg.port}"
     last = [0.0]
 
     def beat() -> None:
         if time.time() - last[0] < RECEIVER_HEARTBEAT_SECONDS:
             return
-        last[0] = record.heartbeat = time.time()
-        record.receiving = {r.series_uid: r.instances for r in receiver.tracker.pending()}
-        record.short_of_space = receiver.space_short() is not None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, record)
+        started = not last[0]
+        last[0] = time.time()
+        open_ledger(settings, "scp").receiver_heartbeat(
+            receiver_id, host=host, pid=os.getpid(), ae_title=cfg.ae_title, ports=ports,
+            receiving={r.series_uid: r.instances for r in receiver.tracker.pending()},
+            short_of_space=receiver.space_short() is not None, started=started)
 
     return beat
 
@@ -683,7 +696,8 @@ def series_complete(
 ) -> None:
     """Complete a series now instead of waiting for its quiet time (the receiver acts within a second)."""
     settings = _setup(config, runs_models=False)
-    from .records import DataLayout, SeriesRecord, SeriesState, read_json
+    from .ledger import open_ledger
+    from .records import DataLayout, SeriesState
 
     layout = DataLayout(settings.data_dir).create()
     try:
@@ -691,12 +705,12 @@ def series_complete(
     except ValueError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
-    record = read_json(layout.series_record(series_uid), SeriesRecord)
+    record = open_ledger(settings, "cli").series(series_uid)
     if record is None:
         console.print(f"[red]no series {series_uid} in {layout.root}[/red]")
         raise typer.Exit(2)
-    if record.state != SeriesState.RECEIVING:
-        console.print(f"series {series_uid} is not being received: it is {record.state.value}")
+    if record.state != SeriesState.RECEIVING.value:
+        console.print(f"series {series_uid} is not being received: it is {record.state}")
         raise typer.Exit(1)
     from .scp.spool import series_files
 
@@ -987,40 +1001,28 @@ def deliveries_retry(
     Only the destinations and instances not yet confirmed are sent. Exit 2: no such job; 1: nothing to retry.
     """
     settings = _setup(config, runs_models=False)
-    from .destinations.outbox import retry_delivery
-    from .records import (
-        DataLayout,
-        DeliveryRecord,
-        JobRecord,
-        JobState,
-        read_json,
-        settle_series_of,
-    )
-    from .tasks.ledger import save_job
+    from .ledger import open_ledger
 
     if bool(job_ids) == all_:
         console.print("[red]name job ids, or give --all[/red]")
         raise typer.Exit(2)
-    layout = DataLayout(settings.data_dir)
+    ledger = open_ledger(settings, "cli")
+    outbox = settings.data_dir / "outbox"
     if all_:
-        job_ids = [d.job_id for d in layout.iter_deliveries() if d.dead_lettered]
+        job_ids = list(dict.fromkeys(d.job_id for d in ledger.dead_letters(limit=100_000)))
     job_ids = job_ids or []  # given (checked above), or every dead letter
     for jid in job_ids:
-        if "/" in jid or jid.startswith(".") or read_json(layout.delivery_record(jid), DeliveryRecord) is None:
-            console.print(f"[red]no results of job {jid} in {layout.outbox}[/red]")
+        if not ledger.deliveries_of(jid):
+            console.print(f"[red]no results of job {jid} in {outbox}[/red]")
             raise typer.Exit(2)
     retried = {}
+    operator = f"{os.environ.get('USER', '')}@cli".lstrip("@")
     for jid in job_ids:
-        names, task_id = retry_delivery(layout, jid)
+        names, task_id = ledger.retry_delivery(jid, operator)
         if not names:
             console.print(f"job {jid}: every destination has its results already")
             continue
         retried[jid] = names, task_id
-        job = read_json(layout.job_record(jid), JobRecord)
-        if job is not None and job.state != JobState.DELIVERING:
-            job.state, job.reason = JobState.DELIVERING, ""
-            save_job(layout, job)
-            settle_series_of(layout, *job.series_uids or [job.series_uid])
         logging.getLogger("pacsworker.delivery").info("job %s: delivery to %s retried by the operator",
                                                       jid, ", ".join(names))
     if not retried:
@@ -1057,38 +1059,40 @@ def jobs_retry(
     or one that has not ended badly; 1: nothing to retry.
     """
     settings = _setup(config, runs_models=False)
-    from .records import DataLayout, JobRecord, JobState, read_json, settle_series_of
+    from .ledger import open_ledger
     from .tasks.app import configure
-    from .tasks.ledger import save_job
     from .tasks.submit import send_job
 
     if bool(job_ids) == failed:
         console.print("[red]name job ids, or give --failed[/red]")
         raise typer.Exit(2)
-    layout = DataLayout(settings.data_dir)
+    ledger = open_ledger(settings, "cli")
+
     def results_waiting(job) -> bool:  # it ran; its delivery failed: deliveries retry resends, no re-run
-        return layout.delivery_record(job.job_id).exists()
+        return bool(ledger.deliveries_of(job.job_id))
 
     if failed:
-        jobs = [j for j in layout.iter_records(layout.jobs, JobRecord)
-                if j.state == JobState.FAILED and not results_waiting(j)]
-        for job in layout.iter_records(layout.jobs, JobRecord):
-            if job.state == JobState.FAILED and results_waiting(job):
+        jobs = []
+        for job in ledger.jobs_in_state("failed", limit=100_000):
+            if not results_waiting(job):
+                jobs.append(job)
+            else:
                 console.print(f"job {job.job_id}: its results wait in the outbox, not run again "
                               f"(pacsworker deliveries retry {job.job_id})", soft_wrap=True)
     else:
         jobs = []
         for jid in job_ids or []:  # given: checked above
-            job = read_json(layout.job_record(jid), JobRecord) if "/" not in jid and not jid.startswith(".") else None
-            if job is None:
-                console.print(f"[red]no job {jid} in {layout.jobs}[/red]")
+            found = ledger.job(jid)
+            if found is None:
+                console.print(f"[red]no job {jid} in {settings.data_dir}[/red]")
                 raise typer.Exit(2)
+            job = found
             if results_waiting(job):
                 console.print(f"[red]job {jid} has results waiting in the outbox: pacsworker deliveries retry "
                               f"{jid} sends them again[/red]", soft_wrap=True)
                 raise typer.Exit(2)
-            if job.state.value not in RETRYABLE_JOB_STATES:
-                console.print(f"[red]job {jid} is {job.state.value}; only {', '.join(RETRYABLE_JOB_STATES)} jobs run "
+            if job.state not in RETRYABLE_JOB_STATES:
+                console.print(f"[red]job {jid} is {job.state}; only {', '.join(RETRYABLE_JOB_STATES)} jobs run "
                               "again[/red]")
                 raise typer.Exit(2)
             jobs.append(job)
@@ -1096,14 +1100,26 @@ def jobs_retry(
         console.print("nothing to retry")
         raise typer.Exit(1)
     configure(settings)
+    operator = f"{os.environ.get('USER', '')}@cli".lstrip("@")
     for job in jobs:
-        previous = f"{job.state.value}: {job.reason}" if job.reason else job.state.value
-        job.state, job.attempts, job.sent_at, job.reason, job.stage = JobState.QUEUED, 0, 0.0, "", ""
-        save_job(layout, job)
-        settle_series_of(layout, *job.series_uids or [job.series_uid])
+        previous = f"{job.state}: {job.reason}" if job.reason else job.state
+        if not ledger.retry_job(job.job_id, operator):
+            console.print(f"job {job.job_id}: changed meanwhile, not run again", soft_wrap=True)
+            continue
         logging.getLogger("pacsworker.tasks").info("job %s retried by the operator (was %s)", job.job_id, previous)
-        if send_job(settings, layout, job):
+        if send_job(settings, job.job_id, job.model, ledger):
             console.print(f"job {job.job_id}: queued again (was {previous})", soft_wrap=True)
         else:
             console.print(f"job {job.job_id}: queued again; the broker is unavailable, the recovery sweep will send it",
                           soft_wrap=True)
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job_id: Annotated[str, typer.Argument(help="the job's id (status, history and the page show it)")],
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable, with the inputs' SOP Instance UIDs")] = False,
+) -> None:
+    """One job from the ledger: its state and times, the instances it was made for, its values and
+    outputs, each destination's delivery, and its events (newest first)."""
+    _jobs_show(config, job_id, as_json)

@@ -95,6 +95,8 @@ class SeriesRecord(BaseModel):
     contiguous: bool | None = Field(None, description="no gap wider than the series' spacing; None: not checked")
     contiguity: str = Field("", description="what the contiguity check found")
     study_models: list[str] = Field(default_factory=list, description="models of scope study it was held for")
+    sop_instance_uids: list[str] = Field(default_factory=list, exclude=True,
+                                         description="in memory only: the instances it was completed with")
 
 
 class JobRecord(BaseModel):

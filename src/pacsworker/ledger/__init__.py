@@ -12,6 +12,7 @@ See docs/ledger.md.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from typing import Any
@@ -58,12 +59,31 @@ def open_ledger(settings: Any, role: str) -> Ledger:
     LedgerError
         For a database other than SQLite or PostgreSQL, or a SQLite file on a network file system.
     """
-    url = ledger_url(settings)
+    return _cached(ledger_url(settings), role)
+
+
+def ledger_at(data_dir: Any, role: str) -> Ledger:
+    """The default (SQLite) ledger of ``data_dir``, shared like :func:`open_ledger`'s."""
+    return _cached(default_url(data_dir), role)
+
+
+def _cached(url: str, role: str) -> Ledger:
     with _OPEN_LOCK:
         ledger = _OPEN.get(url)
         if ledger is None:
             ledger = _OPEN[url] = Ledger.open(url, actor=f"{socket.gethostname()}/{role}")
         return ledger
+
+
+def _forget_after_fork() -> None:
+    """A forked child (a Celery pool process) opens its own connections: the parent's stay the parent's."""
+    for ledger in _OPEN.values():
+        ledger.engine.dispose(close=False)
+    _OPEN.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def close_ledgers() -> None:
@@ -77,5 +97,5 @@ def close_ledgers() -> None:
 __all__ = [
     "Claim", "DeliveredInstance", "Delivery", "Event", "EventKind", "Job", "Ledger", "LedgerError", "NewJob",
     "Receiver", "Series", "SeriesFacts", "Study", "close_ledgers", "default_url", "filesystem_of", "ledger_url",
-    "open_ledger", "refuse_network_filesystem",
+    "ledger_at", "open_ledger", "refuse_network_filesystem",
 ]

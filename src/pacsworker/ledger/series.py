@@ -133,6 +133,8 @@ class SeriesTransitions(LedgerCore):
                 job_series.c.job_id.not_in(mine)).values(current=False))
             values = {"waiting": False} if models is None else {"waiting": False, "models": sorted(models)}
             tx.conn.execute(update(studies).where(studies.c.study_uid == study_uid).values(**values))
+            if models is not None:
+                _drop_study_models(tx, members, set(models), sorted(set(study.models) - set(models)))
             _settle_series(tx, members)
             return to_send
 
@@ -160,8 +162,10 @@ def _make_job(tx: Tx, job: NewJob) -> bool:
     tx.conn.execute(_upsert(tx, job_series).values(links).on_conflict_do_update(
         index_elements=["job_id", "series_uid"], set_={"current": True}))
     if made:
-        tx.conn.execute(insert(job_inputs), [{"job_id": job.job_id, "series_uid": uid, "sop_instance_uid": sop}
-                                             for uid, sops in job.inputs.items() for sop in sops])
+        inputs = [{"job_id": job.job_id, "series_uid": uid, "sop_instance_uid": sop}
+                  for uid, sops in job.inputs.items() for sop in sops]
+        if inputs:
+            tx.conn.execute(insert(job_inputs), inputs)
         tx.move("job", job.model, None, QUEUED)
         tx.event(EventKind.QUEUED, job_id=job.job_id, series_uid=job.series_uid, study_uid=job.study_uid,
                  state=QUEUED, count=sum(len(s) for s in job.inputs.values()))
@@ -188,6 +192,28 @@ def _hold_for_study(tx: Tx, row, models: list[str]) -> None:
     tx.conn.execute(update(studies).where(studies.c.study_uid == row.study_uid).values(
         members={**study.members, row.series_uid: row.content_digest}, models=sorted(set(study.models) | set(models)),
         last_seen=max(study.last_seen, row.last_seen), waiting=study.waiting or changed))
+
+
+def _drop_study_models(tx: Tx, members: list[str], kept: set[str], gone: list[str]) -> None:
+    """Study models no longer configured: forgotten by the study's series; a series left with no
+    current job and no study model is skipped, saying which models went."""
+    for series_uid in sorted(members):
+        row = tx.locked(series, series_uid=series_uid)
+        if row is None:
+            continue
+        keep = [name for name in row.study_models if name in kept]
+        if keep == list(row.study_models):
+            continue
+        tx.conn.execute(update(series).where(series.c.series_uid == series_uid).values(study_models=keep))
+        current = tx.conn.execute(select(job_series.c.job_id).where(
+            job_series.c.series_uid == series_uid, job_series.c.current.is_(True)).limit(1)).first()
+        if keep or current is not None or row.state not in SETTLED_BY_JOBS:
+            continue
+        reason = f"model(s) {', '.join(gone)} no longer configured"
+        tx.swap(series, {"series_uid": series_uid}, row.state, state=SeriesState.SKIPPED.value, reason=reason)
+        tx.move("series", "", row.state, SeriesState.SKIPPED.value)
+        tx.event(EventKind.ROUTED, series_uid=series_uid, study_uid=row.study_uid, state=SeriesState.SKIPPED.value,
+                 reason=reason)
 
 
 def _settle_series(tx: Tx, series_uids: Iterable[str]) -> None:

@@ -36,6 +36,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # m
 
 from .. import metrics
 from ..config import Settings
+from ..ledger import open_ledger
 from ..records import DataLayout, SeriesRecord, is_valid_uid
 from .incoming import PREAMBLE, IncomingDataset
 from .integrity import Header, IncompleteDataset, check_dataset
@@ -175,6 +176,7 @@ class Receiver:
         self.tracker = SeriesTracker(
             self.layout, settings.scp.series_quiet_seconds,
             settings.scp.evidence_quiet_seconds if settings.scp.complete_on_evidence else None,
+            ledger=open_ledger(settings, "scp"),
         )
         self.on_series_complete = on_series_complete
         self.periodic: list[Callable[[], None]] = []

@@ -16,8 +16,10 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from .. import metrics
+from ..ledger import Ledger, SeriesFacts, ledger_at
+from ..ledger.rows import FACT_KEYS
 from ..logs import correlated
-from ..records import DataLayout, SeriesRecord, SeriesState, read_json, save_series
+from ..records import DataLayout, SeriesRecord, SeriesState
 from .integrity import Header
 from .routing import series_facts
 from .spool import series_files
@@ -167,12 +169,15 @@ class _Pending:
 class SeriesTracker:
     """Keeps every series with instances on disk until it has been routed.
 
-    A series is complete once ``quiet_seconds`` pass without a new instance. The record on disk is
-    the truth: after a restart, every spooled series not yet routed (or receiving again) is pending.
+    A series is complete once ``quiet_seconds`` pass without a new instance. The ledger and the
+    spool are the truth: after a restart, every spooled series not yet routed (or receiving again)
+    is pending.
     """
 
-    def __init__(self, layout: DataLayout, quiet_seconds: float, evidence_seconds: float | None = 1.0):
+    def __init__(self, layout: DataLayout, quiet_seconds: float, evidence_seconds: float | None = 1.0,
+                 ledger: Ledger | None = None):
         self.layout = layout
+        self.ledger = ledger if ledger is not None else ledger_at(layout.root, "scp")
         self.quiet_seconds = quiet_seconds
         # with evidence that the series is whole, it completes after this shorter quiet time
         # (None: the quiet time alone decides)
@@ -192,11 +197,13 @@ class SeriesTracker:
             # outside the lock: re-reading a routed series' headers must not hold up other senders
             fresh = self._open(meta, now)
             with self._lock:
-                if meta.series_uid not in self._pending:
+                opened = meta.series_uid not in self._pending
+                if opened:
                     self._pending[meta.series_uid] = fresh
-                    save_series(self.layout, fresh.record)
                     self._add(fresh, meta, now)
-                    return
+            if opened:  # in the ledger: receiving (outside the lock: other senders go on meanwhile)
+                self.ledger.record_instance(_facts(fresh.record))
+                return
             # another instance of the series opened it meanwhile: add to that entry
 
     def _add(self, entry: _Pending, meta: InstanceMeta, now: float) -> None:
@@ -208,8 +215,8 @@ class SeriesTracker:
 
     def _open(self, meta: InstanceMeta, now: float) -> _Pending:
         """A pending entry for a series not pending: new, or received again after routing."""
-        record = read_json(self.layout.series_record(meta.series_uid), SeriesRecord)
-        if record is None:
+        known = self.ledger.series(meta.series_uid)
+        if known is None:
             entry = _Pending(SeriesRecord(
                 series_uid=meta.series_uid,
                 study_uid=meta.study_uid,
@@ -219,7 +226,7 @@ class SeriesTracker:
                 **meta.routing_facts(),
             ))
         else:
-            entry = _Pending(record)
+            entry = _Pending(_record_of(known))
             # received again after routing: process the series anew, with what it already holds
             for earlier in _metas_of(series_files(self.layout.series_dir(meta.series_uid))):
                 entry.add(earlier)
@@ -248,10 +255,11 @@ class SeriesTracker:
             if not files:
                 continue
             newest = max(p.stat().st_mtime for p in files)
-            record = read_json(self.layout.series_record(folder.name), SeriesRecord)
-            if record is not None and record.state != SeriesState.RECEIVING and newest <= record.last_seen:
+            known = self.ledger.series(folder.name)
+            if known is not None and known.state != SeriesState.RECEIVING.value and newest <= known.last_seen:
                 continue
             metas = _metas_of(files)
+            record = _record_of(known) if known is not None else None
             if record is None:
                 record = _record_from_file(files[0])
                 if record is None:
@@ -263,6 +271,7 @@ class SeriesTracker:
             record.state = SeriesState.RECEIVING
             record.instances = len(entry.sop_uids)
             record.last_seen = time.time()
+            self.ledger.record_instance(_facts(record), instances=record.instances)
             with self._lock:
                 self._pending[folder.name] = entry
         return len(self._pending)
@@ -295,11 +304,14 @@ class SeriesTracker:
             snapshot = entry.record.model_copy()
             snapshot.completed_by = why
             with self._lock:
+                snapshot.sop_instance_uids = sorted(entry.sop_uids)  # what its jobs are made for, fixed
+                snapshot.instances = len(snapshot.sop_instance_uids)
                 snapshot.content_digest = content_digest(entry.sop_uids)
                 snapshot.frames = entry.images()  # once, here: routing counts images, not instances
                 snapshot.contiguous, snapshot.contiguity = entry.contiguity()
             try:
                 with correlated(snapshot.series_uid):
+                    self._complete(snapshot)
                     if entry.announced != snapshot.last_seen:  # before the routing's lines (queued, skipped)
                         entry.announced = snapshot.last_seen
                         log.info("series %s complete (%d instances): %s", snapshot.series_uid, snapshot.instances, why)
@@ -312,12 +324,24 @@ class SeriesTracker:
                 if current is entry and entry.record.last_seen == snapshot.last_seen:
                     del self._pending[snapshot.series_uid]
                     done += 1
-            save_series(self.layout, snapshot)
             self.layout.completion_request(snapshot.series_uid).unlink(missing_ok=True)
             metrics.SERIES_COMPLETED.labels(metrics.completed_by_kind(why)).inc()
             metrics.observe_stage("receive", snapshot.last_seen - snapshot.first_seen)
             metrics.observe_stage("complete", time.time() - snapshot.last_seen)
         return done
+
+    def _complete(self, snapshot: SeriesRecord) -> None:
+        """The series is complete in the ledger (still receiving there until it is routed)."""
+        def complete() -> bool:
+            return self.ledger.complete_series(
+                snapshot.series_uid, instances=snapshot.instances, frames=snapshot.frames,
+                content_digest=snapshot.content_digest, completed_by=snapshot.completed_by,
+                contiguous=snapshot.contiguous, contiguity=snapshot.contiguity)
+
+        if not complete():
+            # not receiving there (its opening was not recorded, or it was routed meanwhile): open it again
+            self.ledger.record_instance(_facts(snapshot), instances=snapshot.instances)
+            complete()
 
     def _requested(self, series_uid: str) -> bool:
         try:
@@ -359,3 +383,17 @@ def _record_from_file(path) -> SeriesRecord | None:
         calling_aet="",
         **series_facts(ds),
     )
+
+
+def _facts(record: SeriesRecord) -> SeriesFacts:
+    """What the ledger keeps of a series: identifiers and routing facts."""
+    return SeriesFacts(record.series_uid, record.study_uid, modality=record.modality[:16],
+                       sop_class_uid=record.sop_class_uid, calling_aet=record.calling_aet[:16],
+                       facts={key: getattr(record, key) for key in FACT_KEYS})
+
+
+def _record_of(known) -> SeriesRecord:
+    """The receiver's working copy of a series the ledger knows."""
+    return SeriesRecord(series_uid=known.series_uid, study_uid=known.study_uid, modality=known.modality,
+                        sop_class_uid=known.sop_class_uid, calling_aet=known.calling_aet,
+                        **{key: value for key, value in (known.facts or {}).items() if key in FACT_KEYS})

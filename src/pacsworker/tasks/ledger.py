@@ -1,4 +1,4 @@
-"""Job ledger: one JSON file per job under ``data_dir/jobs``, with a heartbeat while it runs."""
+"""A running job's heartbeat in the ledger (by the database's clock), and who this worker is."""
 
 from __future__ import annotations
 
@@ -6,68 +6,47 @@ import logging
 import os
 import socket
 import threading
-import time
-from pathlib import Path
 
-from ..records import DataLayout, JobRecord, read_json, record_lock, write_json_atomic
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..ledger import Ledger
 
 log = logging.getLogger("pacsworker.tasks")
 
 
 def worker_identity() -> str:
+    """This worker process, as the ledger names who runs a job: ``host:pid``."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def load_job(layout: DataLayout, job_id: str) -> JobRecord:
-    record = read_json(layout.job_record(job_id), JobRecord)
-    if record is None:
-        raise FileNotFoundError(f"job {job_id} has no record in {layout.jobs}")
-    return record
-
-
-def save_job(layout: DataLayout, record: JobRecord) -> None:
-    write_json_atomic(layout.job_record(record.job_id), record)
-
-
-def job_lock(layout: DataLayout, job_id: str):
-    """Serialise claiming, beating and finishing one job across workers (and hosts sharing data_dir)."""
-    return record_lock(layout.jobs, job_id)
-
-
 class Heartbeat:
-    """Refreshes a running job's heartbeat so that recovery sweeps can tell a dead worker."""
+    """Beats for a running job so that the recovery sweep can tell a dead worker; stops once the
+    job is no longer this worker's attempt (taken over, or ended)."""
 
-    def __init__(self, path: Path, interval: float, owner: str = ""):
-        self.path, self.interval, self.owner = path, interval, owner  # owner: the worker that claimed it
+    def __init__(self, ledger: Ledger, job_id: str, worker: str, attempt: int, interval: float):
+        self.ledger, self.job_id, self.worker, self.attempt, self.interval = ledger, job_id, worker, attempt, interval
         self.stage = ""
         self._stop = threading.Event()
-        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._beat, name="job-heartbeat", daemon=True)
 
-    def _write(self) -> bool:
-        with self._lock, record_lock(self.path.parent, self.path.stem):
-            record = read_json(self.path, JobRecord)
-            if record is None or (self.owner and record.worker != self.owner):
-                return False  # gone, or another worker took the job over: not ours to beat for
-            record.heartbeat, record.stage = time.time(), self.stage
-            write_json_atomic(self.path, record)
-            return True
+    def _write(self, stage: str | None = None) -> bool:
+        return self.ledger.heartbeat(self.job_id, self.worker, self.attempt, stage)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
             try:
                 if not self._write():
-                    return
-            except OSError as exc:  # a full disk for a moment: beat again next time, never stop beating
-                log.warning("job heartbeat not written (%s); trying again", exc.strerror or exc)
+                    return  # not ours to beat for any more
+            except SQLAlchemyError as exc:  # the database away for a moment: beat again next time
+                log.warning("job heartbeat not written (%s); trying again", exc)
 
     def set_stage(self, stage: str) -> None:
         """Record where the job is now (``status`` and the status page show it); a failed write only logs."""
         self.stage = stage
         try:
-            self._write()
-        except OSError as exc:
-            log.warning("job stage %s not written (%s)", stage, exc.strerror or exc)
+            self._write(stage)
+        except SQLAlchemyError as exc:
+            log.warning("job stage %s not written (%s)", stage, exc)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
