@@ -9,22 +9,14 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import free_port, write_config
+from ledger_fill import deliver, fail_delivery, routed, run
 from pacsworker.config import Settings
-from pacsworker.records import (
-    DataLayout,
-    DeliveryRecord,
-    DeliveryState,
-    DestinationOutcome,
-    JobRecord,
-    JobState,
-    write_json_atomic,
-)
+from pacsworker.ledger import Ledger, default_url
 from pacsworker.replay import replay
 
 CT02 = "ct02_philips_ingenuity_headphantom_5mm"
@@ -39,11 +31,6 @@ def _cli(config: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def _job(job_id: str, state: JobState, **fields) -> JobRecord:
-    return JobRecord(job_id=job_id, series_uid="1.2.3", study_uid="1.2", model=job_id.split("_")[0],
-                     spool_dir="/nowhere", state=state, finished_at=time.time(), **fields)
-
-
 BRAIN_VALUES = {"segments": {"Brain": {"volume_ml": 1234.5, "voxels": 1234500, "mean": 412.0, "sd": 80.1, "unit": ""}},
                 "age": {"kind": "score", "name": ["DCM", "121033", "Subject Age"], "value": 42.0},
                 "finding": {"kind": "classification", "name": ["DCM", "121071", "Finding"], "value": "yes",
@@ -52,27 +39,26 @@ BRAIN_VALUES = {"segments": {"Brain": {"volume_ml": 1234.5, "voxels": 1234500, "
 
 @pytest.fixture
 def records(tmp_path):
-    """A data_dir with a job done (values, delivered to one destination, pending at another), one
+    """A ledger with a job delivering (values, delivered to one destination, pending at another), one
     failed and one without a result."""
     config = write_config(tmp_path / "c.yaml", storage={"data_dir": str(tmp_path / "data")})
-    layout = DataLayout(tmp_path / "data").create()
-    done = _job("mr-brain_1.2.3_abc_def", JobState.DONE, values=BRAIN_VALUES)
-    failed = _job("broken_1.2.3_abc_def", JobState.FAILED, reason="model broken failed to load")
-    empty = _job("ct-body_1.2.3_abc_def", JobState.NO_RESULT, reason="not-a-volume: 1 image plane(s)")
-    for job in (done, failed, empty):
-        write_json_atomic(layout.job_record(job.job_id), job)
-    delivery = DeliveryRecord(job_id=done.job_id, files=["seg.dcm"], destinations={
-        "orthanc": DestinationOutcome(state=DeliveryState.DELIVERED, attempts=1),
-        "pacs": DestinationOutcome(state=DeliveryState.PENDING, attempts=2, last_error="HTTP 503 Service Unavailable"),
-    })
-    write_json_atomic(layout.delivery_record(done.job_id), delivery)
-    return config, tmp_path / "data", done.job_id, failed.job_id, empty.job_id
+    with Ledger.open(default_url(tmp_path / "data")) as ledger:
+        done, failed, empty = routed(ledger, "1.2.3", "1.2", ["mr-brain", "broken", "ct-body"])
+        results = {"seg.dcm": "1.2.3.9.1"}
+        run(ledger, done, "delivering", values=BRAIN_VALUES, results=results, destinations=["orthanc", "pacs"])
+        assert deliver(ledger, done, "orthanc", results) == "delivered"
+        assert fail_delivery(ledger, done, "pacs", results, "HTTP 503 Service Unavailable") == "pending"
+        run(ledger, failed, "failed", reason="model broken failed to load")
+        run(ledger, empty, "no-result", reason="not-a-volume: 1 image plane(s)")
+    return config, tmp_path / "data", done, failed, empty
 
 
 def test_status_shows_values_destinations_and_headings_that_match_the_states(records):
     config, _, done, failed, empty = records
     state = json.loads(_cli(config, "status", "--json").stdout)
-    assert state["jobs"] == {"done": 1, "failed": 1, "no-result": 1}
+    assert state["jobs"] == {"delivering": 1, "failed": 1, "no-result": 1}
+    assert state["series"] == {"queued": 1} and set(state["series_jobs"]["1.2.3"]["jobs"]) == {done, failed, empty}
+    assert state["pending_deliveries"] == {done: {"pacs": "HTTP 503 Service Unavailable"}}
     assert list(state["failed_jobs"]) == [failed] and list(state["no_result_jobs"]) == [empty]
     result = state["results"][done]
     assert result["values"]["segments"]["Brain"]["volume_ml"] == 1234.5

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -761,9 +760,11 @@ def cleanup(
     include_failed: Annotated[bool, typer.Option(
         "--include-failed", help="also remove series whose jobs failed or were withheld as implausible")] = False,
 ) -> None:
-    """Remove finished series from the spool and delivered results from the outbox, once idle long enough.
+    """Remove finished series from the spool and delivered results from the outbox, once idle long enough,
+    and the ledger's history events older than storage.history_days.
 
-    Never removed: what is receiving, queued, running or undelivered; the JSON records; quarantine.
+    Never removed: what is receiving, queued, running or undelivered; the ledger's series, jobs and
+    deliveries; quarantine.
     """
     settings = _setup(config, runs_models=False)
     from .records import DataLayout
@@ -778,9 +779,10 @@ def cleanup(
     if not layout.spool.is_dir():
         console.print(f"[red]no spool in {layout.root}: is storage.data_dir right?[/red]")
         raise typer.Exit(2)
+    ledger = _read_ledger(settings)
     if not dry_run:
-        recover_aside(layout)
-    retention = Retention(layout, include_failed)
+        recover_aside(layout, ledger)
+    retention = Retention(layout, ledger, include_failed)
     planned = retention.plan(seconds)
     done = [r for r in planned.removals if dry_run or retention.remove(r)]
     verb = "would remove" if dry_run else "removed"
@@ -793,9 +795,14 @@ def cleanup(
     summary = (f"{verb} {len(series)} series ({human_size(sum(r.bytes for r in series))}) and {len(outboxes)} "
                f"outbox folder(s) ({human_size(sum(r.bytes for r in outboxes))}) idle for "
                f"{seconds / 86400:g} d or more")
+    days = settings.storage.history_days
+    if dry_run:
+        trimmed = f"history older than {days:g} d would be trimmed"
+    else:
+        trimmed = f"{ledger.trim_history(days * 86400)} history event(s) older than {days:g} d trimmed"
     kept = "; ".join(f"{count} {reason}" for reason, count in sorted(planned.kept.items()))
-    logging.getLogger("pacsworker.cleanup").info("%s%s", summary, f"; kept: {kept}" if kept else "")
-    out.print(summary + (f"\nkept: {kept}" if kept else ""), highlight=False, soft_wrap=True)
+    logging.getLogger("pacsworker.cleanup").info("%s; %s%s", summary, trimmed, f"; kept: {kept}" if kept else "")
+    out.print(f"{summary}\n{trimmed}" + (f"\nkept: {kept}" if kept else ""), highlight=False, soft_wrap=True)
 
 
 rules_app = typer.Typer(no_args_is_help=True, help="Routing rules: which series go to which model.")
@@ -870,62 +877,18 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Receivers, series receiving, queue depth, running jobs and their stage, failures, pending and
-    dead-lettered deliveries (read from data_dir and the broker)."""
+    dead-lettered deliveries (read from the ledger and the broker)."""
     settings = _setup(config, runs_models=False)
+    from .ledger.views import status_report
     from .metrics import queue_depths
-    from .ops_http import RECENT, job_results
-    from .records import (
-        DataLayout,
-        JobRecord,
-        ReceiverRecord,
-        SeriesRecord,
-        SeriesState,
-    )
 
-    layout = DataLayout(settings.data_dir).create()
-    series = list(layout.iter_records(layout.series, SeriesRecord))
-    jobs = list(layout.iter_records(layout.jobs, JobRecord))
-    deliveries = [d for d in layout.iter_deliveries() if not d.complete]
-    receivers = list(layout.iter_records(layout.receivers, ReceiverRecord))
-    counts = {uid: n for r in receivers for uid, n in r.receiving.items()}
-    now = time.time()
-    report: dict[str, Any] = {
-        "receivers": {
-            f"{r.ae_title}@{r.host}": {
-                "state": "up" if now - r.heartbeat < 3 * RECEIVER_HEARTBEAT_SECONDS else "not running",
-                "ports": r.ports, "pid": r.pid, "last_heartbeat_seconds_ago": round(now - r.heartbeat, 1),
-                "started_at": r.started_at, "short_of_space": r.short_of_space,
-            } for r in receivers
-        },
-        "series": dict(Counter(s.state.value for s in series)),
-        "pending_series": [s.series_uid for s in series if s.state == SeriesState.RECEIVING],
-        "receiving": {s.series_uid: {"instances": counts.get(s.series_uid, s.instances), "calling_aet": s.calling_aet,
-                                     "modality": s.modality}
-                      for s in series if s.state == SeriesState.RECEIVING},
-        "queue_depth": queue_depths(settings),
-        "running_jobs": {j.job_id: {"model": j.model, "stage": j.stage, "worker": j.worker, "attempt": j.attempts,
-                                    "running_seconds": round(now - j.started_at, 1)}
-                         for j in jobs if j.state.value == "running"},
-        "series_jobs": {s.series_uid: {"state": s.state.value, "jobs": s.jobs} for s in series if s.jobs},
-        "skipped_series": {s.series_uid: s.reason for s in series if s.state == SeriesState.SKIPPED},
-        "jobs": dict(Counter(j.state.value for j in jobs)),
-        "failed_jobs": {j.job_id: j.reason for j in jobs if j.state.value == "failed"},
-        "no_result_jobs": {j.job_id: j.reason for j in jobs if j.state.value == "no-result"},
-        "results": job_results(layout, jobs, RECENT),
-        "implausible_jobs": {j.job_id: j.reason for j in jobs if j.state.value == "implausible"},
-        "flagged_jobs": {j.job_id: "delivered flagged: " + "; ".join(j.implausible)
-                         for j in jobs if j.implausible and j.state.value != "implausible"},
-        "pending_deliveries": {
-            d.job_id: {name: o.last_error for name, o in d.destinations.items() if o.state.value == "pending"}
-            for d in deliveries if d.pending
-        },
-        "dead_letters": {d.job_id: _dead_letters(d) for d in deliveries if _dead_letters(d)},
-    }
+    ledger = _read_ledger(settings)
+    report = status_report(ledger, queue_depths(settings))
     if as_json:
         print(json.dumps(report, indent=2))
         return
     out = Console()
-    table = Table(title=f"pacsworker status ({layout.root})")
+    table = Table(title=f"pacsworker status ({settings.data_dir})")
     table.add_column("what")
     table.add_column("count / detail")
     for name, receiver in report["receivers"].items():
@@ -933,7 +896,7 @@ def status(
         state = receiver["state"] + (" (data_dir below its reserve: refusing)" if receiver["short_of_space"] else "")
         table.add_row(f"receiver {name}", f"{state}; {ports}; heartbeat {receiver['last_heartbeat_seconds_ago']} s ago")
     if not report["receivers"]:
-        table.add_row("receiver", "never started on this data_dir")
+        table.add_row("receiver", "never started on this ledger")
     for state, count in sorted(report["series"].items()):
         table.add_row(f"series {state}", str(count))
     for uid, detail in report["receiving"].items():
@@ -973,17 +936,125 @@ def status(
     out.print(table)
 
 
-def _dead_letters(delivery) -> dict:
-    """A delivery's dead-lettered destinations: why, and the instances they lack."""
-    return {
-        name: {
-            "reason": o.last_error, "permanent": o.permanent, "attempts": o.attempts,
-            "dead_lettered_at": o.dead_lettered_at,
-            "instances": {delivery.sop_instance_uids.get(file, file): i.detail
-                          for file, i in o.instances.items() if i.state.value != "delivered"},
-        }
-        for name, o in delivery.destinations.items() if o.state.value == "dead-letter"
-    }
+def _read_ledger(settings: Settings):
+    """The ledger, for a command that reads it; a ledger that cannot be opened ends the command with why."""
+    from .ledger import LedgerError, open_ledger
+
+    try:
+        return open_ledger(settings, "cli")
+    except LedgerError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    except Exception as exc:  # noqa: BLE001 - a database that is down or refuses: say so, no traceback
+        console.print(f"[red]the ledger ({_ledger_name(settings)}) could not be opened: {type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _ledger_name(settings: Settings) -> str:
+    from sqlalchemy.engine import make_url
+
+    from .ledger import ledger_url
+
+    return make_url(ledger_url(settings)).render_as_string(hide_password=True)
+
+
+def _when(timestamp: float | None) -> str:
+    if not timestamp:
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _events_table(title: str, events: list[dict]) -> Table:
+    table = Table(title=title)
+    for column in ("when", "event", "by", "series / job", "destination", "state", "count", "reason"):
+        table.add_column(column, overflow="fold")
+    for event in events:
+        table.add_row(_when(event["at"]), event["kind"], event["actor"],
+                      event["job_id"] or event["series_uid"] or event["study_uid"] or "", event["destination"] or "",
+                      event["state"] or "", "" if event["count"] is None else str(event["count"]), event["reason"])
+    return table
+
+
+@app.command()
+def history(
+    config: ConfigOption = None,
+    study: Annotated[str | None, typer.Option("--study", help="events of a study (Study Instance UID)")] = None,
+    series: Annotated[str | None, typer.Option("--series", help="events of a series and its jobs")] = None,
+    job: Annotated[str | None, typer.Option("--job", help="events of a job")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="only the last 2h, 30m, 7d, ...")] = None,
+    limit: Annotated[int, typer.Option(help="at most this many events", min=1)] = 200,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Events from the ledger's history, newest first: received, completed, routed, queued, sent, started,
+    finished, requeued, delivered, dead-lettered, retried (when, by whom, counts, reasons)."""
+    settings = _setup(config, runs_models=False)
+    from dataclasses import asdict
+
+    from .retention import parse_age
+
+    try:
+        since_seconds = parse_age(since) if since else None
+    except ValueError as exc:
+        console.print(f"[red]--since: {exc}[/red]")
+        raise typer.Exit(2) from None
+    if not (study or series or job or since):
+        console.print("[red]say whose history: --study UID, --series UID, --job ID or --since AGE[/red]")
+        raise typer.Exit(2)
+    ledger = _read_ledger(settings)
+    events = [asdict(e) for e in ledger.history(study_uid=study, series_uid=series, job_id=job,
+                                                 since_seconds=since_seconds, limit=limit)]
+    if as_json:
+        print(json.dumps(events, indent=2))
+        return
+    whose = ", ".join(f"{name} {value}" for name, value in (("study", study), ("series", series), ("job", job),
+                                                             ("since", since)) if value)
+    Console(width=max(Console().width, 160)).print(_events_table(f"history of {whose} ({len(events)} events, "
+                                                                 "newest first)", events))
+
+
+def _jobs_show(config: Path | None, job_id: str, as_json: bool) -> None:
+    settings = _setup(config, runs_models=False)
+    from .ledger.views import job_detail
+
+    shown = job_detail(_read_ledger(settings), job_id)
+    if shown is None:
+        console.print(f"[red]no job {job_id} in the ledger[/red]")
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps(shown, indent=2))
+        return
+    job = shown["job"]
+    out = Console(width=max(Console().width, 160))
+    table = Table(title=f"job {job_id}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    for name in ("model", "state", "scope", "series_uid", "study_uid", "attempts", "worker", "stage"):
+        table.add_row(name, str(job[name]))
+    for name in ("queued_at", "sent_at", "started_at", "heartbeat", "finished_at"):
+        table.add_row(name.replace("_at", ""), _when(job[name]))
+    inputs = shown["inputs"]
+    table.add_row("inputs", f"{inputs['count']} instance(s) of " + ", ".join(
+        f"{uid} ({len(sops)})" for uid, sops in inputs["series"].items()) + " (--json lists their UIDs)")
+    from .ledger.views import value_summary
+
+    if job["values"]:
+        table.add_row("values", value_summary(job["values"]))
+    for role, uid in job["outputs"].items():
+        table.add_row(f"output {role}", str(uid))
+    for name in ("implausible", "notes"):
+        if job[name]:
+            table.add_row(name, "; ".join(job[name]))
+    if job["reason"]:
+        table.add_row("reason", job["reason"])
+    for delivery in shown["deliveries"]:
+        waiting = [f"{file}: {i['state']}{' (' + i['detail'] + ')' if i['detail'] else ''}"
+                   for file, i in delivery["instances"].items() if i["state"] != "delivered"]
+        table.add_row(f"to {delivery['destination']}", f"{delivery['state']} after {delivery['attempts']} attempt(s)"
+                      + (f": {delivery['last_error']}" if delivery["last_error"] else "")
+                      + (f"; not delivered: {', '.join(waiting)}" if waiting else ""))
+    out.print(table)
+    out.print(_events_table(f"events of {job_id}, newest first", shown["events"]))
 
 
 deliveries_app = typer.Typer(no_args_is_help=True, help="Results in the outbox: send dead-lettered ones again.")

@@ -1,8 +1,9 @@
-"""Prometheus metrics of every pacsworker process, and the counts read from data_dir's records.
+"""Prometheus metrics of every pacsworker process, and the counts read from the ledger.
 
 Counters and histograms are counted where things happen (the receiver, a worker's task). A process
-that serves the metrics port adds, at each scrape, what the records on disk say: series and jobs
-by state, deliveries pending and dead-lettered, the queues' depth. Processes of one ``serve`` (and
+that serves the metrics port adds, at each scrape, what the ledger's counters say (the query layer
+status and the status page read, :mod:`pacsworker.ledger.views`): series and jobs by state,
+deliveries pending and dead-lettered; and the queues' depth. Processes of one ``serve`` (and
 the pool children of one worker) write to a shared multiprocess folder
 (``PROMETHEUS_MULTIPROC_DIR``), which the serving process sums, so one port shows them all.
 
@@ -106,10 +107,12 @@ def registry_for_serving() -> CollectorRegistry:
 
 
 class RecordsCollector:
-    """Gauges from data_dir's records and the broker, read at most every ``cache_seconds``."""
+    """Gauges from the ledger (its counters: O(1) however long the history) and the broker, read at most
+    every ``cache_seconds``."""
 
-    def __init__(self, settings, cache_seconds: float = 5.0):
+    def __init__(self, settings, cache_seconds: float = 5.0, ledger=None):
         self.settings = settings
+        self.ledger = ledger  # None: the process's ledger (open_ledger), opened at the first scrape
         self.cache_seconds = cache_seconds
         self._lock = threading.Lock()
         self._at = 0.0
@@ -123,33 +126,28 @@ class RecordsCollector:
             return list(self._families)
 
     def _read(self) -> list:
-        from .records import DataLayout, JobRecord, SeriesRecord
+        from .ledger import open_ledger
+        from .ledger.views import gauges
 
-        layout = DataLayout(self.settings.data_dir)
-        series = list(layout.iter_records(layout.series, SeriesRecord))
-        jobs = list(layout.iter_records(layout.jobs, JobRecord))
+        counted = gauges(self.ledger if self.ledger is not None else open_ledger(self.settings, "metrics"))
         families = []
-        by_state = GaugeMetricFamily("pacsworker_series", "Series records by state", labels=["state"])
-        for state, count in sorted(Tally(s.state.value for s in series).items()):
+        by_state = GaugeMetricFamily("pacsworker_series", "Series by state (the ledger's counters)", labels=["state"])
+        for state, count in sorted(counted.series.items()):
             by_state.add_metric([state], count)
         families.append(by_state)
         receiving = GaugeMetricFamily("pacsworker_receiving_instances", "Instances of series still receiving "
                                       "(as last recorded)")
-        receiving.add_metric([], sum(s.instances for s in series if s.state.value == "receiving"))
+        receiving.add_metric([], counted.receiving_instances)
         families.append(receiving)
-        job_states = GaugeMetricFamily("pacsworker_jobs", "Job records by model and state", labels=["model", "state"])
-        for (model, state), count in sorted(Tally((j.model, j.state.value) for j in jobs).items()):
+        job_states = GaugeMetricFamily("pacsworker_jobs", "Jobs by model and state (the ledger's counters)",
+                                       labels=["model", "state"])
+        for (model, state), count in sorted(counted.jobs.items()):
             job_states.add_metric([model, state], count)
         families.append(job_states)
-        pending = dead = 0
-        for delivery in layout.iter_deliveries():
-            for outcome in delivery.destinations.values():
-                pending += outcome.state.value == "pending"
-                dead += outcome.state.value == "dead-letter"
         deliveries = GaugeMetricFamily("pacsworker_outbox_destinations", "Result sets in the outbox per "
                                        "destination: pending (incl. retrying) or dead-lettered", labels=["state"])
-        deliveries.add_metric(["pending"], pending)
-        deliveries.add_metric(["dead-letter"], dead)
+        for state in ("pending", "dead-letter"):
+            deliveries.add_metric([state], counted.deliveries.get(state, 0))
         families.append(deliveries)
         depth = GaugeMetricFamily("pacsworker_queue_depth", "Messages waiting in each queue", labels=["queue"])
         for queue, count in sorted(queue_depths(self.settings).items()):

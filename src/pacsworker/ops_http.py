@@ -1,8 +1,11 @@
 """The operator's port: ``/metrics`` (Prometheus), ``/healthz``, ``/readyz``, ``/status.json`` and a
-status page at ``/`` listing recent series and jobs with their state and reasons.
+status page at ``/`` listing the latest series and jobs with their state and reasons, a page at a
+time (keyset: ``?series_before=`` / ``?jobs_before=``, the "older" links).
 
-Server-rendered HTML, no scripts to build; it refreshes itself. It shows UIDs, AE titles, model
-names, states and reasons, never patient data (records hold none).
+Server-rendered HTML, no scripts to build; it refreshes itself. It reads the ledger through the
+query layer ``status`` and ``/metrics`` read (:mod:`pacsworker.ledger.views`): a view costs the
+same on day 1 and day 365. It shows UIDs, AE titles, model names, states and reasons, never patient
+data (the ledger holds none).
 """
 
 from __future__ import annotations
@@ -17,15 +20,15 @@ import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .config import Settings
+from .ledger.views import RECENT, job_results, value_summary  # noqa: F401 - where they were
 from .metrics import RecordsCollector, registry_for_serving
 
 log = logging.getLogger("pacsworker.ops")
-RECENT = 50  # series and jobs the page lists
 
 
 def readiness(settings: Settings, role: str) -> dict[str, str]:
@@ -98,76 +101,32 @@ def _when(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _meaning(term) -> str:
-    """A coded term of the values (scheme, value, meaning) as its meaning; a plain value as it is."""
-    if isinstance(term, (list, tuple)) and len(term) == 3:
-        return str(term[2])
-    return "" if term is None else str(term)
+def _position(text: str | None) -> tuple[float, str] | None:
+    """A keyset position of the query string (``<time>_<id>``), or None for the latest."""
+    if not text:
+        return None
+    when, _, key = text.partition("_")
+    try:
+        return float(when), key
+    except ValueError:
+        return None
 
 
-def _number(value) -> str:
-    return f"{value:.6g}" if isinstance(value, (int, float)) else str(value)
-
-
-def value_summary(values: dict) -> str:
-    """A job's values in one line: each segment's volume (and mean), scores, classes, box counts."""
-    parts = []
-    for key, value in values.items():
-        if key in ("segments", "measured_segments") and isinstance(value, dict) and all(
-                isinstance(v, dict) and "volume_ml" in v for v in value.values()):
-            for name, stat in value.items():
-                unit = f" {stat['unit']}" if stat.get("unit") else ""
-                mean = f", mean {_number(stat['mean'])}{unit}" if "mean" in stat else ""
-                parts.append(f"{name} {_number(stat['volume_ml'])} mL{mean}")
-            continue
-        kind = value.get("kind") if isinstance(value, dict) else None
-        if kind == "score":
-            parts.append(f"{_meaning(value.get('name')) or key} {_number(value.get('value'))}")
-        elif kind == "classification":
-            score = f" (score {_number(value['score'])})" if value.get("score") is not None else ""
-            meaning = _meaning(value.get("meaning")) or value.get("value")
-            parts.append(f"{_meaning(value.get('name')) or key}: {meaning}{score}")
-        elif kind == "boxes":
-            parts.append(f"{key}: {len(value.get('boxes', []))} box(es)")
-        elif kind == "probabilities":
-            peaks = ", ".join(f"{name} {p:.2f}" for name, p in value.get("segments", {}).items())
-            parts.append(f"{key}: maximum probability {peaks}")
-    return "; ".join(parts)
-
-
-def job_results(layout, jobs, limit: int) -> dict[str, dict]:
-    """The latest ``limit`` jobs that made results or values: their values and where the results went."""
-    made = [j for j in jobs if j.values or j.state.value in ("delivering", "done")]
-    made.sort(key=lambda j: j.finished_at, reverse=True)
-    from .records import DeliveryRecord, read_json
-
-    shown = {}
-    for job in made[:limit]:
-        try:
-            delivery = read_json(layout.delivery_record(job.job_id), DeliveryRecord)
-        except ValueError:  # an unreadable record: shown as unknown, the page still renders
-            delivery = None
-        destinations = {
-            name: {"state": o.state.value, "attempts": o.attempts, "last_error": o.last_error}
-            for name, o in (delivery.destinations.items() if delivery is not None else [])
-        }
-        where = [f"{name} ({o.state.value}{': ' + o.last_error if o.state.value != 'delivered' and o.last_error else ''})"
-                 for name, o in (delivery.destinations.items() if delivery is not None else [])]
-        shown[job.job_id] = {
-            "model": job.model, "state": job.state.value, "finished_at": job.finished_at, "values": job.values,
-            "summary": value_summary(job.values), "destinations": destinations, "delivered_to": ", ".join(where),
-        }
-    return shown
-
-
-def page(settings: Settings, role: str) -> str:
-    """The status page: readiness, queue depths, recent series and jobs, results not yet delivered."""
+def page(settings: Settings, role: str, query: str = "", ledger=None) -> str:
+    """The status page: readiness, queue depths, the latest series and jobs (a page of them, with a link
+    to older ones), results not yet delivered. ``query``: the request's query string (``series_before``,
+    ``jobs_before``: keyset positions)."""
+    from .ledger.views import page_view
     from .metrics import queue_depths
-    from .records import DataLayout, JobRecord, SeriesRecord
 
-    layout = DataLayout(settings.data_dir)
-    series = sorted(layout.iter_records(layout.series, SeriesRecord), key=lambda s: s.last_seen, reverse=True)
-    jobs = sorted(layout.iter_records(layout.jobs, JobRecord), key=lambda j: j.queued_at, reverse=True)
+    if ledger is None:
+        from .ledger import open_ledger
+
+        ledger = open_ledger(settings, role)
+    asked = parse_qs(query)
+    series_before = _position(asked.get("series_before", [""])[0])
+    jobs_before = _position(asked.get("jobs_before", [""])[0])
+    view = page_view(ledger, RECENT, series_before, jobs_before)
     e = html.escape
     ready = readiness(settings, role)
     rows = []
@@ -175,42 +134,49 @@ def page(settings: Settings, role: str) -> str:
     rows += [f"<tr class='{'ok' if v == 'ok' else 'bad'}'><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in ready.items()]
     rows.append("</table><h2>Queues</h2><table id='queues'><tr><th>queue</th><th>waiting</th></tr>")
     rows += [f"<tr><td>{e(q)}</td><td>{n}</td></tr>" for q, n in sorted(queue_depths(settings).items())]
-    rows.append(f"</table><h2>Series (latest {RECENT} of {len(series)})</h2><table id='series'><tr><th>Series "
-                "Instance UID</th><th>modality</th><th>from</th><th>instances</th><th>last instance</th><th>state"
-                "</th><th>completed by</th><th>reason</th></tr>")
-    for s in series[:RECENT]:
-        rows.append(f"<tr class='{e(s.state.value)}'><td>{e(s.series_uid)}</td><td>{e(s.modality)}</td>"
+    which = "older" if series_before else "latest"
+    rows.append(f"</table><h2>Series ({which} {len(view.series)} of {view.series_total})</h2><table id='series'>"
+                "<tr><th>Series Instance UID</th><th>modality</th><th>from</th><th>instances</th><th>last instance"
+                "</th><th>state</th><th>completed by</th><th>reason</th></tr>")
+    for s in view.series:
+        rows.append(f"<tr class='{e(s.state)}'><td>{e(s.series_uid)}</td><td>{e(s.modality)}</td>"
                     f"<td>{e(s.calling_aet)}</td><td>{s.instances}</td><td>{_when(s.last_seen)}</td>"
-                    f"<td>{e(s.state.value)}</td><td>{e(s.completed_by)}</td><td>{e(s.reason)}</td></tr>")
-    rows.append(f"</table><h2>Jobs (latest {RECENT} of {len(jobs)})</h2><table id='jobs'><tr><th>job</th>"
+                    f"<td>{e(s.state)}</td><td>{e(s.completed_by)}</td><td>{e(s.reason)}</td></tr>")
+    rows.append("</table>")
+    if view.older_series:
+        link = urlencode({"series_before": f"{view.older_series[0]!r}_{view.older_series[1]}"})
+        rows.append(f"<p><a id='older-series' href='?{e(link)}'>older series</a></p>")
+    which = "older" if jobs_before else "latest"
+    rows.append(f"<h2>Jobs ({which} {len(view.jobs)} of {view.jobs_total})</h2><table id='jobs'><tr><th>job</th>"
                 "<th>model</th><th>state</th><th>stage</th><th>attempts</th><th>queued</th><th>finished</th>"
                 "<th>values</th><th>results to</th><th>reason</th></tr>")
-    results = job_results(layout, jobs[:RECENT], RECENT)
-    for j in jobs[:RECENT]:
-        stage = getattr(j, "stage", "") if j.state.value == "running" else ""
-        result = results.get(j.job_id, {})
-        rows.append(f"<tr class='{e(j.state.value)}'><td>{e(j.job_id)}</td><td>{e(j.model)}</td>"
-                    f"<td>{e(j.state.value)}</td><td>{e(stage)}</td><td>{j.attempts}</td><td>{_when(j.queued_at)}</td>"
+    for j in view.jobs:
+        stage = j.stage if j.state == "running" else ""
+        result = view.results.get(j.job_id, {})
+        rows.append(f"<tr class='{e(j.state)}'><td>{e(j.job_id)}</td><td>{e(j.model)}</td>"
+                    f"<td>{e(j.state)}</td><td>{e(stage)}</td><td>{j.attempts}</td><td>{_when(j.queued_at)}</td>"
                     f"<td>{_when(j.finished_at)}</td><td class='values'>{e(result.get('summary', ''))}</td>"
                     f"<td class='destinations'>{e(result.get('delivered_to', ''))}</td>"
                     f"<td>{e(j.reason or '; '.join(j.notes))}</td></tr>")
-    rows.append("</table><h2>Results not yet delivered</h2><table id='deliveries'><tr><th>job</th>"
+    rows.append("</table>")
+    if view.older_jobs:
+        link = urlencode({"jobs_before": f"{view.older_jobs[0]!r}_{view.older_jobs[1]}"})
+        rows.append(f"<p><a id='older-jobs' href='?{e(link)}'>older jobs</a></p>")
+    rows.append("<h2>Results not yet delivered</h2><table id='deliveries'><tr><th>job</th>"
                 "<th>destination</th><th>state</th><th>attempts</th><th>last error</th></tr>")
-    for delivery in layout.iter_deliveries():
-        for name, outcome in delivery.destinations.items():
-            if outcome.state.value != "delivered":
-                rows.append(f"<tr class='{e(outcome.state.value)}'><td>{e(delivery.job_id)}</td><td>{e(name)}</td>"
-                            f"<td>{e(outcome.state.value)}</td><td>{outcome.attempts}</td>"
-                            f"<td>{e(outcome.last_error)}</td></tr>")
+    for delivery in view.undelivered:
+        rows.append(f"<tr class='{e(delivery.state)}'><td>{e(delivery.job_id)}</td><td>{e(delivery.destination)}</td>"
+                    f"<td>{e(delivery.state)}</td><td>{delivery.attempts}</td><td>{e(delivery.last_error)}</td></tr>")
     rows.append("</table>")
     return (
-        "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='10'>"
-        "<link rel='icon' href='data:,'>"
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        + ("" if series_before or jobs_before else "<meta http-equiv='refresh' content='10'>")
+        + "<link rel='icon' href='data:,'>"
         f"<title>pacsworker {e(role)}</title><style>body{{font-family:sans-serif;margin:1em}}"
         "table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #ccc;padding:2px 6px;"
         "text-align:left;font-size:13px}tr.failed,tr.bad,tr.dead-letter,tr.implausible{background:#fdd}"
         "tr.done,tr.ok{background:#efe}tr.running,tr.receiving{background:#ffd}</style></head><body>"
-        f"<h1>pacsworker {e(role)}</h1><p>data_dir {e(str(layout.root))}, as of {_when(time.time())}"
+        f"<h1>pacsworker {e(role)}</h1><p>data_dir {e(str(settings.data_dir))}, as of {_when(time.time())}"
         "</p>" + "".join(rows) + "</body></html>"
     )
 
@@ -228,7 +194,8 @@ class OpsServer:
             timeout = 10  # a client that connects and says nothing does not hold a thread for ever
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                path = urlsplit(self.path).path
+                parts = urlsplit(self.path)
+                path = parts.path
                 try:
                     if path == "/metrics":
                         self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
@@ -240,7 +207,7 @@ class OpsServer:
                         body = json.dumps({"ready": ready, "checks": checks}, indent=1).encode()
                         self._send(200 if ready else 503, "application/json", body)
                     elif path in ("/", "/index.html"):
-                        self._send(200, "text/html; charset=utf-8", page(owner.settings, owner.role).encode())
+                        self._send(200, "text/html; charset=utf-8", page(owner.settings, owner.role, parts.query).encode())
                     else:
                         self._send(404, "text/plain; charset=utf-8", b"not found: /metrics /healthz /readyz /\n")
                 except OSError:  # the client went away mid-answer
