@@ -19,6 +19,7 @@ from typing import Any
 
 from .database import LedgerError, default_url, filesystem_of, refuse_network_filesystem
 from .deliveries import DeliveryTransitions
+from .importer import import_json_records
 from .jobs import JobTransitions
 from .queries import LedgerQueries
 from .rows import (
@@ -59,19 +60,20 @@ def open_ledger(settings: Any, role: str) -> Ledger:
     LedgerError
         For a database other than SQLite or PostgreSQL, or a SQLite file on a network file system.
     """
-    return _cached(ledger_url(settings), role)
+    return _cached(ledger_url(settings), role, settings.data_dir)
 
 
 def ledger_at(data_dir: Any, role: str) -> Ledger:
     """The default (SQLite) ledger of ``data_dir``, shared like :func:`open_ledger`'s."""
-    return _cached(default_url(data_dir), role)
+    return _cached(default_url(data_dir), role, data_dir)
 
 
-def _cached(url: str, role: str) -> Ledger:
+def _cached(url: str, role: str, data_dir: Any) -> Ledger:
     with _OPEN_LOCK:
         ledger = _OPEN.get(url)
         if ledger is None:
             ledger = _OPEN[url] = Ledger.open(url, actor=f"{socket.gethostname()}/{role}")
+            import_json_records(ledger, data_dir)  # the first open over an earlier release's data_dir: its JSON records
         return ledger
 
 
