@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ledger_fill import age, deliver, fail_delivery, received, run
 from typer.testing import CliRunner
 
+from ledger_fill import age, deliver, fail_delivery, received, run
 from pacsworker.cli import app
 from pacsworker.config import CONFIG_ENV
 from pacsworker.ledger import Ledger, NewJob, close_ledgers, default_url

@@ -9,9 +9,9 @@ import re
 
 import pytest
 import yaml
-from ledger_fill import age, deliver, fail_delivery, routed, run
 from typer.testing import CliRunner
 
+from ledger_fill import age, deliver, fail_delivery, routed, run
 from pacsworker.cli import app
 from pacsworker.config import CONFIG_ENV, Settings
 from pacsworker.ledger import Ledger, close_ledgers, default_url

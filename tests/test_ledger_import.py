@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from pacsworker.config import Settings
-from pacsworker.ledger import Ledger, close_ledgers, default_url, open_ledger
-from pacsworker.ledger import importer
+from pacsworker.ledger import Ledger, close_ledgers, default_url, importer, open_ledger
 from pacsworker.ledger.importer import import_json_records
 from pacsworker.ledger.views import status_report
 from pacsworker.records import (
