@@ -23,24 +23,23 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
-from conftest import Orthanc, Pacsworker, free_port, status_json, wait_until, write_config
+from conftest import Orthanc, Pacsworker, free_port, ledger_of, status_json, wait_until, write_config
 from pacs_gateway import PacsGateway
 from pydicom.uid import generate_uid
 
 from pacsworker.config import ConfigError, Settings, load_settings
 from pacsworker.destinations.dicomweb import read_store_response
 from pacsworker.destinations.dimse import status_verdict
-from pacsworker.destinations.outbox import Superseded, attempt_delivery, backoff_seconds
+from pacsworker.destinations import outbox
+from pacsworker.destinations.outbox import Superseded, backoff_seconds
 from pacsworker.destinations.outcome import Verdict
 from pacsworker.records import (
     DataLayout,
     DeliveryRecord,
     DeliveryState,
     DestinationOutcome,
-    JobRecord,
+    InstanceOutcome,
     JobState,
-    read_json,
-    write_json_atomic,
 )
 
 CT02 = "ct02_philips_ingenuity_headphantom_5mm"
@@ -130,17 +129,65 @@ def make_outbox(data_dir: Path, results: dict, destinations: list[str], fresh: b
             ds.SeriesInstanceUID = generate_uid()
         ds.save_as(folder / name, enforce_file_format=True)
         uids[name] = str(ds.SOPInstanceUID)
-    write_json_atomic(layout.delivery_record(job_id), DeliveryRecord(
-        job_id=job_id, files=list(uids), sop_instance_uids=uids,
-        destinations={name: DestinationOutcome() for name in destinations}))
-    write_json_atomic(layout.job_record(job_id), JobRecord(
-        job_id=job_id, series_uid="1.2.3", study_uid="1.2", model="ct-body", spool_dir=str(layout.spool),
-        state=JobState.DELIVERING))
+    _delivering(data_dir, job_id, uids, destinations)
     return job_id
 
 
-def record_of(data_dir: Path, job_id: str) -> DeliveryRecord:
-    return read_json(DataLayout(data_dir).delivery_record(job_id), DeliveryRecord)
+def _delivering(data_dir: Path, job_id: str, uids: dict[str, str], destinations: list[str]) -> None:
+    """In the ledger: the job ran and its results wait for each destination."""
+    from pacsworker.ledger import NewJob, SeriesFacts
+
+    ledger = ledger_of(data_dir)
+    ledger.record_instance(SeriesFacts("1.2.3", "1.2"))
+    ledger.create_job(NewJob(job_id, "1.2.3", "1.2", "ct-body", inputs={"1.2.3": []}))
+    claim = ledger.claim_job(job_id, "w", 3, 60)
+    assert claim.won and ledger.finish_job(job_id, "w", 1, JobState.DELIVERING, results=uids, destinations=destinations)
+
+
+def record_of(data_dir: Path, job_id: str) -> DeliveryRecord | None:
+    """What the ledger holds of a job's delivery, in the shape an operator reads it."""
+    ledger = ledger_of(data_dir)
+    job, rows, instances = ledger.job(job_id), ledger.deliveries_of(job_id), ledger.delivered_instances(job_id)
+    if job is None or not rows:
+        return None
+    pending = [r.next_attempt_at for r in rows if r.state == DeliveryState.PENDING]
+    return DeliveryRecord(
+        job_id=job_id, files=sorted({i.file_name for i in instances}),
+        sop_instance_uids={i.file_name: i.sop_instance_uid for i in instances},
+        started_at=job.delivery_started_at, task_id=job.delivery_task, next_attempt_at=min(pending, default=0.0),
+        destinations={r.destination: DestinationOutcome(
+            state=r.state, attempts=r.attempts, last_error=r.last_error, permanent=r.permanent,
+            delivered_at=r.delivered_at or 0.0, next_attempt_at=r.next_attempt_at or 0.0,
+            dead_lettered_at=r.dead_lettered_at or 0.0,
+            instances={i.file_name: InstanceOutcome(state=i.state, detail=i.detail or "",
+                                                    delivered_at=i.delivered_at or 0.0)
+                       for i in instances if i.destination == r.destination})
+            for r in rows})
+
+
+def attempt_delivery(settings: Settings, layout: DataLayout, job_id: str, now: float | None = None,
+                     task_id: str = "") -> DeliveryRecord | None:
+    """One delivery attempt, as if the database's clock said ``now`` (later than it does: time passed)."""
+    if now is not None:
+        _pass_time(settings.data_dir, job_id, now - ledger_of(settings.data_dir).now())
+    if outbox.attempt_delivery(settings, layout, job_id, task_id=task_id) is None:
+        return None
+    return record_of(settings.data_dir, job_id)
+
+
+def _pass_time(data_dir: Path, job_id: str, seconds: float) -> None:
+    """Move a job's delivery times ``seconds`` into the past: what was due by then is due now."""
+    from sqlalchemy import update
+
+    from pacsworker.ledger.schema import deliveries, jobs
+
+    if seconds <= 0:
+        return
+    with ledger_of(data_dir).engine.begin() as conn:
+        conn.execute(update(deliveries).where(deliveries.c.job_id == job_id, deliveries.c.next_attempt_at > 0)
+                     .values(next_attempt_at=deliveries.c.next_attempt_at - seconds))
+        conn.execute(update(jobs).where(jobs.c.job_id == job_id)
+                     .values(delivery_started_at=jobs.c.delivery_started_at - seconds))
 
 
 def settings_for(tmp_path: Path, *destinations: dict, **delivery) -> Settings:
@@ -202,7 +249,7 @@ def test_pacs_down_then_up_everything_arrives_once(tmp_path, results, pacs, monk
         for uid in uids_of(data, job).values():
             assert pacs.copies(uid) == 1
             assert received[uid] == 2, f"{uid} reached Orthanc {received[uid]} times; once per destination expected"
-        assert read_json(DataLayout(data).job_record(job), JobRecord).state == JobState.DONE
+        assert ledger_of(data).job(job).state == JobState.DONE
     state = status_json(config)
     assert state["pending_deliveries"] == {} and state["dead_letters"] == {}
     log = worker.output()
@@ -243,9 +290,6 @@ def test_wrong_password_is_permanent_surfaced_and_retried_by_the_operator(tmp_pa
     # never retried on its own
     assert attempt_delivery(settings, layout, job, now=outcome.dead_lettered_at + 10**6).destinations[
         "pacs-web"].attempts == 1
-    from pacsworker.tasks.jobs import settle_delivered_job
-
-    settle_delivered_job(layout, record_of(settings.data_dir, job))
     state = status_json(config)
     letter = state["dead_letters"][job]["pacs-web"]
     assert letter["permanent"] and "HTTP 401" in letter["reason"] and len(letter["instances"]) == len(results)
@@ -256,11 +300,10 @@ def test_wrong_password_is_permanent_surfaced_and_retried_by_the_operator(tmp_pa
     monkeypatch.setenv("TEST_PACS_PASSWORD", PASSWORD)
     retried = cli(config, "deliveries", "retry", "--all")
     assert retried.returncode == 0 and "sending again to pacs-web" in retried.stderr, retried.stderr
-    assert read_json(layout.job_record(job), JobRecord).state == JobState.DELIVERING
+    assert ledger_of(settings.data_dir).job(job).state == JobState.DELIVERING
     record = attempt_delivery(settings, layout, job)
     assert record.complete and record.destinations["pacs-web"].attempts == 2
-    settle_delivered_job(layout, record)
-    assert read_json(layout.job_record(job), JobRecord).state == JobState.DONE
+    assert ledger_of(settings.data_dir).job(job).state == JobState.DONE
     assert cli(config, "deliveries", "retry", "--all").returncode == 1  # nothing left to retry
 
 
@@ -295,8 +338,8 @@ def test_cstore_to_orthanc_resends_only_the_refused_instance(tmp_path, results, 
     outcome = attempt_delivery(settings, layout, job).destinations["pacs-dimse"]
     assert outcome.state == DeliveryState.PENDING and not outcome.permanent
     assert outcome.instances["seg.dcm"].detail == "refused 0xA700: Refused: Out of Resources"
-    assert [f for f, i in outcome.instances.items() if i.state == DeliveryState.DELIVERED] == [
-        name for name in results if name != "seg.dcm"]
+    assert sorted(f for f, i in outcome.instances.items() if i.state == DeliveryState.DELIVERED) == sorted(
+        name for name in results if name != "seg.dcm")
     pacs.refuse()
     record = attempt_delivery(settings, layout, job, now=outcome.next_attempt_at)
     assert record.complete and record.destinations["pacs-dimse"].attempts == 2
@@ -318,11 +361,12 @@ def test_cstore_rejections_and_an_unreachable_pacs(tmp_path, results, pacs):
     assert nobody.state == DeliveryState.PENDING and not nobody.permanent and "no association" in nobody.last_error
     # retried with backoff until delivery.max_age_seconds, then dead-lettered as used up
     start = record.started_at
-    assert start + 0.25 <= nobody.next_attempt_at <= start + 0.5 + 0.01
+    attempted = ledger_of(settings.data_dir).now()  # after the attempt (by the database's clock)
+    assert start + 0.25 <= nobody.next_attempt_at <= attempted + 0.5 + 0.01
     record = attempt_delivery(settings, layout, job, now=start + 31)
     nobody = record.destinations["nobody"]
     assert nobody.state == DeliveryState.DEAD_LETTER and not nobody.permanent
-    assert nobody.last_error.startswith("gave up after 2 attempts in 31 s: ")
+    assert nobody.last_error.startswith("gave up after 2 attempts: ")
     assert record.dead_lettered and not record.pending
 
 
@@ -381,7 +425,8 @@ def test_overloaded_server_is_retried_after_what_it_asks(tmp_path, results, pacs
         gateway.overload(503, "120")
         outcome = attempt_delivery(settings, layout, job, now=start).destinations["busy"]
         assert outcome.state == DeliveryState.PENDING and "HTTP 503" in outcome.last_error
-        assert outcome.next_attempt_at == start + 120  # the backoff alone would be 1 s at most
+        # the backoff alone would be 1 s at most (times by the database's clock, an attempt later than start)
+        assert start + 120 <= outcome.next_attempt_at <= start + 130
         gateway.overload(429, email.utils.formatdate(start + 300, usegmt=True))
         outcome = attempt_delivery(settings, layout, job, now=outcome.next_attempt_at).destinations["busy"]
         assert outcome.state == DeliveryState.PENDING and "HTTP 429" in outcome.last_error
@@ -467,7 +512,6 @@ def test_cstore_over_dicom_tls_with_a_client_certificate(tmp_path, results, pki)
 
 
 def test_recovery_sweep_resends_overdue_deliveries_only(tmp_path):
-    from pacsworker.destinations.outbox import outbox_lock
     from pacsworker.tasks.app import configure
     from pacsworker.tasks.submit import recover
 
@@ -477,19 +521,18 @@ def test_recovery_sweep_resends_overdue_deliveries_only(tmp_path):
                         queue={"stale_after_seconds": 60, "publish_timeout_seconds": 1.75})
     configure(settings)
     layout = DataLayout(settings.data_dir).create()
-    now = 10**9
-    for job_id, state, due in (("lost", DeliveryState.PENDING, now - 61), ("waiting", DeliveryState.PENDING, now - 30),
-                               ("dead", DeliveryState.DEAD_LETTER, 0.0), ("done", DeliveryState.DELIVERED, 0.0)):
-        write_json_atomic(layout.delivery_record(job_id), DeliveryRecord(
-            job_id=job_id, files=["seg.dcm"], next_attempt_at=due,
-            destinations={"pacs": DestinationOutcome(state=state, next_attempt_at=due)}))
+    ledger = ledger_of(settings.data_dir)
+    for job_id in ("lost", "waiting", "dead", "done"):
+        _delivering(settings.data_dir, job_id, {"seg.dcm": "1.2.3.4"}, ["pacs"])
+    ledger.record_attempt("dead", "pacs", {}, {"seg.dcm": "refused"}, error="refused", permanent=True)
+    ledger.record_attempt("done", "pacs", {"seg.dcm": "stored"}, {})
+    _pass_time(settings.data_dir, "lost", 61)  # its message was lost a stale period ago
+    _pass_time(settings.data_dir, "waiting", 30)
     messages = lambda: len(list(layout.broker.glob("*.msg")))  # noqa: E731
-    with outbox_lock(layout, "lost"):  # a worker is delivering it right now
-        assert recover(settings, now=now) == 0
-    assert recover(settings, now=now) == 1 and messages() == 1  # only the one whose message was lost
-    assert recover(settings, now=now + 1) == 0  # not again before another stale period
+    assert recover(settings) == 1 and messages() == 1  # only the one whose message was lost
+    assert recover(settings) == 0  # not again before another stale period
     record = record_of(settings.data_dir, "lost")
-    assert record.next_attempt_at == now + 60 and record.task_id
+    assert record.next_attempt_at > ledger.now() + 50 and record.task_id
     # the new message is in charge: the lost one, should it turn up after all, does nothing
     with pytest.raises(Superseded):
         attempt_delivery(settings, layout, "lost", task_id="the-lost-message")
