@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pydicom
 from conftest import COMPREHENSIVE_3D_SR_CLASS as SR_CLASS
-from conftest import SEG_CLASS, Pacsworker, free_port, port_open, status_json, storescu, wait_until, write_config
+from conftest import SEG_CLASS, Pacsworker, free_port, ledger_of, port_open, status_json, storescu, wait_until, write_config
 from pydicom.uid import generate_uid
 
-from pacsworker.records import DataLayout, JobRecord, SeriesRecord, StudyRecord, read_json
+from pacsworker.records import DataLayout
 
 MODELS = Path(__file__).parent / "models"
 CT02 = "ct02_philips_ingenuity_headphantom_5mm"
@@ -58,24 +58,28 @@ def test_a_study_model_runs_once_on_every_series_of_the_quiet_study(tmp_path, di
         for folder in ("plain", "scout", "bone"):
             assert storescu(port, tmp_path / folder).returncode == 0
         wait_until(lambda: orthanc.instances_of_class(study, SEG_CLASS), 120, what="the study model's SEG in the PACS")
-        jobs = list(layout.iter_records(layout.jobs, JobRecord))
+        ledger = ledger_of(layout.root)
+        jobs = ledger.latest_jobs(100)
         assert len(jobs) == 1, f"one study job, not {[j.job_id for j in jobs]}"
         [job] = jobs
-        assert sorted(job.series_uids) == sorted([plain, bone, scout]) and job.study_uid == study
-        record = read_json(layout.study_record(study), StudyRecord)
-        assert record.jobs == [job.job_id] and job.job_id.startswith(f"study-probe_study_{study}_")
-        assert not record.waiting and sorted(record.series) == sorted(job.series_uids)
-        series = {uid: read_json(layout.series_record(uid), SeriesRecord) for uid in (plain, bone, scout)}
+        inputs = ledger.job_inputs(job.job_id)
+        assert sorted(inputs) == sorted([plain, bone, scout]) and job.study_uid == study and job.scope == "study"
+        record = ledger.study(study)
+        assert job.job_id.startswith(f"study-probe_study_{study}_")
+        assert not record.waiting and sorted(record.members) == sorted(inputs)
+        assert all([j.job_id for j in ledger.jobs_of_series(uid)] == [job.job_id] for uid in inputs)
+        series = {uid: ledger.series(uid) for uid in (plain, bone, scout)}
         # the job was made only once the study had been quiet after its last series
         assert job.queued_at - max(r.last_seen for r in series.values()) >= STUDY_QUIET
         # the SEG is on the series the model chose, and it was told what it was given
         [item] = orthanc.instances_of_class(study, SEG_CLASS)
         seg = orthanc.retrieve(study, item["0020000E"]["Value"][0], item["00080018"]["Value"][0])
         assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == bone
-        values = json.loads(job.model_dump_json())["values"]
+        values = ledger.job(job.job_id).values
         assert values["volumes"]["value"] == 2 and values["not_volumes"]["value"] == 1, values
-        wait_until(lambda: all((r := read_json(layout.series_record(uid), SeriesRecord)).state.value == "done"
-                               and r.jobs == [job.job_id] for uid in series), 30, what="every series done by the study job")
+        wait_until(lambda: all(ledger.series(uid).state == "done"
+                               and [j.job_id for j in ledger.jobs_of_series(uid)] == [job.job_id] for uid in series),
+                   30, what="every series done by the study job")
         assert status_json(config)["jobs"] == {"done": 1}
 
         # a series arriving later re-opens the study: the model runs again on all four, and its
@@ -84,8 +88,8 @@ def test_a_study_model_runs_once_on_every_series_of_the_quiet_study(tmp_path, di
         late = _copy(dicom_dir / CT02, tmp_path / "late", study, "Head 5mm late", 4)
         assert storescu(port, tmp_path / "late").returncode == 0
         wait_until(lambda: len(orthanc.instances_of_class(study, SEG_CLASS)) == 2, 120, what="the re-run's SEG")
-        [rerun] = [j for j in layout.iter_records(layout.jobs, JobRecord) if j.job_id != job.job_id]
-        assert sorted(rerun.series_uids) == sorted([plain, bone, scout, late])
+        [rerun] = [j for j in ledger.latest_jobs(100) if j.job_id != job.job_id]
+        assert sorted(ledger.job_inputs(rerun.job_id)) == sorted([plain, bone, scout, late])
         wait_until(lambda: len(orthanc.instances_of_class(study, SR_CLASS)) == 2 * len(first_srs), 60,
                    what="the re-run's SRs")
         successors = []
