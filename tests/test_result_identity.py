@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 
 from conftest import REPO, dciodvfy_errors, pacsworker_run, write_config
 from pacsworker.config import ModelSettings, Settings
-from pacsworker.records import DataLayout, JobRecord, SeriesRecord, read_json
+from pacsworker.records import DataLayout, SeriesRecord
 from pacsworker.worker.runtime import run_model
 from pacsworker.worker.volume import load_series
 
@@ -66,21 +66,28 @@ def test_a_changed_option_reruns_under_new_uids_and_the_sr_names_its_predecessor
     spool.mkdir(parents=True)
     uids = set()
     for path in source:
-        uids.add(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID))
-        shutil.copy(path, spool / path.name)
+        uids.add(uid := str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+        shutil.copy(path, spool / f"{uid}.dcm")  # as the receiver spools it
     record = SeriesRecord(series_uid=str(first.SeriesInstanceUID), study_uid=str(first.StudyInstanceUID), modality="CT",
                           sop_class_uid=str(first.SOPClassUID), instances=len(source), content_digest=content_digest(uids))
     jobs = []
+    from conftest import ledger_of
+
+    from pacsworker.scp.tracker import _facts
+
+    ledger = ledger_of(layout.root)
     for threshold in (300.0, 200.0):  # the same model file and version; one option changed
         settings = Settings(storage={"data_dir": str(tmp_path / "data")},
                             models=[_bones(MODELS / "switchable.py", options={"threshold": threshold})])
         configure(settings)
-        routed = record.model_copy()
-        submit_series(settings, routed)
-        [job_id] = routed.jobs
+        ledger.record_instance(_facts(record), instances=record.instances)  # received (again) and complete
+        ledger.complete_series(record.series_uid, instances=record.instances, frames=0,
+                               content_digest=record.content_digest, completed_by="test")
+        submit_series(settings, record.model_copy())
+        [job_id] = [j.job_id for j in ledger.jobs_of_series(record.series_uid)]
         jobs.append(job_id)
         assert process_series(job_id) == "delivering"
-    old, new = (read_json(layout.job_record(job_id), JobRecord) for job_id in jobs)
+    old, new = (ledger.job(job_id) for job_id in jobs)
     assert old.job_id != new.job_id
     for role in ("seg", "sr", "image_sr"):  # other content never goes under the old UIDs
         assert old.outputs[role] != new.outputs[role] and old.outputs[f"{role}_series"] != new.outputs[f"{role}_series"]
