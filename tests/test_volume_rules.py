@@ -34,7 +34,9 @@ def test_irregular_spacing_is_loaded_when_asked_with_slices_at_their_true_positi
     assert volume.outcome is VolumeOutcome.IRREGULAR_SPACING
     assert volume.slice_spacing == pytest.approx(0.75, abs=1e-3)  # the median gap
     assert "1 missing slice" in volume.notes[0]
-    assert volume.notes[1:] == ["slice positions lie up to 0.832 mm off the line along the normal (tilted grid)"]
+    assert volume.notes[1:] == ["slice positions lie up to 0.832 mm off the line along the normal (tilted grid)",
+                                "4 of the series' 4 instances carry no Frame of Reference UID (required in the image "
+                                "plane module); the results use one derived frame of reference"]
     assert volume.pixels.shape == (4, 512, 512) and volume.pixels.dtype == np.float32
     by_uid = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(f) for f in files)}
     assert [s.dataset.InstanceNumber for s in volume.sources] == [1, 2, 3, 5]

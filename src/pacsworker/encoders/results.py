@@ -398,8 +398,6 @@ def _encode(volume: Volume, output: LabelMap | ProbabilityMaps | None, findings:
         # no Frame of Reference UID (type 1 in the image plane module), or one per slice (the loader
         # said so in the volume's notes): one derived UID keeps the SEG valid and all its frames in
         # one frame of reference. It depends on the source alone: every result on the series shares it
-        if any(not ds.get("FrameOfReferenceUID") for ds in sources):
-            log.warning("series %s has no Frame of Reference UID; a derived one is used", volume.series_uid)
         derived = result_uid(volume.series_uid, instance_uids, "", "", "frame-of-reference")
         for ds in sources:
             ds.FrameOfReferenceUID = derived

@@ -602,13 +602,19 @@ def load_series(
 
 
 def _frames_of_reference_notes(planes: list[_Plane]) -> list[str]:
-    """A note when the instances carry several Frame of Reference UIDs, logged as a warning.
+    """A note when instances carry no Frame of Reference UID, or several different ones, logged as a warning.
 
     Decided here, before any model runs: highdicom refuses sources of several frames of reference,
     and the slices already passed the geometry rules as one volume.
     """
     instances = {id(p.instance): p.dataset for p in planes}.values()
     found = {str(ds.get("FrameOfReferenceUID") or "") for ds in instances} - {""}
+    missing = sum(1 for ds in instances if not ds.get("FrameOfReferenceUID"))
+    if missing:
+        note = (f"{missing} of the series' {len(instances)} instances carry no Frame of Reference UID (required in "
+                "the image plane module); the results use one derived frame of reference")
+        log.warning("series %s: %s", planes[0].dataset.get("SeriesInstanceUID", "?"), note)
+        return [note]
     if len(found) < 2:
         return []
     note = (f"the series' {len(instances)} instances carry {len(found)} different Frame of Reference UIDs"
