@@ -13,6 +13,7 @@ import email.utils
 import json
 import logging
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -366,7 +367,8 @@ def test_cstore_rejections_and_an_unreachable_pacs(tmp_path, results, pacs):
     record = attempt_delivery(settings, layout, job, now=start + 31)
     nobody = record.destinations["nobody"]
     assert nobody.state == DeliveryState.DEAD_LETTER and not nobody.permanent
-    assert nobody.last_error.startswith("gave up after 2 attempts: ")
+    # how long it tried: 31 s by then, and what the attempt itself took on a loaded machine
+    assert re.match(r"gave up after 2 attempts in 3[1-5] s: ", nobody.last_error), nobody.last_error
     assert record.dead_lettered and not record.pending
 
 

@@ -26,6 +26,7 @@ from conftest import (
     Pacsworker,
     dciodvfy_errors,
     free_port,
+    ledger_of,
     missing,
     port_open,
     status_json,
@@ -150,9 +151,7 @@ def test_the_gate_catches_an_application_seg_off_its_sources_or_of_another_study
 
 
 def _jobs_by_model(data: Path) -> dict:
-    from pacsworker.records import JobRecord
-
-    return {job.model: job for job in (JobRecord.model_validate_json(p.read_text()) for p in (data / "jobs").glob("*.json"))}
+    return {job.model: job for job in ledger_of(data).latest_jobs(limit=100)}
 
 
 def test_application_results_through_serve(tmp_path, dicom_dir, orthanc, sdk):
@@ -184,21 +183,21 @@ def test_application_results_through_serve(tmp_path, dicom_dir, orthanc, sdk):
     study = jobs["spleen-app"].study_uid
 
     spleen = jobs["spleen-app"]
-    assert spleen.state.value == "done", spleen.reason
+    assert spleen.state == "done", spleen.reason
     seg = orthanc.retrieve(study, spleen.outputs["app-seg-1_series"], spleen.outputs["app-seg-1"])
     assert seg.SOPClassUID == SEG_CLASS and seg.SegmentSequence[0].SegmentLabel == "Spleen"
-    assert json.loads((data / "outbox" / spleen.job_id / "delivery.json").read_text())["files"] == ["app-seg-1.dcm"]
+    assert [i.file_name for i in ledger_of(data).delivered_instances(spleen.job_id)] == ["app-seg-1.dcm"]
     assert "Graph execution finished" in (data / "jobs" / f"{spleen.job_id}.app.log").read_text()
 
     crash = jobs["crash"]
-    assert crash.state.value == "failed"
+    assert crash.state == "failed"
     assert crash.reason.startswith("application crash exited with status 1; its last lines:")
     assert "RuntimeError: the faulty application gives up: no spleen in this series" in crash.reason
     log = data / "jobs" / f"{crash.job_id}.app.log"
     assert f"(full log: {log})" in crash.reason and "Traceback" in log.read_text()
 
     foreign = jobs["foreign-study"]
-    assert foreign.state.value == "failed" and "results failed validation" in foreign.reason
+    assert foreign.state == "failed" and "results failed validation" in foreign.reason
     assert "app-ct-1.dcm: belongs to study" in foreign.reason
     kept = data / "quarantine" / foreign.job_id
     copy = pydicom.dcmread(kept / "app-ct-1.dcm", stop_before_pixels=True)
@@ -209,7 +208,7 @@ def test_application_results_through_serve(tmp_path, dicom_dir, orthanc, sdk):
     # the SDK's SEG writer with its default ModelInfo leaves the Contributing Equipment's
     # Manufacturer (Type 1) empty: dciodvfy's error keeps that SEG from the PACS
     plain = jobs["default-model-info"]
-    assert plain.state.value == "failed"
+    assert plain.state == "failed"
     assert "Empty attribute (no value) Type 1 Required Element=<Manufacturer>" in plain.reason
     rejected = pydicom.dcmread(data / "quarantine" / plain.job_id / "app-seg-1.dcm", stop_before_pixels=True)
     in_pacs = {i["00080018"]["Value"][0] for i in orthanc.study_instances(study)}

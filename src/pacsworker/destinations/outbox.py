@@ -141,8 +141,9 @@ def _attempt(settings: Settings, ledger: Ledger, job_id: str, folder: Path, outc
                   "retry %s`): %s", job_id, name, job_id, error)
     elif state == DEAD_LETTER:
         metrics.DELIVERIES.labels(name, "dead-letter").inc()
-        log.error("job %s: delivery to %s dead-lettered after %d attempts (delivery.max_age_seconds reached; "
-                  "`pacsworker deliveries retry %s` starts it again): %s", job_id, name, attempts, job_id, error)
+        row = next((o for o in ledger.deliveries_of(job_id) if o.destination == name), None)
+        log.error("job %s: delivery to %s dead-lettered (delivery.max_age_seconds reached; `pacsworker deliveries "
+                  "retry %s` starts it again): %s", job_id, name, job_id, row.last_error if row is not None else error)
     elif state == PENDING:
         metrics.DELIVERIES.labels(name, "retry").inc()
         row = next((o for o in ledger.deliveries_of(job_id) if o.destination == name), None)

@@ -61,9 +61,10 @@ class DeliveryTransitions(LedgerCore):
                 tx.event(EventKind.DELIVERED, job_id=job_id, destination=destination, state=state, count=len(stored))
             else:
                 started = tx.conn.execute(select(jobs.c.delivery_started_at).where(jobs.c.job_id == job_id)).scalar_one()
-                expired = max_age > 0 and tx.conn.execute(select(db_now() - started >= max_age)).scalar_one()
+                age = float(tx.conn.execute(select(db_now() - started)).scalar_one())
+                expired = max_age > 0 and age >= max_age
                 if permanent or expired:
-                    why = error if permanent else f"gave up after {attempts} attempts: {error}"
+                    why = error if permanent else f"gave up after {attempts} attempts in {_age(age)}: {error}"
                     _dead_letter(tx, row, why, permanent, attempts)
                     state = DEAD_LETTER
                 else:
@@ -126,6 +127,10 @@ class DeliveryTransitions(LedgerCore):
             tx.conn.execute(update(deliveries).where(deliveries.c.job_id == job_id, deliveries.c.state == PENDING)
                             .values(next_attempt_at=db_now() + stale_after))
             return task_id
+
+
+def _age(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
 
 
 def _dead_letter(tx: Tx, row, reason: str, permanent: bool, attempts: int) -> None:
