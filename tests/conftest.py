@@ -266,8 +266,21 @@ def postgres_server():
     server.stop()
 
 
-def ledger_of(data_dir: Path | str):
-    """The ledger (SQLite under ``data_dir``) that the roles of a test write: what the tests read state from."""
-    from pacsworker.ledger import ledger_at
+@pytest.fixture
+def database_url(postgres_server) -> str:
+    """A fresh database of the session's PostgreSQL, for ``storage.database_url``: the ledger of roles
+    that run as on several hosts (the Redis end-to-end tests)."""
+    return postgres_server.create_database("roles")
 
+
+def ledger_of(data_dir: Path | str, database_url: str = ""):
+    """The ledger that the roles of a test write (SQLite under ``data_dir``, or ``database_url``
+    when the test set ``storage.database_url``): what the tests read state from."""
+    from pacsworker.ledger import ledger_at, open_ledger
+
+    if database_url:
+        from pacsworker.config import Settings
+
+        return open_ledger(Settings(storage={"data_dir": str(Path(data_dir).resolve()), "database_url": database_url}),
+                           "test")
     return ledger_at(Path(data_dir).resolve(), "test")

@@ -19,6 +19,7 @@ from conftest import (
     Pacsworker,
     dciodvfy_errors,
     free_port,
+    ledger_of,
     port_open,
     status_json,
     storescu,
@@ -35,11 +36,11 @@ CT04_SERIES = "1.3.46.670589.33.1.17491953482334658115.21841165151607525240"
 SC01_SERIES = "1.3.46.670589.33.1.22100348011750129999.30936184503286111321"
 
 
-def _config(tmp: Path, port: int, orthanc: Orthanc, **queue) -> Path:
+def _config(tmp: Path, port: int, orthanc: Orthanc, database_url: str = "", **queue) -> Path:
     return write_config(
         tmp / "pacsworker.yaml",
         scp={"port": port, "host": "127.0.0.1", "series_quiet_seconds": 2},
-        storage={"data_dir": str(tmp / "data")},
+        storage={"data_dir": str(tmp / "data"), **({"database_url": database_url} if database_url else {})},
         queue={"heartbeat_seconds": 1, "stale_after_seconds": 6, "delivery_backoff_seconds": 1,
                "delivery_backoff_max_seconds": 3, **queue},
         destinations=[{"kind": "dicomweb", "name": "orthanc", "url": orthanc.dicomweb_url}],
@@ -159,10 +160,12 @@ def test_serve_embedded_study_to_orthanc(tmp_path, dicom_dir, orthanc):
         serve.stop()
 
 
-def test_distributed_redis_worker_killed_and_pacs_down(tmp_path, dicom_dir, redis_url):
+def test_distributed_redis_worker_killed_and_pacs_down(tmp_path, dicom_dir, redis_url, database_url):
+    """Roles as on several hosts: Redis for the messages, the ledger in PostgreSQL."""
     orthanc = Orthanc(tmp_path / "orthanc")  # own PACS: it goes down during this test
     port = free_port()
-    config = _config(tmp_path, port, orthanc, broker_url=redis_url)
+    config = _config(tmp_path, port, orthanc, database_url=database_url, broker_url=redis_url)
+    ledger = ledger_of(tmp_path / "data", database_url)
     receiver = Pacsworker(["scp"], config, tmp_path / "scp.log")
     first = second = None
     try:
@@ -171,10 +174,10 @@ def test_distributed_redis_worker_killed_and_pacs_down(tmp_path, dicom_dir, redi
         assert storescu(port, dicom_dir / CT02).returncode == 0
 
         def running_job():
-            jobs = list((tmp_path / "data" / "jobs").glob("*.json"))
-            return jobs and '"state": "running"' in jobs[0].read_text() and jobs[0]
+            running = ledger.jobs_in_state("running", limit=1)
+            return running and running[0].job_id
 
-        job_file = wait_until(running_job, 120, interval=0.05, what="the job to start")
+        job_id = wait_until(running_job, 120, interval=0.05, what="the job to start")
         first.kill()  # SIGKILL to the worker and its pool child, mid-job
         second = Pacsworker(["worker", "--name", "second@%h"], config, tmp_path / "worker2.log")
         # the PACS is down: the job finishes, the results wait in the outbox
@@ -183,13 +186,14 @@ def test_distributed_redis_worker_killed_and_pacs_down(tmp_path, dicom_dir, redi
             return any(error for job in pending.values() for error in job.values())
 
         wait_until(failed_delivery, 120, what="a failed delivery attempt")
-        assert '"attempts": 2' in job_file.read_text(), "the killed job must run again"
+        assert ledger.job(job_id).attempts == 2, "the killed job must run again"
         orthanc.start()
         wait_until(lambda: all(_results(orthanc)), 120, what="delivery after the PACS came back")
         check_results(orthanc, dicom_dir, tmp_path)
         state = wait_until(lambda: (s := status_json(config))["series"] == {"done": 1} and s, 30, what="series done")
         assert state["jobs"] == {"done": 1} and state["pending_deliveries"] == {}
         assert "delivery failed" in second.output()
+        assert not (tmp_path / "data" / "ledger.sqlite3").exists(), "every role keeps its state in PostgreSQL"
     finally:
         for proc in (receiver, first, second):
             if proc is not None:

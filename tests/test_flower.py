@@ -28,11 +28,11 @@ CT02_SERIES = "1.3.46.670589.33.1.6002432791750815306.26862469513794233732"
 AUTH = "operator:secret"
 
 
-def _config(tmp: Path, port: int, **queue) -> Path:
+def _config(tmp: Path, port: int, database_url: str = "", **queue) -> Path:
     return write_config(
         tmp / "pacsworker.yaml",
         scp={"port": port, "host": "127.0.0.1", "series_quiet_seconds": 2},
-        storage={"data_dir": str(tmp / "data")},
+        storage={"data_dir": str(tmp / "data"), **({"database_url": database_url} if database_url else {})},
         queue=queue,
         models=[{"name": "ct-body", "kind": "builtin"}],
         destinations=[{"kind": "folder", "name": "results", "path": str(tmp / "results")}],
@@ -143,9 +143,9 @@ def test_a_stopped_flower_leaves_no_event_queue_in_the_embedded_broker(tmp_path)
                 proc.stop()
 
 
-def test_flower_on_redis(tmp_path, dicom_dir, redis_url):
+def test_flower_on_redis(tmp_path, dicom_dir, redis_url, database_url):
     port, flower_port = free_port(), free_port()
-    config = _config(tmp_path, port, broker_url=redis_url)
+    config = _config(tmp_path, port, database_url=database_url, broker_url=redis_url)
     receiver = Pacsworker(["scp"], config, tmp_path / "scp.log")
     worker = flower = None
     try:

@@ -26,7 +26,7 @@ def _record(instances: int = 12, digest: str = "aaaa") -> SeriesRecord:
 
 
 def _ledger(settings: Settings):
-    return ledger_of(settings.data_dir)
+    return ledger_of(settings.data_dir, settings.storage.database_url)
 
 
 def _jobs(settings: Settings):
@@ -109,10 +109,10 @@ def redis_port(tmp_path):
     return binary, free_port()
 
 
-def test_broker_down_routing_does_not_block_and_the_sweep_sends_later(tmp_path, redis_port):
+def test_broker_down_routing_does_not_block_and_the_sweep_sends_later(tmp_path, redis_port, database_url):
     binary, port = redis_port
-    settings = Settings(
-        storage={"data_dir": str(tmp_path / "data")},
+    settings = Settings(  # roles as on several hosts: Redis for the messages, the ledger in PostgreSQL
+        storage={"data_dir": str(tmp_path / "data"), "database_url": database_url},
         queue={"broker_url": f"redis://127.0.0.1:{port}/0", "publish_timeout_seconds": 1},
     )
     configure(settings)
