@@ -1,28 +1,28 @@
-"""What every role writes to ``data_dir``: folder layout and the small JSON records an operator can read.
+"""The folder layout of ``data_dir``, the states every role names, and the JSON record models of
+releases before the ledger (read by :mod:`pacsworker.ledger.importer` to upgrade such a data_dir).
 
 Layout (all under ``storage.data_dir``)::
 
+    ledger.sqlite3                                    the ledger (unless storage.database_url names PostgreSQL)
     incoming/                                         datasets still arriving (renamed into spool/)
     spool/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   instances as received
-    series/<SeriesInstanceUID>.json                   SeriesRecord
-    jobs/<job_id>.json                                JobRecord
-    outbox/<job_id>/*.dcm + delivery.json             results until every destination confirmed
+    series/<SeriesInstanceUID>.complete               a request to complete a series now
+    jobs/<job_id>.app.log                             a MONAI Deploy application's log
+    outbox/<job_id>/*.dcm                             results until every destination confirmed
     quarantine/<job_id>/*.dcm + reason.txt            results that failed the validation gate
     results/                                          default folder destination
     broker/, celery-results.sqlite                    embedded queue
+    .pre-ledger/<timestamp>/                          JSON records of an earlier release, once imported
 """
 
 from __future__ import annotations
 
 import enum
-import fcntl
 import json
 import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -288,64 +288,3 @@ def _read_all(paths: list[Path], kind: type[T]):
 
 
 JOB_ENDINGS = {JobState.DONE, JobState.FAILED, JobState.NO_RESULT, JobState.IMPLAUSIBLE}
-
-
-@contextmanager
-def record_lock(folder: Path, name: str) -> Iterator[None]:
-    """An exclusive lock (``folder/.<name>.lock``, flock) across processes and hosts sharing data_dir."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f".{name}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def series_lock(layout: DataLayout, series_uid: str):
-    """Serialise read-modify-write of one series record across processes (receiver and workers)."""
-    return record_lock(layout.series, series_uid)
-
-
-def settle_series(layout: DataLayout, record: SeriesRecord) -> SeriesRecord:
-    """Set a routed series' state from its jobs: queued while any runs, else how they ended.
-
-    Any failed job makes the series failed; else any withheld implausible result makes it
-    implausible; else any delivered result makes it done; else no-result. A series receiving again
-    or skipped is left as it is.
-    """
-    if record.state not in (SeriesState.QUEUED, SeriesState.DONE, SeriesState.FAILED, SeriesState.NO_RESULT,
-                            SeriesState.IMPLAUSIBLE):
-        return record
-    jobs = [read_json(layout.job_record(job_id), JobRecord) for job_id in record.jobs]
-    states = [job.state for job in jobs if job is not None]
-    if not states or any(state not in JOB_ENDINGS for state in states):
-        record.state, record.reason = SeriesState.QUEUED, ""
-        return record
-    if JobState.FAILED in states:
-        record.state = SeriesState.FAILED
-    elif JobState.IMPLAUSIBLE in states:
-        record.state = SeriesState.IMPLAUSIBLE
-    elif JobState.DONE in states:
-        record.state = SeriesState.DONE
-    else:
-        record.state = SeriesState.NO_RESULT
-    record.reason = "; ".join(f"{job.model}: {job.reason}" for job in jobs if job is not None and job.reason)
-    return record
-
-
-def save_series(layout: DataLayout, record: SeriesRecord) -> SeriesRecord:
-    """Write a series record, its state settled from its jobs' records, under the series lock."""
-    with series_lock(layout, record.series_uid):
-        settled = settle_series(layout, record)
-        write_json_atomic(layout.series_record(record.series_uid), settled)
-    return settled
-
-
-def settle_series_of(layout: DataLayout, *series_uids: str) -> None:
-    """After a job ended: bring its series' records up to date (called by workers)."""
-    for series_uid in series_uids:
-        with series_lock(layout, series_uid):
-            record = read_json(layout.series_record(series_uid), SeriesRecord)
-            if record is not None:
-                write_json_atomic(layout.series_record(series_uid), settle_series(layout, record))
