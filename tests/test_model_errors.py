@@ -3,10 +3,19 @@ from the model's own file is in the job record, in the log at ERROR, and printed
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from conftest import Pacsworker, free_port, pacsworker_run, port_open, status_json, storescu, wait_until, write_config
+from conftest import (
+    Pacsworker,
+    free_port,
+    ledger_of,
+    pacsworker_run,
+    port_open,
+    status_json,
+    storescu,
+    wait_until,
+    write_config,
+)
 
 MODELS = Path(__file__).parent / "models"
 CT02 = "ct02_philips_ingenuity_headphantom_5mm"
@@ -41,8 +50,7 @@ def test_a_model_that_raises_fails_its_job_with_the_traceback_kept_and_logged(tm
         serve.stop()
     [(job_id, reason)] = status_json(config)["failed_jobs"].items()
     assert reason == f"RuntimeError in model raises (switchable.py, line {RAISE_LINE}): CUDA out of memory (simulated)"
-    record = json.loads((tmp_path / "data" / "jobs" / f"{job_id}.json").read_text())
-    trace = record["traceback"]
+    trace = ledger_of(tmp_path / "data").job(job_id).traceback
     assert trace.startswith("Traceback (most recent call last):")
     assert f'File "{SWITCHABLE}", line {RAISE_LINE}, in predict' in trace
     assert "runtime.py" not in trace, "pacsworker's frames that only called the model are left out"

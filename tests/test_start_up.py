@@ -3,12 +3,11 @@ which validation runs, and which models can be used (each loaded before its firs
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from pathlib import Path
 
-from conftest import Pacsworker, echo_ok, free_port, port_open, status_json, storescu, wait_until, write_config
+from conftest import Pacsworker, echo_ok, free_port, ledger_of, port_open, status_json, storescu, wait_until, write_config
 
 CT02 = "ct02_philips_ingenuity_headphantom_5mm"
 
@@ -42,7 +41,7 @@ def test_serve_says_who_may_send_where_results_go_and_that_it_stopped(tmp_path, 
     assert f"DICOM PACSWORKER on 0.0.0.0:{port} (every interface); accepts any calling AE title" in banner
     assert f"status http://127.0.0.1:{metrics_port}/" in banner and "no login" in banner
     assert f"broker embedded (filesystem, {data / 'broker'})" in banner
-    assert f"records JSON files in {data}" in banner
+    assert f"ledger SQLite {data / 'ledger.sqlite3'} (series, jobs, deliveries, history)" in banner
     assert "validator dciodvfy (" in banner
     assert f"results to results (folder {data / 'results'}/" in _flat(output)
     assert "results to nowhere" not in output
@@ -52,7 +51,7 @@ def test_serve_says_who_may_send_where_results_go_and_that_it_stopped(tmp_path, 
     assert "worker model@" in output and "ready: consuming model.ct-body" in _flat(output)
     # one line per job says where its results went
     [job] = status_json(config)["series_jobs"].popitem()[1]["jobs"]
-    study = json.loads((data / "jobs" / f"{job}.json").read_text())["study_uid"]
+    study = ledger_of(data).job(job).study_uid
     written = len(list((data / "results" / study).rglob("*.dcm")))  # the SEG and its SRs
     assert written >= 2
     assert (f"job {job}: results delivered: {written} instance(s) to results (folder {data / 'results'}/{study}/)"

@@ -5,6 +5,8 @@ settings in hand; nothing here starts or loads anything.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .config import Settings
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -75,12 +77,24 @@ def status_line(settings: Settings, port: int | None = None) -> str:
 
 
 def storage_lines(settings: Settings) -> list[str]:
-    """data_dir, the records in it, and the broker."""
+    """data_dir, the ledger, and the broker."""
     return [
         f"data_dir   {settings.data_dir} (spool, outbox)",
-        f"records    JSON files in {settings.data_dir} (series/, jobs/, studies/, outbox/*/delivery.json)",
+        f"ledger     {ledger_where(settings)} (series, jobs, deliveries, history)",
         f"broker     {broker(settings)}",
     ]
+
+
+def ledger_where(settings: Settings) -> str:
+    """The ledger's database, its password hidden: a SQLite file under data_dir, or PostgreSQL."""
+    from .ledger.database import SQLITE_FILE
+
+    url = settings.storage.database_url
+    if not url:
+        return f"SQLite {Path(settings.data_dir) / SQLITE_FILE}"
+    from sqlalchemy.engine import make_url
+
+    return f"PostgreSQL {make_url(url).render_as_string(hide_password=True)}"
 
 
 def model_lines(settings: Settings) -> list[str]:
