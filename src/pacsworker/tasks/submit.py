@@ -15,7 +15,7 @@ from .. import metrics
 from ..config import ModelSettings, Settings
 from ..ledger import Ledger, NewJob, SeriesFacts, Study, open_ledger
 from ..ledger.rows import FACT_KEYS
-from ..records import DataLayout, SeriesRecord
+from ..records import DataLayout, JobState, SeriesRecord
 from ..scp.routing import route
 from ..scp.spool import series_files
 from ..worker.model_files import job_fingerprint
@@ -54,15 +54,21 @@ def submit_series(settings: Settings, record: SeriesRecord) -> None:
         for name in models if name not in study_models
     ]
     to_send: list[str] = []
+    before = {job.job_id: ledger.job(job.job_id) for job in new_jobs}  # by key: what stood before this routing
     if not _routed(ledger, record, lambda: _route(ledger, record, new_jobs, study_models, to_send)):
         return
     for job in new_jobs:
-        if job.job_id in to_send:
+        earlier = before[job.job_id]
+        if job.job_id in to_send and earlier is not None and earlier.state == JobState.FAILED.value:
+            log.info("series %s received again after job %s failed; the job runs again", record.series_uid,
+                     job.job_id)
+        elif job.job_id in to_send:
             log.info("series %s (%d instances) queued for %s as job %s", record.series_uid, record.instances,
                      job.model, job.job_id)
         else:
-            log.info("series %s received again with the same instances; job %s stands", record.series_uid,
-                     job.job_id)
+            now = ledger.job(job.job_id)
+            log.info("series %s received again with the same instances; job %s (%s) stands", record.series_uid,
+                     job.job_id, now.state if now is not None else "gone")
     if study_models:
         log.info("series %s held for study %s for %s", record.series_uid, record.study_uid, ", ".join(study_models))
     metrics.SERIES_ROUTED.labels("queued" if len(study_models) < len(models) else "study", "").inc()
