@@ -237,8 +237,8 @@ class DataLayout:
         self.receivers = self.root / "receivers"
 
     def create(self) -> DataLayout:
-        for folder in (self.spool, self.incoming, self.series, self.jobs, self.outbox, self.broker, self.studies,
-                       self.receivers):
+        # studies/ and receivers/ held JSON records before the ledger: only the importer reads them now
+        for folder in (self.spool, self.incoming, self.series, self.jobs, self.outbox, self.broker):
             folder.mkdir(parents=True, exist_ok=True)
         return self
 
