@@ -1,8 +1,11 @@
 """A model that raises: its job fails with the reason and where the model raised it; the traceback
-from the model's own file is in the job record, in the log at ERROR, and printed by ``run``."""
+from the model's own file is in the job (the ledger, `jobs show`), in the log at ERROR, and printed by ``run``."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import (
@@ -55,6 +58,9 @@ def test_a_model_that_raises_fails_its_job_with_the_traceback_kept_and_logged(tm
     assert f'File "{SWITCHABLE}", line {RAISE_LINE}, in predict' in trace
     assert "runtime.py" not in trace, "pacsworker's frames that only called the model are left out"
     assert trace.endswith("RuntimeError: CUDA out of memory (simulated)")
+    shown = subprocess.run([sys.executable, "-m", "pacsworker", "jobs", "show", job_id, "--config", str(config)],
+                           capture_output=True, text=True, timeout=60, check=True, env={**os.environ, "COLUMNS": "400"})
+    assert "traceback" in shown.stdout and f"line {RAISE_LINE}, in predict" in shown.stdout  # what the operator reads
     output = serve.output()
     [logged] = [line for line in output.splitlines() if f"job {job_id} failed:" in line]
     assert " ERROR " in logged

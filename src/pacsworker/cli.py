@@ -1047,6 +1047,8 @@ def _jobs_show(config: Path | None, job_id: str, as_json: bool) -> None:
             table.add_row(name, "; ".join(job[name]))
     if job["reason"]:
         table.add_row("reason", job["reason"])
+    if job["traceback"]:  # where the model's own code raised
+        table.add_row("traceback", job["traceback"])
     for delivery in shown["deliveries"]:
         waiting = [f"{file}: {i['state']}{' (' + i['detail'] + ')' if i['detail'] else ''}"
                    for file, i in delivery["instances"].items() if i["state"] != "delivered"]
