@@ -1,6 +1,7 @@
 """The ledger's cost against the length of its history, on SQLite and on PostgreSQL.
 
     .venv/bin/python bench/ledger.py [--sizes 1000,100000,1000000] [--backends sqlite,postgresql]
+                                     [--json-max 100000] [--quick]
 
 For each size, a ledger is filled in bulk with a history of that many series (each with one job of
 two inputs, one delivery of two instances, three events; 99% of them done) plus the work of a busy
@@ -10,6 +11,13 @@ latest 20 series and jobs, dead letters, what is receiving, running and pending)
 sweep, one claim, one earlier-result lookup; and claims and transitions per second with 8 worker
 processes (claim, heartbeat, finish). PostgreSQL is Debian's, started here (fsync on), as the tests
 start it.
+
+Beside it, at the sizes up to ``--json-max`` (100,000), today's JSON design (bench/json_records.py):
+the same history as record files in a temp data_dir (under $TMPDIR; removed afterwards), timed with
+that code's own functions, from the last revision that had it (see ``--json-rev``): the ``status``
+command, ``recover``, ``_claim``, ``earlier_report``. A second table gives each operation's time in
+both designs and the ratio JSON/ledger. ``--quick``: 1,000 and 10,000 series only. The load average is printed with each
+measurement: on a shared machine it says how far the numbers can be trusted.
 """
 
 from __future__ import annotations
@@ -17,8 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
+import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from pacsworker.ledger import Ledger, default_url  # noqa: E402
 from postgres_server import PostgresServer, binaries  # noqa: E402
 
+CONFIG_ENV = "PACSWORKER_CONFIG"  # the JSON side's settings are its own
 ROOT = "1.2.826.0.1.3680043.8.498"
 CHUNK = 50_000
 ACTIVE = {"receiving": 20, "queued": 50, "running": 10, "stale": 5, "pending": 20, "dead": 30}
@@ -38,6 +50,24 @@ STALE = 600.0
 
 def _uid(kind: int, i: int) -> str:
     return f"{ROOT}.{kind}.{i}"
+
+
+def history_job_state(n: int, now: float, i: int) -> tuple[str, float, float]:
+    """(state, sent_at, heartbeat) of series i's job in a history of ``n`` series."""
+    t0 = now - n * 0.1 - 3600
+    k = n - ACTIVE["receiving"] - 1 - i  # the newest series hold the active work
+    if 0 <= k < ACTIVE["queued"]:
+        return "queued", now - 1, 0.0
+    k -= ACTIVE["queued"]
+    if 0 <= k < ACTIVE["running"]:
+        return "running", now - 30, (now - 2 * STALE if k < ACTIVE["stale"] else now - 1)
+    k -= ACTIVE["running"]
+    if 0 <= k < ACTIVE["pending"]:
+        return "delivering", now - 60, 0.0
+    k -= ACTIVE["pending"]
+    if 0 <= k < ACTIVE["dead"]:
+        return "failed", now - 60, 0.0
+    return "done", t0 + i * 0.1 + 6, 0.0
 
 
 def history_rows(n: int, now: float):
@@ -52,20 +82,7 @@ def history_rows(n: int, now: float):
                    '{"body_part": "CHEST"}', 2, 2, t, t + 5, "quiet for 5 s", f"{i:016x}", "", "[]", "")
 
     def job_state(i: int) -> tuple[str, float, float]:
-        """(state, sent_at, heartbeat) of series i's job."""
-        k = n - ACTIVE["receiving"] - 1 - i  # the newest series hold the active work
-        if 0 <= k < ACTIVE["queued"]:
-            return "queued", now - 1, 0.0
-        k -= ACTIVE["queued"]
-        if 0 <= k < ACTIVE["running"]:
-            return "running", now - 30, (now - 2 * STALE if k < ACTIVE["stale"] else now - 1)
-        k -= ACTIVE["running"]
-        if 0 <= k < ACTIVE["pending"]:
-            return "delivering", now - 60, 0.0
-        k -= ACTIVE["pending"]
-        if 0 <= k < ACTIVE["dead"]:
-            return "failed", now - 60, 0.0
-        return "done", t0 + i * 0.1 + 6, 0.0
+        return history_job_state(n, now, i)
 
     def jobs():
         for i in range(n - ACTIVE["receiving"]):
@@ -258,18 +275,68 @@ def measure(url: str, fill, n: int) -> dict[str, float]:
     return result
 
 
+JSON_MARK = ("src/pacsworker/tasks/submit.py", "layout.iter_records(layout.jobs, JobRecord)")  # its recovery sweep
+
+
+def json_design_source(rev: str, folder: Path) -> tuple[Path, str]:
+    """The source of today's JSON design: this checkout's, or (once the ledger replaced it) that of ``rev``
+    (default: the commit before the one that took the recovery sweep off the job records), extracted
+    under ``folder``. Returns the folder to import ``pacsworker`` from, and which source it is."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+    path, mark = JSON_MARK
+    if not rev:
+        if mark in (repo / path).read_text():
+            return repo / "src", "this checkout's working tree"
+        rev = git("log", "-1", "--format=%H", "-S", mark, "--", path) + "^"
+    commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    archive = subprocess.run(["git", "-C", str(repo), "archive", commit, "src/pacsworker"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder / "src", f"commit {git('log', '-1', '--format=%h %s', commit)[:100]}"
+
+
+def measure_json(n: int, source: Path) -> dict[str, float]:
+    """Today's JSON design at ``n`` series, in a process of its own that imports ``pacsworker`` from ``source``."""
+    env = dict(os.environ, PYTHONPATH=str(source))
+    env.pop(CONFIG_ENV, None)
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("json_records.py")), str(n), str(source)],
+                          env=env, check=True, stdout=subprocess.PIPE, text=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def load() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+OPERATIONS = [("status_ms", "status"), ("sweep_ms", "recovery sweep"), ("claim_ms", "claim"),
+              ("earlier_ms", "earlier result")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="1000,100000,1000000")
-    parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--backends", default="sqlite,postgresql", help="empty: the JSON design alone")
+    parser.add_argument("--json-max", type=int, default=100_000,
+                        help="today's JSON design is measured at the sizes up to this many series (0: not at all)")
+    parser.add_argument("--quick", action="store_true", help="1,000 and 10,000 series only")
+    parser.add_argument("--json-rev", default="", help="the revision of today's JSON design (default: this checkout "
+                        "while it has it, else the commit before the ledger took it over)")
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
-    backends = args.backends.split(",")
+    sizes = [1000, 10_000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    backends = [b for b in args.backends.split(",") if b]
+    json_sizes = [n for n in sizes if n <= args.json_max]
+    print(f"{os.cpu_count()} CPUs; load average (1/5/15 min) at start: {load()}", flush=True)
     server = PostgresServer(binaries(), durable=True).start() if "postgresql" in backends else None
     rows = []
+    loads: dict[tuple[str, int], str] = {}
     try:
         for backend in backends:
             for n in sizes:
+                loads[backend, n] = load()
                 if backend == "sqlite":
                     folder = Path(tempfile.mkdtemp(prefix="ledger-bench-"))
                     url = default_url(folder)
@@ -281,16 +348,52 @@ def main() -> None:
                     fill = lambda n, now, url=url: fill_postgresql(url, n, now)  # noqa: E731
                 result = measure(url, fill, n)
                 rows.append((backend, n, result))
-                print(f"{backend:10} {n:>9,} " + "  ".join(f"{k} {v:,.1f}" for k, v in result.items()), flush=True)
+                print(f"{backend:10} {n:>9,} " + "  ".join(f"{k} {v:,.1f}" for k, v in result.items())
+                      + f"  (load at start {loads[backend, n]})", flush=True)
     finally:
         if server is not None:
             server.stop()
-    print("\n| backend | series | fill (s) | status (ms) | recovery sweep (ms) | claim (ms) | earlier result (ms) "
-          "| claims/s (8 procs) | transitions/s (8 procs) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for backend, n, r in rows:
-        print(f"| {backend} | {n:,} | {r['fill_s']:.1f} | {r['status_ms']:.1f} | {r['sweep_ms']:.1f} | "
-              f"{r['claim_ms']:.1f} | {r['earlier_ms']:.1f} | {r['claims_per_s']:.0f} | {r['transitions_per_s']:.0f} |")
+    json_rows = {}
+    scratch = Path(tempfile.mkdtemp(prefix="json-design-"))
+    try:
+        if json_sizes:
+            source, which = json_design_source(args.json_rev, scratch)
+            print(f"today's JSON design: {which}", flush=True)
+        for n in json_sizes:
+            loads["json", n] = load()
+            json_rows[n] = measure_json(n, source)
+            print(f"{'json':10} {n:>9,} " + "  ".join(f"{k} {v:,.1f}" for k, v in json_rows[n].items())
+                  + f"  (load at start {loads['json', n]})", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"load average (1/5/15 min) at end: {load()}")
+    if rows:
+        print("\n| backend | series | fill (s) | status (ms) | recovery sweep (ms) | claim (ms) | earlier result (ms) "
+              "| claims/s (8 procs) | transitions/s (8 procs) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for backend, n, r in rows:
+            print(f"| {backend} | {n:,} | {r['fill_s']:.1f} | {r['status_ms']:.1f} | {r['sweep_ms']:.1f} | "
+                  f"{r['claim_ms']:.1f} | {r['earlier_ms']:.1f} | {r['claims_per_s']:.0f} | {r['transitions_per_s']:.0f} |")
+    if json_rows:
+        ledger = {(backend, n): r for backend, n, r in rows}
+        head = "| series | operation | JSON today (ms) |" + "".join(f" {b} (ms) | JSON/{b} |" for b in backends)
+        print("\n" + head)
+        print("|---:|---|---:|" + "---:|---:|" * len(backends))
+        for n, j in json_rows.items():
+            for key, name in OPERATIONS:
+                line = f"| {n:,} | {name} | {j[key]:,.1f} |"
+                for backend in backends:
+                    r = ledger.get((backend, n))
+                    ratio = j[key] / r[key] if r else 0.0
+                    line += f" {r[key]:,.1f} | {ratio:.1f}x |" if r and ratio < 10 else (
+                        f" {r[key]:,.1f} | {ratio:,.0f}x |" if r else " - | - |")
+                print(line)
+        print("\n| series | JSON record files (lock files besides) | JSON fill (s) | load 1/5/15 min at JSON start |"
+              + "".join(f" load at {b} start |" for b in backends))
+        print("|---:|---:|---:|---|" + "---|" * len(backends))
+        for n, j in json_rows.items():
+            print(f"| {n:,} | {j['files']:,.0f} | {j['fill_s']:.1f} | {loads['json', n]} |"
+                  + "".join(f" {loads.get((b, n), '-')} |" for b in backends))
 
 
 if __name__ == "__main__":
