@@ -110,9 +110,16 @@ def layout(tmp_path):
     return todays_data_dir(tmp_path / "data")
 
 
-def test_every_fact_of_a_json_data_dir_is_queryable_after_the_import(layout, caplog):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request, layout):
+    if request.param == "sqlite":
+        return default_url(layout.root)
+    return request.getfixturevalue("postgres_server").create_database()  # the import under its advisory lock
+
+
+def test_every_fact_of_a_json_data_dir_is_queryable_after_the_import(layout, ledger_url, caplog):
     caplog.set_level("INFO", "pacsworker.ledger")
-    with Ledger.open(default_url(layout.root)) as ledger:
+    with Ledger.open(ledger_url) as ledger:
         counts = import_json_records(ledger, layout.root)
         assert counts is not None and (counts.series, counts.jobs, counts.studies, counts.deliveries) == (7, 6, 1, 4)
         assert len(counts.unreadable) == 1
