@@ -284,3 +284,27 @@ def ledger_of(data_dir: Path | str, database_url: str = ""):
         return open_ledger(Settings(storage={"data_dir": str(Path(data_dir).resolve()), "database_url": database_url}),
                            "test")
     return ledger_at(Path(data_dir).resolve(), "test")
+
+
+def spool_series(folder: Path, data_dir: Path):
+    """A series' files put into ``data_dir``'s spool as the receiver leaves them (one file per SOP
+    Instance UID), with the record the receiver would make of it: (layout, record, first header)."""
+    import shutil
+
+    import pydicom
+
+    from pacsworker.records import DataLayout, SeriesRecord
+    from pacsworker.scp.tracker import content_digest
+
+    source = sorted(p for p in folder.rglob("*") if p.is_file())
+    first = pydicom.dcmread(source[0], stop_before_pixels=True)
+    layout = DataLayout(data_dir).create()
+    spool = layout.series_dir(str(first.SeriesInstanceUID))
+    spool.mkdir(parents=True)
+    uids = set()
+    for path in source:
+        uids.add(uid := str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+        shutil.copy(path, spool / f"{uid}.dcm")
+    record = SeriesRecord(series_uid=str(first.SeriesInstanceUID), study_uid=str(first.StudyInstanceUID), modality="CT",
+                          sop_class_uid=str(first.SOPClassUID), instances=len(source), content_digest=content_digest(uids))
+    return layout, record, first

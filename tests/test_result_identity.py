@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 
 from conftest import REPO, dciodvfy_errors, pacsworker_run, write_config
 from pacsworker.config import ModelSettings, Settings
-from pacsworker.records import DataLayout, SeriesRecord
+from pacsworker.records import SeriesRecord
 from pacsworker.worker.runtime import run_model
 from pacsworker.worker.volume import load_series
 
@@ -54,24 +54,13 @@ def test_the_same_settings_on_fresh_data_dirs_give_byte_identical_results(dicom_
 
 
 def test_a_changed_option_reruns_under_new_uids_and_the_sr_names_its_predecessor(dicom_dir, tmp_path):
-    from pacsworker.scp.tracker import content_digest
+    from conftest import ledger_of, spool_series
     from pacsworker.tasks.app import configure
     from pacsworker.tasks.jobs import process_series
     from pacsworker.tasks.submit import submit_series
 
-    source = _files(dicom_dir / CT06)
-    first = pydicom.dcmread(source[0], stop_before_pixels=True)
-    layout = DataLayout(tmp_path / "data").create()
-    spool = layout.series_dir(str(first.SeriesInstanceUID))
-    spool.mkdir(parents=True)
-    uids = set()
-    for path in source:
-        uids.add(uid := str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID))
-        shutil.copy(path, spool / f"{uid}.dcm")  # as the receiver spools it
-    record = SeriesRecord(series_uid=str(first.SeriesInstanceUID), study_uid=str(first.StudyInstanceUID), modality="CT",
-                          sop_class_uid=str(first.SOPClassUID), instances=len(source), content_digest=content_digest(uids))
+    layout, record, first = spool_series(dicom_dir / CT06, tmp_path / "data")
     jobs = []
-    from conftest import ledger_of
 
     from pacsworker.scp.tracker import _facts
 

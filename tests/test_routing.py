@@ -8,8 +8,8 @@ import time
 
 import pytest
 import redis
-from conftest import free_port, ledger_of, missing, port_open, wait_until
 
+from conftest import free_port, ledger_of, missing, port_open, wait_until
 from pacsworker.config import Settings
 from pacsworker.records import DataLayout, JobState, SeriesRecord, SeriesState
 from pacsworker.tasks.app import configure, model_queue
@@ -158,25 +158,12 @@ def test_new_content_supersedes_and_the_series_follows_its_latest_job(tmp_path):
 
 
 def test_a_newer_model_version_reruns_and_its_sr_names_the_earlier_one(tmp_path, dicom_dir):
-    import shutil
-
     import pydicom
-    from conftest import dciodvfy_errors
 
-    from pacsworker.scp.tracker import content_digest
+    from conftest import dciodvfy_errors, spool_series
     from pacsworker.tasks.jobs import process_series
 
-    source = sorted((dicom_dir / "ct06_ge_lightspeed_liver_3slice").glob("*.dcm"))
-    first = pydicom.dcmread(source[0], stop_before_pixels=True)
-    layout = DataLayout(tmp_path / "data").create()
-    spool = layout.series_dir(str(first.SeriesInstanceUID))
-    spool.mkdir(parents=True)
-    uids = set()
-    for path in source:
-        uids.add(uid := str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID))
-        shutil.copy(path, spool / f"{uid}.dcm")  # as the receiver spools it
-    record = SeriesRecord(series_uid=str(first.SeriesInstanceUID), study_uid=str(first.StudyInstanceUID), modality="CT",
-                          sop_class_uid=str(first.SOPClassUID), instances=len(source), content_digest=content_digest(uids))
+    layout, record, first = spool_series(dicom_dir / "ct06_ge_lightspeed_liver_3slice", tmp_path / "data")
     jobs = []
     for version in ("1.0.0", "2.0.0", "2.0.0"):
         settings = Settings(storage={"data_dir": str(tmp_path / "data")},
