@@ -112,6 +112,12 @@ def _position(text: str | None) -> tuple[float, str] | None:
         return None
 
 
+def _older_link(what: str, before: tuple[float, str]) -> str:
+    """The link to the page of ``what`` (series, jobs) older than the last one shown (a keyset)."""
+    link = urlencode({f"{what}_before": f"{before[0]!r}_{before[1]}"})
+    return f"<p><a id='older-{what}' href='?{html.escape(link)}'>older {what}</a></p>"
+
+
 def page(settings: Settings, role: str, query: str = "", ledger=None) -> str:
     """The status page: readiness, queue depths, the latest series and jobs (a page of them, with a link
     to older ones), results not yet delivered. ``query``: the request's query string (``series_before``,
@@ -144,8 +150,7 @@ def page(settings: Settings, role: str, query: str = "", ledger=None) -> str:
                     f"<td>{e(s.state)}</td><td>{e(s.completed_by)}</td><td>{e(s.reason)}</td></tr>")
     rows.append("</table>")
     if view.older_series:
-        link = urlencode({"series_before": f"{view.older_series[0]!r}_{view.older_series[1]}"})
-        rows.append(f"<p><a id='older-series' href='?{e(link)}'>older series</a></p>")
+        rows.append(_older_link("series", view.older_series))
     which = "older" if jobs_before else "latest"
     rows.append(f"<h2>Jobs ({which} {len(view.jobs)} of {view.jobs_total})</h2><table id='jobs'><tr><th>job</th>"
                 "<th>model</th><th>state</th><th>stage</th><th>attempts</th><th>queued</th><th>finished</th>"
@@ -160,8 +165,7 @@ def page(settings: Settings, role: str, query: str = "", ledger=None) -> str:
                     f"<td>{e(j.reason or '; '.join(j.notes))}</td></tr>")
     rows.append("</table>")
     if view.older_jobs:
-        link = urlencode({"jobs_before": f"{view.older_jobs[0]!r}_{view.older_jobs[1]}"})
-        rows.append(f"<p><a id='older-jobs' href='?{e(link)}'>older jobs</a></p>")
+        rows.append(_older_link("jobs", view.older_jobs))
     rows.append("<h2>Results not yet delivered</h2><table id='deliveries'><tr><th>job</th>"
                 "<th>destination</th><th>state</th><th>attempts</th><th>last error</th></tr>")
     for delivery in view.undelivered:
