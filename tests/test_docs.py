@@ -124,12 +124,15 @@ def test_the_conformance_statement_lists_what_the_receiver_negotiates(tmp_path):
             assert f"`{syntax}`" in statement
 
 
-def _blocks(language: str) -> list[tuple[str, int, str]]:
+def _blocks(language: str) -> list[tuple[str, str]]:
+    """(file:line, text) of every block of ``language`` (a regular expression) in the README and docs/;
+    a block marked ``signature`` (the reference's signatures) is not an example."""
     found = []
     for path in [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]:
         text = path.read_text()
-        for match in re.finditer(rf"^```{language}\n(.*?)^```", text, re.S | re.M):
-            found.append((f"{path.relative_to(REPO)}:{text[:match.start()].count(chr(10)) + 1}", match.group(1)))
+        for match in re.finditer(rf"^```(?:{language})( [^\n]*)?\n(.*?)^```", text, re.S | re.M):
+            if "signature" not in (match.group(1) or "").split():
+                found.append((f"{path.relative_to(REPO)}:{text[:match.start()].count(chr(10)) + 1}", match.group(2)))
     return found
 
 
@@ -141,7 +144,7 @@ def test_every_yaml_example_in_the_docs_loads_against_the_settings(tmp_path, mon
     for name in list(os.environ):
         if name.startswith("PACSWORKER"):
             monkeypatch.delenv(name)
-    blocks = _blocks("ya?ml")
+    blocks = _blocks("yaml|yml")
     assert len(blocks) >= 10
     for where, block in blocks:
         if block.startswith(" "):
@@ -162,3 +165,33 @@ def test_the_site_builds_with_warnings_as_errors(tmp_path):
                            env=dict(os.environ, NO_MKDOCS_2_WARNING="1"))
     assert built.returncode == 0, built.stderr[-3000:]
     assert (tmp_path / "site" / "reference" / "conformance" / "index.html").is_file()
+
+
+def test_every_python_example_in_the_docs_runs(dicom_dir, tmp_path, monkeypatch):
+    """Each Python block of docs/ runs; a model class it defines (a class with ``predict``) is built with
+    its defaults and run on a real CT series, and what it returns must be a model output pacsworker takes."""
+    import importlib.util
+
+    from pacsworker.worker.series import Series
+    from pacsworker.worker.volume import load_series
+
+    series = Series(load_series(sorted((dicom_dir / "ct02_philips_ingenuity_headphantom_5mm").glob("*.dcm"))))
+    blocks = [(where, block) for where, block in _blocks("python") if not where.startswith("README")]
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for number, (where, block) in enumerate(blocks):
+        path = tmp_path / f"example_{number}.py"
+        path.write_text(block)
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # noqa: BLE001 - the message says which block and why
+            pytest.fail(f"{where}: the example does not run: {exc!r}")
+        models = [v for v in vars(module).values() if isinstance(v, type) and v.__module__ == path.stem
+                  and callable(getattr(v, "predict", None))]
+        for model in models:
+            from pacsworker.worker.outputs import Boxes, Classification, LabelMap, ProbabilityMaps, Score
+
+            result = model().predict(series)
+            assert isinstance(result, LabelMap | ProbabilityMaps | Score | Classification | Boxes | dict), (where, result)

@@ -113,7 +113,7 @@ def model_api_page() -> str:
     for title, classes in (("Input", inputs), ("Outputs", results)):
         lines += [f"## {title}", ""]
         for cls in classes:
-            lines += [f"### `{cls.__module__}.{cls.__name__}`", "", "```python",
+            lines += [f"### `{cls.__module__}.{cls.__name__}`", "", "```python signature",
                       f"{cls.__name__}{_signature(cls)}", "```", "", _doc(cls), ""]
             members = _members(cls)
             plain = [name for name, member in members if isinstance(member, property) and not _doc(member.fget)]
