@@ -1196,3 +1196,30 @@ def jobs_show(
     """One job from the ledger: its state and times, the instances it was made for, its values and
     outputs, each destination's delivery, and its events (newest first)."""
     _jobs_show(config, job_id, as_json)
+
+
+users_app = typer.Typer(no_args_is_help=True, help="Users files of basic login (scp.stow_auth, metrics.auth).")
+app.add_typer(users_app, name="users")
+
+
+@users_app.command("add")
+def users_add(
+    users_file: Annotated[Path, typer.Argument(help="the users file (created with mode 0600 when missing)")],
+    user: Annotated[str, typer.Argument(help="the user name (no spaces, no colons)")],
+    password_stdin: Annotated[bool, typer.Option(
+        "--password-stdin", help="read the password from the first line of stdin instead of a prompt")] = False,
+) -> None:
+    """Add a user to a users file, or set a new password for one; the password is asked for (twice), or
+    read from stdin, never taken from the command line. A running receiver reads the file again."""
+    from .http_auth import add_user
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt(f"password of {user}", hide_input=True, confirmation_prompt=True)
+    try:
+        new = add_user(users_file, user, password)
+    except (ValueError, OSError) as exc:
+        console.print(f"[red]{users_file}: {getattr(exc, 'strerror', None) or exc}[/red]")
+        raise typer.Exit(2) from None
+    console.print(f"user {user} {'added to' if new else 'has a new password in'} {users_file}")
