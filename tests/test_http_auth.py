@@ -18,9 +18,10 @@ from pathlib import Path
 
 import jwt
 import pytest
+import requests
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from conftest import free_port
+from conftest import Pacsworker, free_port, port_open, wait_until, write_config
 from pacsworker.config import Settings
 from pacsworker.http_auth import AuthFileError, authenticator
 
@@ -262,3 +263,43 @@ def test_oauth2_settings_refuse_symmetric_algorithms():
     with pytest.raises(ValueError, match="algorithms"):
         Settings(scp={"stow_auth": {"kind": "oauth2", "issuer": "https://i.example.org", "audience": "a",
                                     "algorithms": ["HS256"]}})
+
+
+# -- a running receiver ------------------------------------------------------------------------------
+
+def test_the_receiver_checks_the_files_at_start_and_the_operator_port_asks_its_login(tmp_path):
+    users, tokens = tmp_path / "users", tmp_path / "tokens"
+    assert _users_add(users, "operator", "status page password").returncode == 0
+    tokens.write_text("short\n")
+    port, stow_port, metrics_port = free_port(), free_port(), free_port()
+    sections = dict(
+        scp={"port": port, "host": "127.0.0.1", "stow_port": stow_port,
+             "stow_auth": {"kind": "bearer", "tokens_file": str(tokens)}},
+        storage={"data_dir": str(tmp_path / "data")},
+        metrics={"host": "127.0.0.1", "port": metrics_port, "auth": {"kind": "basic", "users_file": str(users)}},
+    )
+    refused = subprocess.run([sys.executable, "-m", "pacsworker", "scp", "--config",
+                              str(write_config(tmp_path / "bad.yaml", **sections))],
+                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    said = " ".join(refused.stderr.split())
+    assert refused.returncode == 2 and f"scp.stow_auth: tokens file {tokens} line 1: a token is one word" in said
+
+    tokens.write_text("scanner-token-0123456789abcdef\n")
+    scp = Pacsworker(["scp"], write_config(tmp_path / "c.yaml", **sections), tmp_path / "scp.log")
+    try:
+        wait_until(lambda: port_open(metrics_port) and port_open(stow_port), 60, what="the receiver's HTTP ports")
+        url = f"http://127.0.0.1:{metrics_port}"
+        for path in ("/metrics", "/"):
+            anonymous = requests.get(url + path, timeout=10)
+            assert anonymous.status_code == 401, path
+            assert anonymous.headers["WWW-Authenticate"] == 'Basic realm="pacsworker", charset="UTF-8"'
+            assert requests.get(url + path, auth=("operator", "wrong"), timeout=10).status_code == 401
+            assert requests.get(url + path, auth=("operator", "status page password"), timeout=10).status_code == 200
+        assert requests.get(url + "/healthz", timeout=10).status_code == 200  # probes need no login
+        assert requests.get(url + "/readyz", timeout=10).status_code in (200, 503)
+    finally:
+        scp.stop()
+    banner = " ".join(scp.output().split())
+    assert f"bearer tokens (in {tokens})" in banner
+    assert f"basic login (users in {users}) for the page and /metrics; /healthz and /readyz open for probes" in banner
+    assert "wrong user name or password (user 'operator')" in banner and "127.0.0.1:" in banner

@@ -65,6 +65,8 @@ def _receiver(settings: Settings):
     from .tasks.submit import complete_studies, recover, submit_series
 
     configure(settings)
+    if settings.scp.stow_port is not None:
+        _door_or_exit(settings.scp.stow_auth, "scp.stow_auth")
     receiver = Receiver(settings, lambda record: submit_series(settings, record))
     # the recovery sweep runs in a thread of its own: it never delays series completion
     every = min(5.0, settings.queue.stale_after_seconds / 2)
@@ -204,12 +206,26 @@ def _multiprocess_metrics() -> None:
     atexit.register(shutil.rmtree, folder, True)
 
 
+def _door_or_exit(section, where: str) -> None:
+    """Read an HTTP door's users or tokens file now: a bad one stops the start, naming file and line."""
+    from .http_auth import AuthFileError, authenticator
+
+    try:
+        authenticator(section)
+    except AuthFileError as exc:
+        console.print(f"[red]{where}: {exc}[/red]", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
 def _ops_port(settings: Settings, role: str, receiver=None, port: int | None = None) -> None:
     """The metrics/health/status port of this process, stopped with the receiver when there is one.
 
     A worker's pool processes, forked after it started, close their inherited copy of the socket.
     """
     from .ops_http import start_ops_server
+
+    if settings.metrics.enabled:
+        _door_or_exit(settings.metrics.auth, "metrics.auth")
 
     server = start_ops_server(settings, role, port)
     if server is not None and receiver is not None:

@@ -268,19 +268,12 @@ class Authenticator:
             challenge += f', error="{error}"'
         return Decision(False, status, reason, challenge=challenge)
 
-    def describe(self) -> str:
-        """Who may pass, in words, for the start-up banner."""
-        raise NotImplementedError
-
 
 class Anyone(Authenticator):
     """kind: none."""
 
     def check(self, authorization: str | None, peer: str, scope: str | None = None) -> Decision:
         return Decision(True, 200, "no authentication configured", principal="anonymous")
-
-    def describe(self) -> str:
-        return "no login: whoever reaches the port is served"
 
 
 class UsersFile(Authenticator):
@@ -327,9 +320,6 @@ class UsersFile(Authenticator):
             self._passed = {}
         self._passed[hmac.digest(self._key, encoded.encode(), "sha256")] = user
 
-    def describe(self) -> str:
-        return f"basic login, users in {self.settings.users_file}"
-
 
 class TokensFile(Authenticator):
     """kind: bearer, against a file of static tokens."""
@@ -353,8 +343,17 @@ class TokensFile(Authenticator):
             return self._refuse("unknown bearer token", error="invalid_token")
         return Decision(True, 200, "", principal=f"token sha256:{digest.hex()[:12]}")
 
-    def describe(self) -> str:
-        return f"bearer tokens in {self.settings.tokens_file}"
+
+def who_may_pass(section: DoorAuth | None) -> str:
+    """The login a door asks, in words (the start-up banner); reads nothing."""
+    if isinstance(section, BasicUsers):
+        return f"basic login (users in {section.users_file})"
+    if isinstance(section, BearerTokens):
+        return f"bearer tokens (in {section.tokens_file})"
+    if isinstance(section, JwtIssuer):
+        scope = f" with scope {section.required_scope}" if section.required_scope else ""
+        return f"OAuth2 access tokens of {section.issuer} for {section.audience}{scope}"
+    return "no login"
 
 
 def authenticator(section: DoorAuth | None) -> Authenticator:

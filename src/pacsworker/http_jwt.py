@@ -145,7 +145,3 @@ class JwtTokens(Authenticator):
                                    error="insufficient_scope")
             return Decision(False, 403, refusal.reason, principal, f'{refusal.challenge}, scope="{needed}"')
         return Decision(True, 200, "", principal=principal)
-
-    def describe(self) -> str:
-        scope = f", scope {self.settings.required_scope}" if self.settings.required_scope else ""
-        return f"OAuth2 JWT access tokens of {self.settings.issuer} for audience {self.settings.audience}{scope}"

@@ -25,10 +25,22 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .config import Settings
+from .http_auth import Decision, authenticator
 from .ledger.views import RECENT, job_results, value_summary  # noqa: F401 - where they were
 from .metrics import RecordsCollector, registry_for_serving
 
 log = logging.getLogger("pacsworker.ops")
+
+
+PROBES = ("/healthz", "/readyz")  # open whatever metrics.auth says: orchestrators probe without credentials
+
+
+def operator_refusal(settings: Settings, path: str, authorization: str | None, peer: str) -> Decision | None:
+    """The refusal of a request to the page or /metrics by ``metrics.auth``; None: serve it."""
+    if path in PROBES:
+        return None
+    decision = authenticator(settings.metrics.auth).check(authorization, peer)
+    return None if decision.ok else decision
 
 
 def readiness(settings: Settings, role: str) -> dict[str, str]:
@@ -201,7 +213,12 @@ class OpsServer:
                 parts = urlsplit(self.path)
                 path = parts.path
                 try:
-                    if path == "/metrics":
+                    refused = operator_refusal(owner.settings, path, self.headers.get("Authorization"),
+                                               f"{self.client_address[0]}:{self.client_address[1]}")
+                    if refused is not None:
+                        self._send(refused.status, "text/plain; charset=utf-8", f"{refused.reason}\n".encode(),
+                                   refused.challenge)
+                    elif path == "/metrics":
                         self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
                     elif path == "/healthz":
                         self._send(200, "text/plain; charset=utf-8", b"ok\n")
@@ -223,10 +240,12 @@ class OpsServer:
 
             _answered = False
 
-            def _send(self, status: int, content_type: str, body: bytes) -> None:
+            def _send(self, status: int, content_type: str, body: bytes, challenge: str | None = None) -> None:
                 self._answered = True
                 try:
                     self.send_response(status)
+                    if challenge:
+                        self.send_header("WWW-Authenticate", challenge)
                     self.send_header("Content-Type", content_type)
                     self.send_header("Content-Length", str(len(body)))
                     self.send_header("Cache-Control", "no-store")
