@@ -17,15 +17,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import jwt
+import pydicom
 import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from conftest import Pacsworker, free_port, port_open, wait_until, write_config
+from test_delivery import PASSWORD, USER, pacs, pki  # noqa: F401 - a real Orthanc with basic auth, a test CA
 from pacsworker.config import Settings
 from pacsworker.http_auth import AuthFileError, authenticator
 
 PEER = "192.0.2.7:50000"
+CT06 = "ct06_ge_lightspeed_liver_3slice"
 
 
 def _basic(user: str, password: str) -> str:
@@ -303,3 +306,52 @@ def test_the_receiver_checks_the_files_at_start_and_the_operator_port_asks_its_l
     assert f"bearer tokens (in {tokens})" in banner
     assert f"basic login (users in {users}) for the page and /metrics; /healthz and /readyz open for probes" in banner
     assert "wrong user name or password (user 'operator')" in banner and "127.0.0.1:" in banner
+
+
+# -- the pull's client -------------------------------------------------------------------------------
+
+def test_pull_signs_in_to_the_pacs_with_a_destinations_auth_and_tls(tmp_path, dicom_dir, pacs, pki):
+    """POST /pull against a real Orthanc that asks basic auth, then through an HTTPS gateway in front of
+    it that requires a client certificate of a test CA."""
+    from dicomweb_client.api import DICOMwebClient
+    from pacs_gateway import PacsGateway
+
+    from pacsworker.scp.server import Receiver
+
+    datasets = [pydicom.dcmread(path) for path in sorted((dicom_dir / CT06).glob("*.dcm"))]
+    session = requests.Session()
+    session.auth = (USER, PASSWORD)
+    DICOMwebClient(url=pacs.dicomweb_url, session=session).store_instances(datasets)
+    study = str(datasets[0].StudyInstanceUID)
+    password = tmp_path / "pacs-password"
+    password.write_text(PASSWORD + "\n")
+    gateway = PacsGateway(pacs.url, (USER, PASSWORD), tls=pki["server"])
+
+    def pull(**scp) -> requests.Response:
+        stow_port = free_port()
+        settings = Settings(scp={"host": "127.0.0.1", "port": free_port(), "stow_port": stow_port, **scp},
+                            storage={"data_dir": str(tmp_path / "data")})
+        receiver = Receiver(settings, lambda record: None)
+        receiver.start()
+        try:
+            return requests.post(f"http://127.0.0.1:{stow_port}/pull", json={"study": study}, timeout=120)
+        finally:
+            receiver.stop()
+
+    try:
+        anonymous = pull(pull_url=pacs.dicomweb_url)
+        assert anonymous.status_code == 502 and "401" in anonymous.text
+        signed_in = pull(pull_url=pacs.dicomweb_url,
+                         pull_auth={"kind": "basic", "username": USER, "password_file": str(password)})
+        assert signed_in.status_code == 200, signed_in.text
+        assert (signed_in.json()["stored"], signed_in.json()["refused"]) == (3, [])
+
+        untrusted = pull(pull_url=f"{gateway.url}/dicom-web")
+        assert untrusted.status_code == 502 and "CERTIFICATE_VERIFY_FAILED" in untrusted.text
+        with_certificate = pull(pull_url=f"{gateway.url}/dicom-web", pull_tls={
+            "ca_bundle": str(pki["ca"]), "client_certificate": str(pki["cert"]), "client_key": str(pki["key"])})
+        assert with_certificate.status_code == 200, with_certificate.text
+        assert with_certificate.json()["stored"] == 3
+        assert any(path.startswith("/dicom-web/studies/") for _, path, _ in gateway.forwarded)
+    finally:
+        gateway.stop()

@@ -89,7 +89,7 @@ def send_stow(destination: DicomwebDestination, files: list[Path]) -> list[Insta
         are reported as results of their files.
     """
     what = f"STOW-RS to {destination.url}"
-    session = http_session(destination)
+    session = http_session(destination.auth, destination.tls)
     # no chunked upload: a request body must be re-sendable after a token renewal; no retries inside
     client = DICOMwebClient(url=destination.url, session=session, timeout=destination.timeout_seconds,
                             chunk_size=1 << 62)
