@@ -222,18 +222,36 @@ def _ops_port(settings: Settings, role: str, receiver=None, port: int | None = N
 
     A worker's pool processes, forked after it started, close their inherited copy of the socket.
     """
-    from .ops_http import start_ops_server
+    from .ops_http import start_ops_server, watch
 
     if settings.metrics.enabled:
         _door_or_exit(settings.metrics.auth, "metrics.auth")
 
     server = start_ops_server(settings, role, port)
     if server is not None and receiver is not None:
+        receiver.on_stop.append(watch(receiver.parts))
         receiver.on_stop.append(server.shutdown)
     if server is not None and role == "worker":
-        from celery.signals import worker_process_init
+        from celery.signals import worker_process_init, worker_ready
 
         worker_process_init.connect(lambda **_: server.close_inherited(), weak=False)
+        worker_ready.connect(lambda sender, **_: watch(_pool_parts(sender.controller)), weak=False)
+
+
+def _pool_parts(controller):
+    """/healthz's view of a Celery worker: its consumer runs, and a prefork pool has live processes."""
+    from celery import bootsteps
+
+    def parts() -> dict[str, str]:
+        if controller.blueprint.state != bootsteps.RUN:
+            return {"worker": "stopped"}
+        processes = getattr(getattr(controller.pool, "_pool", None), "_pool", None)  # prefork: billiard's
+        if processes is None:  # threads or solo: the tasks run in this process
+            return {"worker pool": "ok"}
+        alive = sum(1 for process in processes if process.is_alive())
+        return {"worker pool": "ok" if alive else f"none of its {len(processes)} processes is alive"}
+
+    return parts
 
 
 def _data_dir_problem(layout) -> tuple[str, bool]:
@@ -420,6 +438,7 @@ def serve(config: ConfigOption = None) -> None:
         spawn(role)
     receiver = _receiver(settings)
     _ops_port(settings, "serve", receiver)
+    from .ops_http import watch
     from .start_up import serve_banner
 
     _print_start_up("serve", serve_banner(settings))
@@ -431,6 +450,9 @@ def serve(config: ConfigOption = None) -> None:
                 spawn(role)
 
     receiver.periodic.append(supervise)
+    receiver.on_stop.append(watch(lambda: {
+        f"{role} worker": "ok" if child.poll() is None else f"exited with {child.returncode} (restarted within 1 s)"
+        for role, child in children.items()}))
 
     _stop_on_sigterm()
     try:

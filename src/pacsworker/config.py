@@ -989,6 +989,13 @@ class MetricsSettings(BaseModel):
     records_cache_seconds: float = Field(
         5.0, ge=0, description="how long counts read from data_dir's records are reused between scrapes"
     )
+    ready_cache_seconds: float = Field(
+        10.0, ge=0, description="how long /readyz reuses a destination's check (a C-ECHO, an authenticated "
+        "DICOMweb request), so that probes do not open connections to every destination each time"
+    )
+    ready_timeout_seconds: float = Field(
+        5.0, gt=0, description="time limit of one destination's check for /readyz (or its timeout_seconds if lower)"
+    )
     auth: OperatorAuth = Field(
         default_factory=lambda: OpenDoor(kind="none"),
         description="who may read the status page and /metrics: none, basic or bearer; /healthz and /readyz stay "
