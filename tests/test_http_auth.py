@@ -214,6 +214,8 @@ def test_oauth2_accepts_the_issuers_tokens_and_refuses_every_bad_one(issuer, cap
         "alg none": (jwt.encode({"iss": issuer.url, "aud": "pacsworker-stow", "exp": now + 60}, None,
                                 algorithm="none", headers={"kid": "k1"}), "algorithm 'none' is not accepted"),
         "HS256 with the public key": (_hs256_with_public_key(issuer), "algorithm 'HS256' is not accepted"),
+        "RS256 naming the EC key": (issuer.token("e1", key=issuer.rsa), "does not fit the issuer's EC key 'e1'"),
+        "issued in the future": (issuer.token(iat=now + 3600), "not valid yet"),
         "not a JWT": ("not.a.jwt", "not a JWT"),
         "absent": (None, "no bearer token"),
     }

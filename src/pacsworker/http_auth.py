@@ -246,7 +246,11 @@ class Authenticator:
     def check(self, authorization: str | None, peer: str, scope: str | None = None) -> Decision:
         """The decision for this header from ``peer``; ``scope``: the one this request needs (oauth2;
         None: the configured ``required_scope``). Refusals are logged."""
-        decision = self._decide(authorization, scope)
+        try:
+            decision = self._decide(authorization, scope)
+        except Exception as exc:  # noqa: BLE001 - a check that breaks refuses (fails closed), and says why
+            log.exception("HTTP request from %s: its credentials could not be checked", peer)
+            decision = self._refuse(f"its credentials could not be checked ({type(exc).__name__})")
         if not decision.ok:
             log.warning("HTTP request from %s refused (%d): %s", peer, decision.status, decision.reason)
         return decision

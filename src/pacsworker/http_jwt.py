@@ -34,6 +34,9 @@ REFUSALS: list[tuple[type[jwt.PyJWTError], str]] = [  # most specific first: sev
 ]
 
 
+KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}  # JWA family -> the JWK kty it verifies with
+
+
 class KeysUnavailable(Exception):
     """The issuer's keys could not be fetched (and none are cached)."""
 
@@ -125,7 +128,12 @@ class JwtTokens(Authenticator):
         except KeysUnavailable as exc:
             return Decision(False, 503, str(exc))
         if key is None:
-            return self._refuse(f"the issuer has no key with the token's key id {str(kid)[:64]!r}", error="invalid_token")
+            reason = (f"the issuer has no key with the token's key id {str(kid)[:64]!r}" if kid is not None
+                      else "the token names no key id and the issuer has several keys")
+            return self._refuse(reason, error="invalid_token")
+        if KEY_TYPES[str(algorithm)[:2]] != key.key_type:
+            return self._refuse(f"the token's algorithm {algorithm} does not fit the issuer's {key.key_type} key "
+                                f"{str(kid)[:64]!r}", error="invalid_token")
         try:
             claims = jwt.decode(token, key.key, algorithms=[str(algorithm)], audience=self.settings.audience,
                                 issuer=self.settings.issuer, leeway=self.settings.leeway_seconds,
