@@ -8,11 +8,11 @@ import json
 import socketserver
 
 import requests
-from conftest import Orthanc, free_port
+from conftest import Orthanc, free_port, missing
 from test_delivery import PASSWORD, USER, pacs  # noqa: F401 - a real Orthanc with basic auth
 
 from pacsworker.config import Settings
-from pacsworker.ops_http import readiness, start_ops_server, watch
+from pacsworker.ops_http import health, readiness, start_ops_server, watch
 from pacsworker.scp.server import Receiver
 
 
@@ -84,3 +84,18 @@ def test_readyz_asks_each_destination_what_delivery_will_ask(tmp_path, pacs):  #
         assert ready(0)["destination web"] == "ok"  # and asked again after it
     finally:
         picky.stop()
+
+
+def test_healthz_names_the_ledger_when_its_database_stops(tmp_path):
+    from postgres_server import PostgresServer, binaries
+
+    if binaries() is None:
+        missing("PostgreSQL (Debian: postgresql; /usr/lib/postgresql/*/bin/postgres)")
+    server = PostgresServer(binaries()).start()
+    try:
+        settings = Settings(storage={"data_dir": str(tmp_path / "data"), "database_url": server.create_database()})
+        assert health(settings, "scp") == {"ledger": "ok"}
+    finally:
+        server.stop()
+    state = health(settings, "scp")["ledger"]
+    assert state.startswith("not reachable: OperationalError: "), state
