@@ -7,7 +7,9 @@ For each size, a ledger is filled in bulk with a history of that many series (ea
 two inputs, one delivery of two instances, three events; 99% of them done) plus the work of a busy
 moment (series receiving, jobs queued and running, some with a silent worker, pending deliveries,
 dead letters). Then each operation is timed (median of runs): the status queries (counts per state,
-latest 20 series and jobs, dead letters, what is receiving, running and pending), one recovery
+latest 20 series and jobs, dead letters, what is receiving, running and pending), the ``pacsworker
+status --json`` command as a user runs it (its own process) beside ``pacsworker --help`` (the start-up
+every command pays: interpreter, CLI, settings), one recovery
 sweep, one claim, one earlier-result lookup; and claims and transitions per second with 8 worker
 processes (claim, heartbeat, finish). PostgreSQL is Debian's, started here (fsync on), as the tests
 start it.
@@ -252,7 +254,14 @@ def throughput(url: str, seconds: float = 5.0) -> tuple[float, float]:
     return sum(r[0] for r in results) / elapsed, sum(r[1] for r in results) / elapsed
 
 
-def measure(url: str, fill, n: int) -> dict[str, float]:
+def command_ms(args: list[str], config: Path, runs: int = 5) -> float:
+    """Median milliseconds of a ``pacsworker`` command, as a user runs it (a process of its own)."""
+    env = dict(os.environ, **{CONFIG_ENV: str(config)})
+    command = [str(Path(sys.executable).with_name("pacsworker")), *args]
+    return timed(lambda _: subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL), runs=runs)
+
+
+def measure(url: str, fill, n: int, data_dir: Path) -> dict[str, float]:
     ledger = Ledger.open(url)
     now = ledger.now()
     start = time.perf_counter()
@@ -268,6 +277,11 @@ def measure(url: str, fill, n: int) -> dict[str, float]:
         "claim_ms": timed(lambda run: ledger.claim_job(queued[run], "bench", 3, STALE), runs=7),
         "earlier_ms": timed(lambda run: ledger.earlier_results(ledger.job(done[run % len(done)]))),
     }
+    config = data_dir / "bench.yaml"
+    storage = {"data_dir": str(data_dir)} | ({"database_url": url} if url.startswith("postgresql") else {})
+    config.write_text(json.dumps({"storage": storage}))  # SQLite: data_dir's own ledger
+    result["status_cmd_ms"] = command_ms(["status", "--json"], config)
+    result["start_up_ms"] = command_ms(["--help"], config)
     result["claims_per_s"], result["transitions_per_s"] = throughput(url)
     counts = ledger.counts()
     assert sum(counts["series"][""].values()) == n, counts
@@ -343,10 +357,12 @@ def main() -> None:
                     Ledger.open(url).close()
                     fill = lambda n, now, path=folder / "ledger.sqlite3": fill_sqlite(path, n, now)  # noqa: E731
                 else:
+                    folder = Path(tempfile.mkdtemp(prefix="ledger-bench-"))
                     url = server.create_database("bench")
                     Ledger.open(url).close()
                     fill = lambda n, now, url=url: fill_postgresql(url, n, now)  # noqa: E731
-                result = measure(url, fill, n)
+                result = measure(url, fill, n, folder)
+                shutil.rmtree(folder, ignore_errors=True)
                 rows.append((backend, n, result))
                 print(f"{backend:10} {n:>9,} " + "  ".join(f"{k} {v:,.1f}" for k, v in result.items())
                       + f"  (load at start {loads[backend, n]})", flush=True)
@@ -369,11 +385,12 @@ def main() -> None:
     print(f"load average (1/5/15 min) at end: {load()}")
     if rows:
         print("\n| backend | series | fill (s) | status (ms) | recovery sweep (ms) | claim (ms) | earlier result (ms) "
-              "| claims/s (8 procs) | transitions/s (8 procs) |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "| claims/s (8 procs) | transitions/s (8 procs) | `status --json` command (ms) | over `--help` (ms) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for backend, n, r in rows:
             print(f"| {backend} | {n:,} | {r['fill_s']:.1f} | {r['status_ms']:.1f} | {r['sweep_ms']:.1f} | "
-                  f"{r['claim_ms']:.1f} | {r['earlier_ms']:.1f} | {r['claims_per_s']:.0f} | {r['transitions_per_s']:.0f} |")
+                  f"{r['claim_ms']:.1f} | {r['earlier_ms']:.1f} | {r['claims_per_s']:.0f} | {r['transitions_per_s']:.0f} | "
+                  f"{r['status_cmd_ms']:.0f} | {r['status_cmd_ms'] - r['start_up_ms']:.0f} |")
     if json_rows:
         ledger = {(backend, n): r for backend, n, r in rows}
         head = "| series | operation | JSON today (ms) |" + "".join(f" {b} (ms) | JSON/{b} |" for b in backends)

@@ -176,3 +176,28 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
         load_settings(path)
     assert f"{path} line 4, column 3" in str(err.value)
     assert "key 'port' is given twice (first on line 2)" in str(err.value)
+
+
+def test_the_written_out_image_storage_classes_are_pydicoms_and_loading_settings_does_not_import_pydicom():
+    """config.py writes the modalities' image storage SOP classes out (so that no command pays for importing
+    pydicom to load its settings): each UID must be the one pydicom gives the name written beside it."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pydicom import uid
+
+    from pacsworker import config
+
+    source = Path(config.__file__).read_text()
+    named = dict(re.findall(r'^\s+"([0-9.]+)",  # (\w+)$', source, re.MULTILINE))
+    table = [u for classes in config.IMAGE_STORAGE_CLASSES.values() for u in classes]
+    assert len(table) == len(set(table)) == len(named) > 20
+    for value in table:
+        assert str(getattr(uid, named[value])) == value, named[value]
+        assert uid.UID(value).is_valid and "Storage" in named[value]
+    loaded = subprocess.run([sys.executable, "-c", "import sys, pacsworker.config as c; c.load_settings(None); "
+                             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydicom', 'sqlalchemy')))"],
+                            capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout

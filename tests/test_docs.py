@@ -7,6 +7,9 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -90,3 +93,72 @@ def test_operations_docs_are_linked_from_the_readme():
     readme = (REPO / "README.md").read_text()
     for name in ("operations.md", "troubleshooting.md", "configuration.md"):
         assert (DOCS / name).is_file() and f"docs/{name}" in readme
+
+
+def test_generated_reference_pages_are_current():
+    from pacsworker.docs_reference import PAGES, REGENERATE
+
+    for name, render in PAGES.items():
+        written, expected = (DOCS / name).read_text(), render()
+        if written != expected:
+            diff = "\n".join(list(difflib.unified_diff(
+                written.splitlines(), expected.splitlines(), f"docs/{name}", "generated", lineterm=""))[:40])
+            pytest.fail(f"docs/{name} is stale: run `{REGENERATE}`\n{diff}")
+
+
+def test_the_conformance_statement_lists_what_the_receiver_negotiates(tmp_path):
+    """Every SOP class and transfer syntax the receiver's AE supports is in the statement, and the
+    statement lists no SOP class as SCP that the AE does not support."""
+    from pacsworker.config import Settings
+    from pacsworker.ledger import close_ledgers
+    from pacsworker.scp.server import Receiver
+
+    statement = (DOCS / "reference" / "conformance.md").read_text()
+    ae = Receiver(Settings(storage={"data_dir": str(tmp_path)}), lambda record: None).ae
+    close_ledgers()
+    listed = set(re.findall(r"\| `([0-9.]+)` \| SCP \|", statement))
+    supported = {str(cx.abstract_syntax) for cx in ae.supported_contexts}
+    assert listed == supported
+    for cx in ae.supported_contexts:
+        for syntax in cx.transfer_syntax:
+            assert f"`{syntax}`" in statement
+
+
+def _blocks(language: str) -> list[tuple[str, int, str]]:
+    found = []
+    for path in [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]:
+        text = path.read_text()
+        for match in re.finditer(rf"^```{language}\n(.*?)^```", text, re.S | re.M):
+            found.append((f"{path.relative_to(REPO)}:{text[:match.start()].count(chr(10)) + 1}", match.group(1)))
+    return found
+
+
+def test_every_yaml_example_in_the_docs_loads_against_the_settings(tmp_path, monkeypatch):
+    """A block is a whole configuration, or (indented) keys of one model's entry: then it is checked
+    inside a `kind: python` model."""
+    from pacsworker.config import load_settings
+
+    for name in list(os.environ):
+        if name.startswith("PACSWORKER"):
+            monkeypatch.delenv(name)
+    blocks = _blocks("ya?ml")
+    assert len(blocks) >= 10
+    for where, block in blocks:
+        if block.startswith(" "):
+            block = "models:\n  - name: example\n    kind: python\n    source: model.py:Model\n" + block
+        config = tmp_path / "example.yaml"
+        config.write_text(block)
+        try:
+            load_settings(config)
+        except Exception as exc:  # noqa: BLE001 - the message says which block and why
+            pytest.fail(f"{where}: the example does not load: {exc}")
+
+
+def test_the_site_builds_with_warnings_as_errors(tmp_path):
+    """mkdocs.yml's site: every page in the navigation, every link and anchor resolves (strict mode)."""
+    mkdocs = Path(sys.executable).with_name("mkdocs")
+    built = subprocess.run([str(mkdocs), "build", "--strict", "--config-file", str(REPO / "mkdocs.yml"),
+                            "--site-dir", str(tmp_path / "site")], capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, NO_MKDOCS_2_WARNING="1"))
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert (tmp_path / "site" / "reference" / "conformance" / "index.html").is_file()

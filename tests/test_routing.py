@@ -12,7 +12,8 @@ import redis
 from conftest import free_port, ledger_of, missing, port_open, wait_until
 from pacsworker.config import Settings
 from pacsworker.records import DataLayout, JobState, SeriesRecord, SeriesState
-from pacsworker.tasks.app import configure, model_queue
+from pacsworker.tasks.app import configure
+from pacsworker.tasks.queues import model_queue
 from pacsworker.tasks.submit import recover, submit_series
 
 SERIES = "1.2.826.0.1.3680043.9.7433.1.1"

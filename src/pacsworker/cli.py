@@ -357,7 +357,7 @@ def _warm_up_models(settings: Settings, queue_list: list[str], pool: str, child_
     A model that does not load stays served: its jobs fail at once with the reason (never wait in
     a queue nobody consumes), and each job tries to load it again.
     """
-    from .tasks.app import model_queue
+    from .tasks.queues import model_queue
 
     models = [model for model in settings.models if model_queue(model.name) in queue_list]
     if not models:
@@ -390,7 +390,7 @@ def _warm_up_models(settings: Settings, queue_list: list[str], pool: str, child_
 
 def _checked_queues(settings: Settings, queue_list: list[str]) -> list[str]:
     """The queues left after each model's reference cases ran: a model that fails is not served."""
-    from .tasks.app import model_queue
+    from .tasks.queues import model_queue
     from .worker.checks import check_model
 
     log = logging.getLogger("pacsworker.worker")
@@ -418,7 +418,7 @@ def serve(config: ConfigOption = None) -> None:
     _multiprocess_metrics()  # its workers count into the folder its port sums
     settings = _setup(config)
     from .records import DataLayout
-    from .tasks.app import DELIVERY_QUEUE
+    from .tasks.queues import DELIVERY_QUEUE
 
     DataLayout(settings.data_dir).create()  # before the workers start, so none waits for it
     from .metrics import queue_names
@@ -1139,8 +1139,9 @@ def deliveries_retry(
     if not retried:
         console.print("nothing to retry")
         raise typer.Exit(1)
-    from .tasks.app import DELIVERY_QUEUE, configure
+    from .tasks.app import configure
     from .tasks.jobs import deliver
+    from .tasks.queues import DELIVERY_QUEUE
 
     configure(settings)
     for jid, (names, task_id) in retried.items():

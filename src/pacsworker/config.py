@@ -19,7 +19,6 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
-from pydicom import uid
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
 
@@ -208,24 +207,60 @@ class QueueSettings(BaseModel):
 
 # The image storage SOP classes of each Modality: what a rule that names modalities accepts unless it
 # lists sop_class_uids. Never SEG, SR, secondary capture or presentation states: results and screenshots.
+# Written out, so that loading the settings (every command) does not import pydicom; tests/test_config.py
+# holds each UID to pydicom.uid's value of the name beside it.
 IMAGE_STORAGE_CLASSES: dict[str, tuple[str, ...]] = {
-    modality: tuple(str(getattr(uid, name)) for name in names) for modality, names in {
-        "CT": ("CTImageStorage", "EnhancedCTImageStorage", "LegacyConvertedEnhancedCTImageStorage"),
-        "MR": ("MRImageStorage", "EnhancedMRImageStorage", "EnhancedMRColorImageStorage",
-               "LegacyConvertedEnhancedMRImageStorage"),
-        "PT": ("PositronEmissionTomographyImageStorage", "EnhancedPETImageStorage",
-               "LegacyConvertedEnhancedPETImageStorage"),
-        "NM": ("NuclearMedicineImageStorage",),
-        "US": ("UltrasoundImageStorage", "UltrasoundMultiFrameImageStorage", "EnhancedUSVolumeStorage"),
-        "CR": ("ComputedRadiographyImageStorage",),
-        "DX": ("DigitalXRayImageStorageForPresentation", "DigitalXRayImageStorageForProcessing"),
-        "MG": ("DigitalMammographyXRayImageStorageForPresentation", "DigitalMammographyXRayImageStorageForProcessing",
-               "BreastTomosynthesisImageStorage", "BreastProjectionXRayImageStorageForPresentation",
-               "BreastProjectionXRayImageStorageForProcessing"),
-        "IO": ("DigitalIntraOralXRayImageStorageForPresentation", "DigitalIntraOralXRayImageStorageForProcessing"),
-        "XA": ("XRayAngiographicImageStorage", "EnhancedXAImageStorage", "XRay3DAngiographicImageStorage"),
-        "RF": ("XRayRadiofluoroscopicImageStorage", "EnhancedXRFImageStorage"),
-    }.items()
+    "CT": (
+        "1.2.840.10008.5.1.4.1.1.2",  # CTImageStorage
+        "1.2.840.10008.5.1.4.1.1.2.1",  # EnhancedCTImageStorage
+        "1.2.840.10008.5.1.4.1.1.2.2",  # LegacyConvertedEnhancedCTImageStorage
+    ),
+    "MR": (
+        "1.2.840.10008.5.1.4.1.1.4",  # MRImageStorage
+        "1.2.840.10008.5.1.4.1.1.4.1",  # EnhancedMRImageStorage
+        "1.2.840.10008.5.1.4.1.1.4.3",  # EnhancedMRColorImageStorage
+        "1.2.840.10008.5.1.4.1.1.4.4",  # LegacyConvertedEnhancedMRImageStorage
+    ),
+    "PT": (
+        "1.2.840.10008.5.1.4.1.1.128",  # PositronEmissionTomographyImageStorage
+        "1.2.840.10008.5.1.4.1.1.130",  # EnhancedPETImageStorage
+        "1.2.840.10008.5.1.4.1.1.128.1",  # LegacyConvertedEnhancedPETImageStorage
+    ),
+    "NM": (
+        "1.2.840.10008.5.1.4.1.1.20",  # NuclearMedicineImageStorage
+    ),
+    "US": (
+        "1.2.840.10008.5.1.4.1.1.6.1",  # UltrasoundImageStorage
+        "1.2.840.10008.5.1.4.1.1.3.1",  # UltrasoundMultiFrameImageStorage
+        "1.2.840.10008.5.1.4.1.1.6.2",  # EnhancedUSVolumeStorage
+    ),
+    "CR": (
+        "1.2.840.10008.5.1.4.1.1.1",  # ComputedRadiographyImageStorage
+    ),
+    "DX": (
+        "1.2.840.10008.5.1.4.1.1.1.1",  # DigitalXRayImageStorageForPresentation
+        "1.2.840.10008.5.1.4.1.1.1.1.1",  # DigitalXRayImageStorageForProcessing
+    ),
+    "MG": (
+        "1.2.840.10008.5.1.4.1.1.1.2",  # DigitalMammographyXRayImageStorageForPresentation
+        "1.2.840.10008.5.1.4.1.1.1.2.1",  # DigitalMammographyXRayImageStorageForProcessing
+        "1.2.840.10008.5.1.4.1.1.13.1.3",  # BreastTomosynthesisImageStorage
+        "1.2.840.10008.5.1.4.1.1.13.1.4",  # BreastProjectionXRayImageStorageForPresentation
+        "1.2.840.10008.5.1.4.1.1.13.1.5",  # BreastProjectionXRayImageStorageForProcessing
+    ),
+    "IO": (
+        "1.2.840.10008.5.1.4.1.1.1.3",  # DigitalIntraOralXRayImageStorageForPresentation
+        "1.2.840.10008.5.1.4.1.1.1.3.1",  # DigitalIntraOralXRayImageStorageForProcessing
+    ),
+    "XA": (
+        "1.2.840.10008.5.1.4.1.1.12.1",  # XRayAngiographicImageStorage
+        "1.2.840.10008.5.1.4.1.1.12.1.1",  # EnhancedXAImageStorage
+        "1.2.840.10008.5.1.4.1.1.13.1.1",  # XRay3DAngiographicImageStorage
+    ),
+    "RF": (
+        "1.2.840.10008.5.1.4.1.1.12.2",  # XRayRadiofluoroscopicImageStorage
+        "1.2.840.10008.5.1.4.1.1.12.2.1",  # EnhancedXRFImageStorage
+    ),
 }
 # modalities whose series are volumes: a rule for them alone skips series of fewer than this many images
 VOLUME_MODALITIES = ("CT", "MR", "PT")
@@ -690,7 +725,7 @@ def _builtin_by_default(value: Any) -> Any:
     return value
 
 
-MR_IMAGE_CLASSES = [str(uid.MRImageStorage), str(uid.EnhancedMRImageStorage)]  # grey-scale MR images
+MR_IMAGE_CLASSES = list(IMAGE_STORAGE_CLASSES["MR"][:2])  # grey-scale MR images
 
 
 def brain_extra_installed() -> bool:

@@ -157,7 +157,7 @@ class RecordsCollector:
 
 
 def queue_names(settings) -> list[str]:
-    from .tasks.app import DELIVERY_QUEUE, model_queue
+    from .tasks.queues import DELIVERY_QUEUE, model_queue
 
     return [model_queue(m.name) for m in settings.models] + [DELIVERY_QUEUE]
 

@@ -19,7 +19,6 @@ from typing import Any
 
 from .database import LedgerError, default_url, filesystem_of, refuse_network_filesystem
 from .deliveries import DeliveryTransitions
-from .importer import import_json_records
 from .jobs import JobTransitions
 from .queries import LedgerQueries
 from .rows import (
@@ -73,6 +72,8 @@ def _cached(url: str, role: str, data_dir: Any) -> Ledger:
         ledger = _OPEN.get(url)
         if ledger is None:
             ledger = _OPEN[url] = Ledger.open(url, actor=f"{socket.gethostname()}/{role}")
+            from .importer import import_json_records
+
             import_json_records(ledger, data_dir)  # the first open over an earlier release's data_dir: its JSON records
         return ledger
 

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import Connection, Engine, Table, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
 from . import migrate
@@ -50,6 +49,18 @@ def _retryable(exc: DBAPIError) -> bool:
     return sqlstate in RETRYABLE_SQLSTATES or "database is locked" in str(exc.orig)
 
 
+
+def dialect_insert(conn: Connection, table: Table):
+    """An INSERT with the connection's dialect's ``on_conflict_do_*`` (SQLite and PostgreSQL spell them alike);
+    the dialect module is imported when first used, so a command on SQLite never imports PostgreSQL's."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        return postgresql_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)
+
 class Tx:
     """One write transaction: its connection, the counter changes to apply at its end, its events."""
 
@@ -84,12 +95,10 @@ class Tx:
 
     def flush(self) -> None:
         """Apply the counter changes, in key order (so that concurrent transactions never deadlock on them)."""
-        dialect = self.conn.dialect.name
         for (entity, label, state), n in sorted(self.deltas.items()):
             if not n:
                 continue
-            upsert = (postgresql.insert(counters) if dialect == "postgresql" else sqlite.insert(counters)).values(
-                entity=entity, label=label, state=state, n=n)
+            upsert = dialect_insert(self.conn, counters).values(entity=entity, label=label, state=state, n=n)
             self.conn.execute(upsert.on_conflict_do_update(
                 index_elements=["entity", "label", "state"], set_={"n": counters.c.n + n}))
         self.deltas.clear()

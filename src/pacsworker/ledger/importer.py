@@ -21,7 +21,6 @@ from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import Table, select, text
-from sqlalchemy.dialects import postgresql, sqlite
 
 from ..records import (
     DataLayout,
@@ -33,7 +32,7 @@ from ..records import (
     is_valid_uid,
     read_json,
 )
-from .core import Tx
+from .core import Tx, dialect_insert
 from .database import db_now
 from .rows import FACT_KEYS
 from .schema import deliveries, delivery_instances, events, job_inputs, job_series, jobs, series, studies
@@ -113,9 +112,8 @@ def _records(folder: Path, kind: type[BaseModel], counts: Imported):
 
 def _insert(tx: Tx, table: Table, rows: list[dict[str, Any]]) -> None:
     """Insert rows, skipping any already there (a second import finds them)."""
-    dialect = postgresql if tx.conn.dialect.name == "postgresql" else sqlite
     for start in range(0, len(rows), BATCH):
-        tx.conn.execute(dialect.insert(table).on_conflict_do_nothing(), rows[start:start + BATCH])
+        tx.conn.execute(dialect_insert(tx.conn, table).on_conflict_do_nothing(), rows[start:start + BATCH])
 
 
 def _import(tx: Tx, layout: DataLayout, counts: Imported) -> None:

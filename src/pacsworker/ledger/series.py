@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from sqlalchemy import insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from ..records import JOB_ENDINGS, JobState, SeriesState
-from .core import LedgerCore, Tx, retried
+from .core import LedgerCore, Tx, dialect_insert, retried
 from .database import db_now
 from .rows import NewJob, SeriesFacts
 from .schema import EventKind, job_inputs, job_series, jobs, receivers, series, studies
@@ -21,10 +20,6 @@ SETTLED_BY_JOBS = {s.value for s in (SeriesState.QUEUED, SeriesState.DONE, Serie
 ENDINGS = {s.value for s in JOB_ENDINGS}
 
 
-def _upsert(tx: Tx, table):
-    return (postgresql.insert(table) if tx.conn.dialect.name == "postgresql" else sqlite.insert(table))
-
-
 class SeriesTransitions(LedgerCore):
     @retried
     def record_instance(self, facts: SeriesFacts, instances: int | None = None) -> str:
@@ -34,7 +29,7 @@ class SeriesTransitions(LedgerCore):
         counts its spool); None adds one. Returns ``opened``, ``reopened`` or ``added``.
         """
         with self._write() as tx:
-            inserted = tx.conn.execute(_upsert(tx, series).values(
+            inserted = tx.conn.execute(dialect_insert(tx.conn, series).values(
                 series_uid=facts.series_uid, study_uid=facts.study_uid, state=RECEIVING, modality=facts.modality,
                 sop_class_uid=facts.sop_class_uid, calling_aet=facts.calling_aet, facts=dict(facts.facts),
                 instances=instances or 1, first_seen=db_now(), last_seen=db_now(), study_models=[],
@@ -145,7 +140,7 @@ class SeriesTransitions(LedgerCore):
         with self._write() as tx:
             values = dict(host=host, pid=pid, ae_title=ae_title, ports=ports, receiving=receiving,
                           short_of_space=short_of_space, heartbeat=db_now())
-            upsert = _upsert(tx, receivers).values(receiver_id=receiver_id, started_at=db_now(), **values)
+            upsert = dialect_insert(tx.conn, receivers).values(receiver_id=receiver_id, started_at=db_now(), **values)
             changed = dict(values, started_at=db_now()) if started else values
             tx.conn.execute(upsert.on_conflict_do_update(index_elements=["receiver_id"], set_=changed))
 
@@ -153,13 +148,13 @@ class SeriesTransitions(LedgerCore):
 def _make_job(tx: Tx, job: NewJob) -> bool:
     """Make a job (idempotent by id) as a current job of its series; True: it is to be sent
     (new, or failed before and queued again)."""
-    made = tx.conn.execute(_upsert(tx, jobs).values(
+    made = tx.conn.execute(dialect_insert(tx.conn, jobs).values(
         job_id=job.job_id, series_uid=job.series_uid, study_uid=job.study_uid, model=job.model, scope=job.scope,
         spool_dir=job.spool_dir, state=QUEUED, queued_at=db_now(), outputs={}, values={}, timings={},
         implausible=[], notes=[],
     ).on_conflict_do_nothing(index_elements=["job_id"]).returning(jobs.c.job_id)).first() is not None
     links = [{"job_id": job.job_id, "series_uid": uid, "current": True} for uid in job.inputs]
-    tx.conn.execute(_upsert(tx, job_series).values(links).on_conflict_do_update(
+    tx.conn.execute(dialect_insert(tx.conn, job_series).values(links).on_conflict_do_update(
         index_elements=["job_id", "series_uid"], set_={"current": True}))
     if made:
         inputs = [{"job_id": job.job_id, "series_uid": uid, "sop_instance_uid": sop}

@@ -11,16 +11,10 @@ from celery.signals import heartbeat_sent, worker_ready
 
 from ..config import Settings, load_settings
 from ..records import DataLayout
-
-DELIVERY_QUEUE = "delivery"
+from .queues import DELIVERY_QUEUE
 
 app = Celery("pacsworker", include=["pacsworker.tasks.jobs"])
 _settings: Settings | None = None
-
-
-def model_queue(model_name: str) -> str:
-    """One queue per model, so a slow model cannot starve a fast one."""
-    return f"model.{model_name}"
 
 
 def celery_conf(settings: Settings) -> dict:
@@ -52,6 +46,7 @@ def celery_conf(settings: Settings) -> dict:
     }
     if q.broker_url:
         conf["broker_url"] = q.broker_url
+        conf["broker_transport"] = None  # the URL's
         conf["broker_transport_options"] = {
             "visibility_timeout": q.visibility_timeout,
             "socket_connect_timeout": q.publish_timeout_seconds,
@@ -63,6 +58,7 @@ def celery_conf(settings: Settings) -> dict:
         (folder / "processed").mkdir(parents=True, exist_ok=True)
         (folder / "control").mkdir(parents=True, exist_ok=True)
         conf["broker_url"] = "filesystem://"
+        conf["broker_transport"] = "pacsworker.tasks.broker:Transport"  # kombu's, with whole-file writes
         conf["broker_transport_options"] = {
             "data_folder_in": str(folder),
             "data_folder_out": str(folder),

@@ -12,8 +12,9 @@ from .. import metrics
 from ..ledger import Job, Ledger, open_ledger
 from ..logs import set_correlation
 from ..records import DataLayout, DeliveryState, JobRecord, JobState
-from .app import DELIVERY_QUEUE, app, current_settings
+from .app import app, current_settings
 from .ledger import Heartbeat, worker_identity
+from .queues import DELIVERY_QUEUE
 
 log = logging.getLogger("pacsworker.tasks")
 

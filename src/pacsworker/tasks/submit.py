@@ -19,7 +19,7 @@ from ..records import DataLayout, JobState, SeriesRecord
 from ..scp.routing import route
 from ..scp.spool import series_files
 from ..worker.model_files import job_fingerprint
-from .app import DELIVERY_QUEUE, model_queue
+from .queues import DELIVERY_QUEUE, model_queue
 
 log = logging.getLogger("pacsworker.tasks")
 
