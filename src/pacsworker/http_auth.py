@@ -116,6 +116,7 @@ _NOBODY = PasswordHash(SCRYPT_N, SCRYPT_R, SCRYPT_P, bytes(16), bytes(32))
 # -- files read again when they change -------------------------------------------------------------
 
 T = TypeVar("T")
+GONE = (-1, -1, -1)  # the stamp of a file that cannot be stat'ed
 
 
 class WatchedFile(Generic[T]):
@@ -152,7 +153,9 @@ class WatchedFile(Generic[T]):
         try:
             stamp = self._stat()
         except AuthFileError as exc:
-            return self._keep(stamp=None, problem=str(exc))
+            if self._stamp != GONE:
+                self._keep(GONE, str(exc))
+            return self.value
         if stamp == self._stamp:
             return self.value
         with self._lock:
@@ -166,9 +169,8 @@ class WatchedFile(Generic[T]):
                 self._stamp = stamp
         return self.value
 
-    def _keep(self, stamp: tuple[int, int, int] | None, problem: str) -> T:
-        if stamp is not None:
-            self._stamp = stamp  # say it once per change of the file, not once per request
+    def _keep(self, stamp: tuple[int, int, int], problem: str) -> T:
+        self._stamp = stamp  # say it once per change of the file, not once per request
         log.error("%s; the last good contents stay in force until it is fixed", problem)
         return self.value
 
