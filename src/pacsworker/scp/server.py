@@ -478,9 +478,12 @@ class Receiver:
             self._loop.join(timeout=5)
 
     def parts(self) -> dict[str, str]:
-        """Whether each of the receiver's threads still runs ("ok" or what stopped), for /healthz."""
+        """Whether each of the receiver's threads still runs ("ok" or what stopped), for /healthz; none
+        before :meth:`start` (the operator's port opens first)."""
         loop = self._loop
-        parts = {"receiver series completion": "ok" if loop is not None and loop.is_alive() else "thread stopped"}
+        if loop is None:
+            return {}
+        parts = {"receiver series completion": "ok" if loop.is_alive() else "thread stopped"}
         for server in self._servers:
             listener = getattr(server, "httpd", server)  # StowServer wraps its http.server
             name = f"receiver listener {listener.server_address[0]}:{listener.server_address[1]}"
