@@ -65,6 +65,8 @@ def _receiver(settings: Settings):
     from .tasks.submit import complete_studies, recover, submit_series
 
     configure(settings)
+    if settings.scp.stow_port is not None:
+        _door_or_exit(settings.scp.stow_auth, "scp.stow_auth")
     receiver = Receiver(settings, lambda record: submit_series(settings, record))
     # the recovery sweep runs in a thread of its own: it never delays series completion
     every = min(5.0, settings.queue.stale_after_seconds / 2)
@@ -204,20 +206,52 @@ def _multiprocess_metrics() -> None:
     atexit.register(shutil.rmtree, folder, True)
 
 
+def _door_or_exit(section, where: str) -> None:
+    """Read an HTTP door's users or tokens file now: a bad one stops the start, naming file and line."""
+    from .http_auth import AuthFileError, authenticator
+
+    try:
+        authenticator(section)
+    except AuthFileError as exc:
+        console.print(f"[red]{where}: {exc}[/red]", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
 def _ops_port(settings: Settings, role: str, receiver=None, port: int | None = None) -> None:
     """The metrics/health/status port of this process, stopped with the receiver when there is one.
 
     A worker's pool processes, forked after it started, close their inherited copy of the socket.
     """
-    from .ops_http import start_ops_server
+    from .ops_http import start_ops_server, watch
+
+    if settings.metrics.enabled:
+        _door_or_exit(settings.metrics.auth, "metrics.auth")
 
     server = start_ops_server(settings, role, port)
     if server is not None and receiver is not None:
+        receiver.on_stop.append(watch(receiver.parts))
         receiver.on_stop.append(server.shutdown)
     if server is not None and role == "worker":
-        from celery.signals import worker_process_init
+        from celery.signals import worker_process_init, worker_ready
 
         worker_process_init.connect(lambda **_: server.close_inherited(), weak=False)
+        worker_ready.connect(lambda sender, **_: watch(_pool_parts(sender.controller)), weak=False)
+
+
+def _pool_parts(controller):
+    """/healthz's view of a Celery worker: its consumer runs, and a prefork pool has live processes."""
+    from celery import bootsteps
+
+    def parts() -> dict[str, str]:
+        if controller.blueprint.state != bootsteps.RUN:
+            return {"worker": "stopped"}
+        processes = getattr(getattr(controller.pool, "_pool", None), "_pool", None)  # prefork: billiard's
+        if processes is None:  # threads or solo: the tasks run in this process
+            return {"worker pool": "ok"}
+        alive = sum(1 for process in processes if process.is_alive())
+        return {"worker pool": "ok" if alive else f"none of its {len(processes)} processes is alive"}
+
+    return parts
 
 
 def _data_dir_problem(layout) -> tuple[str, bool]:
@@ -404,6 +438,7 @@ def serve(config: ConfigOption = None) -> None:
         spawn(role)
     receiver = _receiver(settings)
     _ops_port(settings, "serve", receiver)
+    from .ops_http import watch
     from .start_up import serve_banner
 
     _print_start_up("serve", serve_banner(settings))
@@ -415,6 +450,9 @@ def serve(config: ConfigOption = None) -> None:
                 spawn(role)
 
     receiver.periodic.append(supervise)
+    receiver.on_stop.append(watch(lambda: {
+        f"{role} worker": "ok" if child.poll() is None else f"exited with {child.returncode} (restarted within 1 s)"
+        for role, child in children.items()}))
 
     _stop_on_sigterm()
     try:
@@ -1197,3 +1235,30 @@ def jobs_show(
     """One job from the ledger: its state and times, the instances it was made for, its values and
     outputs, each destination's delivery, and its events (newest first)."""
     _jobs_show(config, job_id, as_json)
+
+
+users_app = typer.Typer(no_args_is_help=True, help="Users files of basic login (scp.stow_auth, metrics.auth).")
+app.add_typer(users_app, name="users")
+
+
+@users_app.command("add")
+def users_add(
+    users_file: Annotated[Path, typer.Argument(help="the users file (created with mode 0600 when missing)")],
+    user: Annotated[str, typer.Argument(help="the user name (no spaces, no colons)")],
+    password_stdin: Annotated[bool, typer.Option(
+        "--password-stdin", help="read the password from the first line of stdin instead of a prompt")] = False,
+) -> None:
+    """Add a user to a users file, or set a new password for one; the password is asked for (twice), or
+    read from stdin, never taken from the command line. A running receiver reads the file again."""
+    from .http_auth import add_user
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt(f"password of {user}", hide_input=True, confirmation_prompt=True)
+    try:
+        new = add_user(users_file, user, password)
+    except (ValueError, OSError) as exc:
+        console.print(f"[red]{users_file}: {getattr(exc, 'strerror', None) or exc}[/red]")
+        raise typer.Exit(2) from None
+    console.print(f"user {user} {'added to' if new else 'has a new password in'} {users_file}")

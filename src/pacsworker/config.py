@@ -58,8 +58,19 @@ class ScpSettings(BaseModel):
     tls: TlsSettings | None = None
     stow_port: int | None = Field(None, ge=1, le=65535, description="DICOMweb STOW-RS in (POST /studies) on this port")
     stow_max_bytes: int = Field(2 << 30, ge=1 << 20, description="the largest STOW-RS request accepted")
+    stow_auth: StowAuth = Field(
+        default_factory=lambda: OpenDoor(kind="none"),
+        description="who may use STOW-RS and POST /pull: none (anyone who reaches the port), basic, bearer or oauth2",
+    )
     pull_url: str | None = Field(
         None, pattern=r"^https?://", description="the DICOMweb PACS that pull (WADO-RS) fetches studies from"
+    )
+    pull_auth: HttpAuth | None = Field(
+        None, description="how pull signs in to pull_url, as a dicomweb destination's auth: none (default), basic, "
+        "bearer or oauth2"
+    )
+    pull_tls: ClientTlsSettings = Field(
+        default_factory=lambda: ClientTlsSettings(), description="https pull_url: CA bundle and client certificate"
     )
     allowed_calling_aets: list[str] = Field(
         default_factory=list, description="empty: any calling AE title is accepted"
@@ -102,6 +113,13 @@ class ScpSettings(BaseModel):
     @classmethod
     def _ae(cls, value: str) -> str:
         return _check_ae(value)
+
+    @field_validator("pull_url")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        if value is not None and urllib.parse.urlsplit(value).username is not None:
+            raise ValueError("credentials may not be part of pull_url: give them in pull_auth (from env or a file)")
+        return value
 
     @model_validator(mode="after")
     def _listens(self) -> ScpSettings:
@@ -837,6 +855,76 @@ class ClientTlsSettings(BaseModel):
         return self
 
 
+class OpenDoor(BaseModel):
+    """No authentication: anyone who reaches the port is served."""
+
+    model_config = {"extra": "forbid"}
+
+    kind: Literal["none"]
+
+
+class BasicUsers(BaseModel):
+    """HTTP basic authentication against a file of users and scrypt password hashes (``pacsworker users add``
+    writes it); the file is read again when it changes."""
+
+    model_config = {"extra": "forbid"}
+
+    kind: Literal["basic"]
+    users_file: Path = Field(description="one user:hash line per user, as `pacsworker users add FILE USER` writes")
+    realm: str = Field("pacsworker", pattern=r'^[^"\\]*$', description="the realm named in the 401 challenge")
+
+
+class BearerTokens(BaseModel):
+    """Static bearer tokens (``Authorization: Bearer ...``) listed in a file, one per line; the file is read
+    again when it changes."""
+
+    model_config = {"extra": "forbid"}
+
+    kind: Literal["bearer"]
+    tokens_file: Path = Field(description="one token (at least 16 characters) per line; # starts a comment line")
+    realm: str = Field("pacsworker", pattern=r'^[^"\\]*$', description="the realm named in the 401 challenge")
+
+
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+class JwtIssuer(BaseModel):
+    """OAuth2 access tokens that are JWTs (RFC 9068), checked against the issuer's published keys (JWKS):
+    signature, issuer, audience, expiry and not-before, and a scope. Nothing is fetched at start-up: the keys
+    are fetched on the first request, cached, and fetched again for a key id they do not hold."""
+
+    model_config = {"extra": "forbid"}
+
+    kind: Literal["oauth2"]
+    issuer: str = Field(pattern=r"^https?://", description="the iss claim tokens must carry, e.g. "
+                        "https://login.example.org/realms/pacs")
+    audience: str = Field(min_length=1, description="the aud claim tokens must carry (this receiver's API name)")
+    jwks_url: str | None = Field(
+        None, pattern=r"^https?://", description="the issuer's JWKS; left out: the jwks_uri of "
+        "{issuer}/.well-known/openid-configuration, read on the first request"
+    )
+    required_scope: str = Field("", description="a scope the token's scope (or scp) claim must hold; empty: none")
+    algorithms: list[Literal[JWT_ALGORITHMS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["RS256", "ES256"], min_length=1,
+        description="signature algorithms accepted (asymmetric only: none and HS* are never accepted)",
+    )
+    leeway_seconds: float = Field(30.0, ge=0, le=300, description="clock skew allowed on exp, nbf and iat")
+    jwks_cache_seconds: float = Field(3600.0, gt=0, description="how long fetched keys are used before fetching again")
+    jwks_refetch_seconds: float = Field(
+        60.0, ge=0, description="a token with a key id the keys do not hold fetches them again at most this often"
+    )
+    timeout_seconds: float = Field(10.0, gt=0, description="time limit of one request for the keys")
+    tls: ClientTlsSettings = Field(
+        default_factory=lambda: ClientTlsSettings(), description="https issuer: CA bundle to check it with"
+    )
+    realm: str = Field("pacsworker", pattern=r'^[^"\\]*$', description="the realm named in the 401 challenge")
+
+
+StowAuth = Annotated[OpenDoor | BasicUsers | BearerTokens | JwtIssuer, Field(discriminator="kind")]
+OperatorAuth = Annotated[OpenDoor | BasicUsers | BearerTokens, Field(discriminator="kind")]
+DoorAuth = OpenDoor | BasicUsers | BearerTokens | JwtIssuer
+
+
 class DicomwebDestination(BaseModel):
     """DICOMweb STOW-RS (``POST {url}/studies``) with per-instance outcomes from the response."""
 
@@ -935,6 +1023,18 @@ class MetricsSettings(BaseModel):
     )
     records_cache_seconds: float = Field(
         5.0, ge=0, description="how long counts read from data_dir's records are reused between scrapes"
+    )
+    ready_cache_seconds: float = Field(
+        10.0, ge=0, description="how long /readyz reuses a destination's check (a C-ECHO, an authenticated "
+        "DICOMweb request), so that probes do not open connections to every destination each time"
+    )
+    ready_timeout_seconds: float = Field(
+        5.0, gt=0, description="time limit of one destination's check for /readyz (or its timeout_seconds if lower)"
+    )
+    auth: OperatorAuth = Field(
+        default_factory=lambda: OpenDoor(kind="none"),
+        description="who may read the status page and /metrics: none, basic or bearer; /healthz and /readyz stay "
+        "open for probes",
     )
 
 

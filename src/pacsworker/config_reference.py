@@ -276,17 +276,20 @@ def walk(cls: type[BaseModel], path: str, title: str, env_path: list[str] | None
             continue
         if sections:  # kinds of a section, or a section or a plain value (pipeline: inline, or a file name)
             inline = "" if len(members) == len(sections) else " (inline)"
-            below += _kinds(annotation, dotted, dotted + inline, own_env, context)
+            # a required union keeps its discriminator on the field, not in the annotation
+            tagged = Annotated[annotation, info] if isinstance(info.discriminator, str) else annotation
+            below += _kinds(tagged, dotted, dotted + inline, own_env, context)
         elif origin in (list, dict) and args:
             suffix = "[]" if origin is list else ".<key>"
             below += _kinds(args[-1], dotted + suffix, dotted + suffix, None, context)
         if not description and len(below) > children:
             description = f"see `{below[children][2]}` below"
-        complex_value = origin in (list, dict) or sections
-        section.keys.append(Key(
-            dotted, describe_type(info.annotation, info.metadata), describe_default(info),
-            f"{env} (JSON)" if env and complex_value else env, description,
-        ))
+        if env and sections and origin not in (list, dict):  # kinds of a section: set key by key, like a section
+            env = env + ENV_DELIMITER + "..."
+        elif env and (origin in (list, dict) or sections):
+            env = f"{env} (JSON)"
+        section.keys.append(Key(dotted, describe_type(info.annotation, info.metadata), describe_default(info), env,
+                                description))
     for child, child_path, child_title, child_env, child_tag in below:
         walk(child, child_path, child_title, child_env, out, child_tag, context)
 

@@ -15,30 +15,100 @@ import html
 import json
 import logging
 import os
-import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .config import Settings
+from .http_auth import Decision, authenticator
 from .ledger.views import RECENT, job_results, value_summary  # noqa: F401 - where they were
 from .metrics import RecordsCollector, registry_for_serving
 
 log = logging.getLogger("pacsworker.ops")
 
 
+PROBES = ("/healthz", "/readyz")  # open whatever metrics.auth says: orchestrators probe without credentials
+
+
+def operator_refusal(settings: Settings, path: str, authorization: str | None, peer: str) -> Decision | None:
+    """The refusal of a request to the page or /metrics by ``metrics.auth``; None: serve it."""
+    if path in PROBES:
+        return None
+    decision = authenticator(settings.metrics.auth).check(authorization, peer)
+    return None if decision.ok else decision
+
+
+def watch(parts: Callable[[], dict[str, str]]) -> Callable[[], None]:
+    """Add a source of live parts to /healthz (the receiver's threads, serve's workers, a worker's pool):
+    a function answering each part's state, "ok" or what is wrong. Returns the call that removes it."""
+    with _WATCHED_LOCK:
+        _WATCHED.append(parts)
+    return lambda: _unwatch(parts)
+
+
+def _unwatch(parts: Callable[[], dict[str, str]]) -> None:
+    with _WATCHED_LOCK:
+        if parts in _WATCHED:
+            _WATCHED.remove(parts)
+
+
+def health(settings: Settings, role: str) -> dict[str, str]:
+    """Whether this process's parts are alive: every watched part, and the ledger answering a query."""
+    checks: dict[str, str] = {}
+    with _WATCHED_LOCK:
+        watched = list(_WATCHED)
+    for parts in watched:
+        try:
+            checks.update(parts())
+        except Exception as exc:  # noqa: BLE001 - a check that fails says so instead of the whole answer
+            checks[getattr(parts, "__qualname__", "part")] = f"its check failed: {type(exc).__name__}: {exc}"
+    checks["ledger"] = _ledger(settings, role)
+    return checks
+
+
+def _ledger(settings: Settings, role: str) -> str:
+    from .ledger import open_ledger
+
+    try:
+        open_ledger(settings, role).now()
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - the database's own error says why
+        return f"not reachable: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
 def readiness(settings: Settings, role: str) -> dict[str, str]:
     """Each dependency's state: "ok", or what is wrong. Broker and spool always; destinations for
-    roles that deliver (serve, worker)."""
+    roles that deliver (serve, worker), checked as delivery would use them and the answer reused
+    for ``metrics.ready_cache_seconds``."""
     checks = {"broker": _broker(settings), "spool": _spool(settings)}
     if role in ("serve", "worker"):
         for destination in settings.destinations:
-            checks[f"destination {destination.name}"] = _destination(destination)
+            checks[f"destination {destination.name}"] = _destination_cached(settings, destination)
     return checks
+
+
+def _destination_cached(settings: Settings, destination) -> str:
+    key = destination.model_dump_json()
+    now = time.monotonic()
+    with _READY_LOCK:
+        cached = _READY.get(key)
+    if cached is not None and now - cached[0] < settings.metrics.ready_cache_seconds:
+        return cached[1]
+    state = _destination(destination, settings.metrics.ready_timeout_seconds)
+    with _READY_LOCK:
+        _READY[key] = (now, state)
+    return state
+
+
+_WATCHED: list[Callable[[], dict[str, str]]] = []
+_WATCHED_LOCK = threading.Lock()
+_READY: dict[str, tuple[float, str]] = {}  # destination settings -> (when checked, state)
+_READY_LOCK = threading.Lock()
 
 
 def _broker(settings: Settings) -> str:
@@ -76,23 +146,19 @@ def _spool(settings: Settings) -> str:
     return "ok"
 
 
-def _destination(destination) -> str:
-    kind = destination.kind
-    if kind == "folder":
+def _destination(destination, timeout: float) -> str:
+    """A folder writable; a DICOMweb root answering an authenticated request; a PACS answering a C-ECHO
+    with the destination's AE titles."""
+    if destination.kind == "folder":
         path = destination.path
         return "ok" if os.path.isdir(path) and os.access(path, os.W_OK) else f"folder {path} missing or not writable"
-    if kind == "dicomweb":
-        parts = urlsplit(destination.url)
-        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-    else:
-        host, port = getattr(destination, "host", None), getattr(destination, "port", None)
-    if not host or not port:
-        return "ok"
-    try:
-        with socket.create_connection((host, port), timeout=2):
-            return "ok"
-    except OSError as exc:
-        return f"{host}:{port} unreachable: {exc.strerror or type(exc).__name__}"
+    if destination.kind == "dicomweb":
+        from .destinations.dicomweb import probe
+
+        return probe(destination, timeout)
+    from .destinations.dimse import echo
+
+    return echo(destination, timeout)
 
 
 def _when(timestamp: float) -> str:
@@ -201,10 +267,17 @@ class OpsServer:
                 parts = urlsplit(self.path)
                 path = parts.path
                 try:
-                    if path == "/metrics":
+                    refused = operator_refusal(owner.settings, path, self.headers.get("Authorization"),
+                                               f"{self.client_address[0]}:{self.client_address[1]}")
+                    if refused is not None:
+                        self._send(refused.status, "text/plain; charset=utf-8", f"{refused.reason}\n".encode(),
+                                   refused.challenge)
+                    elif path == "/metrics":
                         self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
                     elif path == "/healthz":
-                        self._send(200, "text/plain; charset=utf-8", b"ok\n")
+                        alive = health(owner.settings, owner.role)
+                        failing = "".join(f"{name}: {state}\n" for name, state in alive.items() if state != "ok")
+                        self._send(503 if failing else 200, "text/plain; charset=utf-8", (failing or "ok\n").encode())
                     elif path == "/readyz":
                         checks = readiness(owner.settings, owner.role)
                         ready = all(v == "ok" for v in checks.values())
@@ -223,10 +296,12 @@ class OpsServer:
 
             _answered = False
 
-            def _send(self, status: int, content_type: str, body: bytes) -> None:
+            def _send(self, status: int, content_type: str, body: bytes, challenge: str | None = None) -> None:
                 self._answered = True
                 try:
                     self.send_response(status)
+                    if challenge:
+                        self.send_header("WWW-Authenticate", challenge)
                     self.send_header("Content-Type", content_type)
                     self.send_header("Content-Length", str(len(body)))
                     self.send_header("Cache-Control", "no-store")

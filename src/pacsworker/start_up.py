@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import Settings
+from .http_auth import who_may_pass
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 REMOTE_KINDS = ("triton", "arterys")
@@ -61,19 +62,22 @@ def receiver_lines(settings: Settings) -> list[str]:
         lines.append(f"DICOM TLS  {cfg.ae_title} on {cfg.host}:{cfg.tls.port} ({reach(cfg.host)}); needs {certificate}; "
                      f"accepts {callers(settings)}")
     if cfg.stow_port is not None:
-        lines.append(f"STOW-RS    http://{cfg.host}:{cfg.stow_port}/studies ({reach(cfg.host)}); no login and no TLS: "
-                     "whoever reaches the port may store")
+        login = who_may_pass(cfg.stow_auth)
+        lines.append(f"STOW-RS    http://{cfg.host}:{cfg.stow_port}/studies and /pull ({reach(cfg.host)}); {login}"
+                     + (" and no TLS: whoever reaches the port may store" if login == "no login" else "; no TLS"))
     return lines
 
 
 def status_line(settings: Settings, port: int | None = None) -> str:
-    """The status page (with /metrics, /healthz, /readyz): where, and that it asks no login."""
+    """The status page (with /metrics, /healthz, /readyz): where, and the login it asks."""
     m = settings.metrics
     port = m.port if port is None else port
     if not m.enabled or not port:
         return "status     none (metrics.enabled: false)"
+    login = who_may_pass(m.auth)
     return (f"status     http://{m.host}:{port}/ (status page, /metrics, /healthz, /readyz) on {reach(m.host)}; "
-            "no login: whoever reaches the port can read it")
+            + ("no login: whoever reaches the port can read it" if login == "no login"
+               else f"{login} for the page and /metrics; /healthz and /readyz open for probes"))
 
 
 def storage_lines(settings: Settings) -> list[str]:

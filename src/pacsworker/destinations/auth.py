@@ -22,7 +22,7 @@ from ..config import (
     BasicAuth,
     BearerAuth,
     ClientTlsSettings,
-    DicomwebDestination,
+    NoAuth,
     OAuth2Auth,
 )
 from .outcome import DeliveryError
@@ -254,16 +254,15 @@ class _TlsSession(requests.Session):
         return merged
 
 
-def http_session(destination: DicomwebDestination) -> requests.Session:
-    """A requests session with the destination's authentication and TLS settings."""
+def http_session(auth: NoAuth | BasicAuth | BearerAuth | OAuth2Auth | None, tls: ClientTlsSettings) -> requests.Session:
+    """A requests session with these authentication and TLS settings (a dicomweb destination's, the pull's)."""
     session = _TlsSession()
-    tls = _requests_tls(destination.tls)
-    session.verify, session.cert = tls["verify"], tls["cert"]
-    auth = destination.auth
+    arguments = _requests_tls(tls)
+    session.verify, session.cert = arguments["verify"], arguments["cert"]
     if isinstance(auth, BasicAuth):
         session.auth = HTTPBasicAuth(auth.username, read_secret(auth.password_env, auth.password_file, "password"))
     elif isinstance(auth, BearerAuth):
         session.auth = StaticBearer(auth)
     elif isinstance(auth, OAuth2Auth):
-        session.auth = OAuth2Bearer(TokenCache.of(auth, destination.tls))
+        session.auth = OAuth2Bearer(TokenCache.of(auth, tls))
     return session

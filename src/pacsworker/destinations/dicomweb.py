@@ -89,7 +89,7 @@ def send_stow(destination: DicomwebDestination, files: list[Path]) -> list[Insta
         are reported as results of their files.
     """
     what = f"STOW-RS to {destination.url}"
-    session = http_session(destination)
+    session = http_session(destination.auth, destination.tls)
     # no chunked upload: a request body must be re-sendable after a token renewal; no retries inside
     client = DICOMwebClient(url=destination.url, session=session, timeout=destination.timeout_seconds,
                             chunk_size=1 << 62)
@@ -123,3 +123,22 @@ def _store(client: DICOMwebClient, files: list[Path], what: str) -> list[Instanc
     except requests.RequestException as exc:
         raise connection_failure(exc, what) from None
     return read_store_response(response, sent)
+
+
+def probe(destination: DicomwebDestination, timeout: float) -> str:
+    """An authenticated request to the DICOMweb root (QIDO-RS, one study at most): "ok", or why
+    delivery would fail now. 405 counts as ok: a STOW-only service need not answer searches."""
+    what = f"DICOMweb {destination.url}"
+    try:
+        session = http_session(destination.auth, destination.tls)
+        response = session.get(f"{destination.url.rstrip('/')}/studies", params={"limit": "1"},
+                               timeout=min(timeout, destination.timeout_seconds),
+                               headers={"Accept": "application/dicom+json"})
+    except requests.RequestException as exc:
+        return str(connection_failure(exc, what))
+    except DeliveryError as exc:  # a secret or TLS file that cannot be read
+        return str(exc)
+    response.close()
+    if response.ok or response.status_code == 405:
+        return "ok"
+    return str(http_failure(response, what))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pydicom
 from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from ..config import DimseDestination
@@ -98,3 +99,32 @@ def _association_failure(assoc, where: str) -> DeliveryError:
     if answer is not None and answer.result == 0x00:  # accepted, but none of the contexts: pynetdicom aborted
         return DeliveryError(f"{where}: the PACS accepted none of the SOP classes offered", permanent=True)
     return DeliveryError(f"{where}: no association (connection refused, aborted or timed out)")
+
+
+def echo(destination: DimseDestination, timeout: float) -> str:
+    """A C-ECHO with the destination's AE titles (and TLS): "ok", or why delivery would fail now.
+
+    A TCP connect is not enough: a PACS that does not know the calling AE title accepts the
+    connection and then rejects the association, or refuses the Verification context.
+    """
+    where = f"C-ECHO to {destination.ae_title}@{destination.host}:{destination.port}"
+    ae = AE(ae_title=destination.calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = min(timeout, destination.timeout_seconds)
+    ae.add_requested_context(Verification)
+    tls = (ssl_context(destination.tls), destination.host) if destination.tls is not None else None
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls)
+    if not assoc.is_established:
+        return str(_association_failure(assoc, where))
+    try:
+        status = assoc.send_c_echo()
+    except ValueError:  # no accepted presentation context: the PACS would not verify this calling AE
+        return f"{where}: the PACS refused Verification for calling AE title {destination.calling_ae_title}"
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if "Status" not in status and assoc.is_aborted:  # Orthanc, for one: an unknown calling AE's echo is aborted
+        return f"{where}: the PACS aborted the association at the C-ECHO (does it accept calling AE title " \
+            f"{destination.calling_ae_title}?)"
+    if "Status" not in status:
+        return f"{where}: no response (timed out, or the connection was lost)"
+    return "ok" if int(status.Status) == 0 else f"{where}: status 0x{int(status.Status):04X}"

@@ -477,6 +477,19 @@ class Receiver:
         if self._loop is not None:
             self._loop.join(timeout=5)
 
+    def parts(self) -> dict[str, str]:
+        """Whether each of the receiver's threads still runs ("ok" or what stopped), for /healthz; none
+        before :meth:`start` (the operator's port opens first)."""
+        loop = self._loop
+        if loop is None:
+            return {}
+        parts = {"receiver series completion": "ok" if loop.is_alive() else "thread stopped"}
+        for server in self._servers:
+            listener = getattr(server, "httpd", server)  # StowServer wraps its http.server
+            name = f"receiver listener {listener.server_address[0]}:{listener.server_address[1]}"
+            parts[name] = "ok" if _serving(listener) else "stopped accepting connections"
+        return parts
+
     def serve_forever(self) -> None:
         self.start()
         try:
@@ -487,3 +500,8 @@ class Receiver:
         finally:
             self.stop()
 
+
+def _serving(server) -> bool:
+    """Whether a socketserver-based listener (pynetdicom's acceptor, http.server) is in serve_forever:
+    socketserver keeps no public flag; its is-shut-down event is clear exactly while the loop runs."""
+    return server.socket.fileno() != -1 and not server._BaseServer__is_shut_down.is_set()

@@ -114,8 +114,11 @@ class StowServer:
         from dicomweb_client.api import DICOMwebClient
         from pydicom.filewriter import dcmwrite
 
-        url = self.receiver.settings.scp.pull_url
-        client = DICOMwebClient(url=url)
+        from ..destinations.auth import http_session
+
+        scp = self.receiver.settings.scp
+        url = scp.pull_url
+        client = DICOMwebClient(url=url, session=http_session(scp.pull_auth, scp.pull_tls))
         if series_uid:
             series = [series_uid]
         else:
