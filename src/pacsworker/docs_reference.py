@@ -183,10 +183,151 @@ def conformance_page() -> str:
     return f"{BANNER}\n\n{text.rstrip()}\n"
 
 
+# what each attribute of a result is and where its value comes from (the annotated dump's right column)
+RESULT_NOTES = {
+    "SpecificCharacterSet": "the source's",
+    "ImageType": "DERIVED\\PRIMARY: made from the source images",
+    "SOPClassUID": "Segmentation Storage / Comprehensive 3D SR Storage",
+    "SOPInstanceUID": "deterministic: from the source series, the model's fingerprint and the result's role",
+    "InstanceCreationDate": "the source's newest Content Date (never the clock: a re-run gives the same bytes)",
+    "InstanceCreationTime": "the source's newest Content Time",
+    "StudyDate": "patient and study attributes: copied from the source",
+    "SeriesDate": "as InstanceCreationDate",
+    "ContentDate": "as InstanceCreationDate",
+    "SeriesTime": "as InstanceCreationTime",
+    "ContentTime": "as InstanceCreationTime",
+    "Modality": "SEG / SR",
+    "Manufacturer": "pacsworker",
+    "SeriesDescription": "the model, the result and the source series",
+    "ManufacturerModelName": "the model's name",
+    "SoftwareVersions": "pacsworker's version and the model's",
+    "ContributingEquipmentSequence": "the source's equipment and pacsworker, which made the result",
+    "SeriesInstanceUID": "deterministic, a new series per source series and model",
+    "SeriesNumber": "source series N: N x 100 + 3k + 1 (SEG), + 2 (measurement SR), + 3 (image SR); k from the model's name",
+    "InstanceNumber": "1",
+    "FrameOfReferenceUID": "the source's",
+    "ReferencedSeriesSequence": "the source series and every instance the result was made from",
+    "SourceImageSequence": "every source image",
+    "DimensionOrganizationSequence": "frames organised by segment, then position",
+    "DimensionIndexSequence": "Referenced Segment Number, Image Position (Patient)",
+    "NumberOfFrames": "one frame per segment and source slice it has voxels on",
+    "Rows": "the source's", "Columns": "the source's",
+    "SegmentationType": "BINARY (label maps); FRACTIONAL for probabilities",
+    "SegmentSequence": "one item per segment: number, label, coded category and type, algorithm, display colour",
+    "SegmentsOverlap": "NO: each voxel belongs to one segment",
+    "ContentLabel": "a code string naming the content",
+    "ContentDescription": "the model, its version and what the object is",
+    "PositionReferenceIndicator": "the source's (often empty)",
+    "SamplesPerPixel": "one sample: a segment's frame is a mask",
+    "PhotometricInterpretation": "MONOCHROME2",
+    "BitsAllocated": "1 bit per pixel (BINARY), 8 (FRACTIONAL)",
+    "BitsStored": "as BitsAllocated", "HighBit": "BitsStored - 1", "PixelRepresentation": "unsigned",
+    "LossyImageCompression": "00: never lossy",
+    "PresentationLUTShape": "IDENTITY",
+    "ContinuityOfContent": "SEPARATE: the items stand apart",
+    "PreliminaryFlag": "FINAL",
+    "ContentCreatorName": "pacsworker^<model>",
+    "SharedFunctionalGroupsSequence": "pixel spacing, slice thickness and orientation: the source's",
+    "PerFrameFunctionalGroupsSequence": "per frame: the source image it is derived from, its position, its segment",
+    "ValueType": "CONTAINER: the root of the content tree",
+    "ConceptNameCodeSequence": "Imaging Measurement Report (126000, DCM)",
+    "ContentTemplateSequence": "TID 1500",
+    "CurrentRequestedProcedureEvidenceSequence": "the source instances and the SEG",
+    "CompletionFlag": "COMPLETE", "VerificationFlag": "UNVERIFIED: made by a machine, not signed by a person",
+    "ContentSequence": "the measurement report, below",
+}
+PATIENT_STUDY = {"PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyDescription",
+                 "ReferringPhysicianName", "StudyID", "StudyInstanceUID", "StudyDate", "StudyTime", "DeviceSerialNumber",
+                 "ReferencedPerformedProcedureStepSequence", "PerformedProcedureCodeSequence"}
+RESULT_SERIES = "ct02_philips_ingenuity_headphantom_5mm"
+
+
+def _value(element) -> str:
+    if element.VR == "SQ":
+        return f"{len(element.value)} item(s)"
+    if element.VR == "UI":
+        return f"`{element.value}`" if str(element.value).startswith("1.2.840.10008") else "(a UID)"
+    text = str(element.value)
+    return _cell(text if len(text) <= 60 else text[:57] + "...")
+
+
+def _content_tree(items, depth: int = 0) -> list[str]:
+    """An SR content tree, one line per item: relationship, value type, concept name and value."""
+    lines = []
+    for item in items:
+        name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
+        kind, value = item.ValueType, ""
+        if kind == "CODE":
+            value = item.ConceptCodeSequence[0].CodeMeaning
+        elif kind == "NUM":
+            measured = item.MeasuredValueSequence[0]
+            value = f"{float(measured.NumericValue):.1f} {measured.MeasurementUnitsCodeSequence[0].CodeValue}"
+        elif kind == "TEXT":
+            value = item.TextValue
+        elif kind in ("UIDREF", "IMAGE", "COMPOSITE"):
+            value = "(a reference)"
+        elif kind in ("SCOORD", "SCOORD3D"):
+            value = f"{item.GraphicType}, {len(item.GraphicData) // (2 if kind == 'SCOORD' else 3)} points"
+        relationship = item.get("RelationshipType", "")
+        head = f"{relationship} {kind} {name}".strip()
+        lines.append("  " * depth + head + (f": {value}" if value else ""))
+        if "ContentSequence" in item:
+            lines += _content_tree(item.ContentSequence, depth + 1)
+    return lines
+
+
+def results_page() -> str:
+    """What a result holds: the attributes of a real SEG and SR, made by the built-in ct-body model from
+    a CT series of the test data, each with what it is and where it comes from."""
+    import os
+
+    from .config import ModelSettings
+    from .worker.runtime import run_model
+
+    data = Path(os.environ.get("PACSWORKER_TEST_DICOM", Path(__file__).resolve().parents[3] / "shared" / "dicom"))
+    files = sorted((data / RESULT_SERIES).glob("*.dcm"))
+    if not files:
+        raise FileNotFoundError(f"{data / RESULT_SERIES}: the results page is made from this series "
+                                "(set PACSWORKER_TEST_DICOM to the test DICOM folder)")
+    objects = run_model(files, ModelSettings(name="ct-body")).result_objects()
+    lines = [BANNER, "", "# Result objects", "",
+             "What pacsworker sends back for a series: a DICOM Segmentation and a TID 1500 measurement report "
+             "(Comprehensive 3D SR), and an image SR when there are lengths or boxes. Below, the attributes "
+             f"of a real result: the built-in `ct-body` model on a 28-slice head CT phantom (`{RESULT_SERIES}` of "
+             "the test data), made by `pacsworker run`'s code. UIDs other than standard ones are shown as "
+             "`(a UID)`; patient and study attributes are copied from the source and not shown; numbers in "
+             "the content tree are rounded to one decimal.", ""]
+    titles = {"seg.dcm": "Segmentation (`seg.dcm`)", "sr.dcm": "Measurement report (`sr.dcm`)",
+              "image_sr.dcm": "Image SR (`image_sr.dcm`): lengths on the images"}
+    for name, ds in objects.items():
+        lines += [f"## {titles.get(name, name)}", "", "| attribute | tag | value here | what it is |", "|---|---|---|---|"]
+        for element in ds:
+            if element.keyword in PATIENT_STUDY or element.keyword in ("PixelData", ""):
+                continue
+            lines.append(f"| {element.keyword} | ({element.tag.group:04X},{element.tag.element:04X}) | "
+                         f"{_value(element)} | {_cell(RESULT_NOTES.get(element.keyword, ''))} |")
+        lines.append("")
+        if "SegmentSequence" in ds:
+            lines += ["Segments:", "", "| # | label | category | type | algorithm | colour (CIELab) |",
+                      "|---|---|---|---|---|---|"]
+            for segment in ds.SegmentSequence:
+                lines.append(
+                    f"| {segment.SegmentNumber} | {segment.SegmentLabel} | "
+                    f"{segment.SegmentedPropertyCategoryCodeSequence[0].CodeMeaning} | "
+                    f"{segment.SegmentedPropertyTypeCodeSequence[0].CodeMeaning} | "
+                    f"{segment.SegmentAlgorithmType} {segment.get('SegmentAlgorithmName', '')} | "
+                    f"{list(segment.get('RecommendedDisplayCIELabValue', []))} |")
+            lines.append("")
+        if "ContentSequence" in ds:
+            lines += ["Content tree:", "", "```text", *_content_tree([ds]), "```", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 PAGES: dict[str, Callable[[], str]] = {
     "reference/cli.md": cli_page,
     "reference/model-api.md": model_api_page,
     "reference/conformance.md": conformance_page,
+    "reference/results.md": results_page,
 }
 
 
