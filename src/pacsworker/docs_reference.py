@@ -66,10 +66,22 @@ def cli_page() -> str:
 
 
 def _signature(obj) -> str:
+    """``(name: type = default, ...) -> type`` with the annotations as written (they are strings here)."""
     try:
-        return str(inspect.signature(obj)).replace("'", "")
+        signature = inspect.signature(obj)
     except (TypeError, ValueError):
         return "(...)"
+    parts, keyword_only = [], False
+    for parameter in signature.parameters.values():
+        if parameter.kind == parameter.KEYWORD_ONLY and not keyword_only:
+            parts.append("*")
+            keyword_only = True
+        text = parameter.name if parameter.annotation is parameter.empty else f"{parameter.name}: {parameter.annotation}"
+        if parameter.default is not parameter.empty:
+            text += f" = {parameter.default!r}"
+        parts.append(text)
+    returned = "" if signature.return_annotation in (signature.empty, "None", None) else f" -> {signature.return_annotation}"
+    return f"({', '.join(parts)}){returned}"
 
 
 def _members(cls: type) -> list[tuple[str, Any]]:
