@@ -1,9 +1,8 @@
 """The research-facing output contract: what a model returns is coded as configured, checked, and
-documented in the README as the code declares it."""
+documented as the code declares it (docs/reference/model-api.md is generated from it)."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import textwrap
@@ -15,7 +14,7 @@ import pydicom
 import pytest
 import torch
 
-from conftest import REPO, pacsworker_run, write_config
+from conftest import pacsworker_run, write_config
 from pacsworker.config import ModelSettings, OutputConfig
 from pacsworker.worker import outputs as output_module
 from pacsworker.worker.adapters.python_class import PythonModel, import_class, to_result
@@ -149,35 +148,6 @@ def test_a_job_with_a_probability_outside_0_to_1_fails(tmp_path, dicom_dir):
 
     with pytest.raises(ModelOutputError, match="output 'bone_present': classification score 1.3"):
         run_model(sorted((dicom_dir / CT06).glob("*.dcm")), _typed_settings(tmp_path, class_score=1.3))
-
-
-# --- the README's output classes are the code's -------------------------------------------------
-
-DOCUMENTED = ["CodedTerm", "SegmentSpec", "LabelMap", "ProbabilityMaps", "Score", "Classification", "Box", "Boxes"]
-
-
-def _signature_line(cls: type) -> str:
-    """``Name(field: type, field: type = default, *, keyword: type)`` as the README writes it."""
-    parts, keyword_only = [], False
-    for parameter in inspect.signature(cls).parameters.values():
-        if parameter.kind == parameter.KEYWORD_ONLY and not keyword_only:
-            parts.append("*")
-            keyword_only = True
-        text = f"{parameter.name}: {parameter.annotation}".replace("'", "")
-        if parameter.default is not parameter.empty:
-            named = [name for name in ("TISSUE", "ANATOMICAL_STRUCTURE")
-                     if getattr(output_module, name) == parameter.default]
-            text += f" = {named[0] if named else repr(parameter.default)}"
-        parts.append(text)
-    return f"{cls.__name__}({', '.join(parts)})"
-
-
-def test_readme_gives_each_output_class_signature_as_the_code_declares_it():
-    readme = (REPO / "README.md").read_text()
-    match = re.search(r"### Output classes\n.*?```python\n(.*?)```", readme, re.S)
-    assert match, "README has no '### Output classes' section with a python block"
-    documented = [line for line in match.group(1).splitlines() if re.match(r"^[A-Z]\w*\(", line)]
-    assert documented == [_signature_line(getattr(output_module, name)) for name in DOCUMENTED]
 
 
 def test_coded_term_takes_keywords_in_the_configurations_order():
