@@ -49,6 +49,13 @@ def dicom_dir() -> Path:
     return DICOM_DIR
 
 
+def docs_images(name: str) -> list[Path]:
+    """Where a test also saves a picture for the documentation: ``docs/images/<name>`` when
+    PACSWORKER_DOCS_IMAGES=1 (``scripts/docs-images.sh``), else nowhere. The pictures in the docs are
+    made by the tests that check what they show, never by hand."""
+    return [REPO / "docs" / "images" / name] if os.environ.get("PACSWORKER_DOCS_IMAGES") == "1" else []
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

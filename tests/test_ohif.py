@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import REPO, Orthanc, free_port, missing, pacsworker_run
+from conftest import Orthanc, REPO, docs_images, free_port, missing, pacsworker_run
 
 from ohif_browser import RIGHT_PANEL_LINES_JS, Chromium, OhifServer, OhifViewer, chromium_binary
 
@@ -32,6 +32,7 @@ OHIF_DIST = Path(os.environ.get(
     "PACSWORKER_OHIF_DIST", Path.home() / ".cache" / "pacsworker" / f"ohif-{OHIF_VERSION}" / "dist"))
 ARTIFACTS = Path(os.environ.get("PACSWORKER_TEST_ARTIFACTS", REPO / "test-artifacts")) / "ohif"
 CT02 = "ct02_philips_ingenuity_headphantom_5mm"
+DOCS_IMAGES = {"03-segmentation-panel": "ohif-segmentation.png", "05-measurement-panel": "ohif-measurements.png"}
 LONG_AXIS = ("103339001", "SCT")  # SNOMED CT "Long axis"
 
 # generous: two CPU cores, no GPU, WebGL in software
@@ -183,8 +184,9 @@ class Report:
         self.shots: list[Path] = []
 
     def screenshot(self, step: str) -> None:
+        for_docs = docs_images(DOCS_IMAGES[step]) if step in DOCS_IMAGES else []
         try:
-            paths = self.viewer.screenshot(*(d / f"{step}.png" for d in self.dirs))
+            paths = self.viewer.screenshot(*(d / f"{step}.png" for d in self.dirs), *for_docs)
         except Exception as exc:  # noqa: BLE001 - a failed screenshot must not hide the real failure
             print(f"screenshot {step} failed: {exc}")
             return

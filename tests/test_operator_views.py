@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, write_config
+from conftest import docs_images, free_port, missing, write_config
 from ledger_fill import deliver, fail_delivery, routed, run
 from pacsworker.config import Settings
 from pacsworker.ledger import Ledger, default_url
@@ -81,6 +81,30 @@ def test_the_status_page_shows_values_and_where_results_went(records):
     row = row[:row.index("</tr>")]
     assert "<td class='values'>Brain 1234.5 mL, mean 412; Subject Age 42; Finding: Yes (score 0.91)</td>" in row
     assert "<td class='destinations'>orthanc (delivered), pacs (pending: HTTP 503 Service Unavailable)</td>" in row
+
+
+def test_the_status_page_reads_in_a_browser(records, tmp_path):
+    """Chromium shows the status page as an operator sees it: the values and destinations in their cells."""
+    from ohif_browser import Chromium, chromium_binary
+
+    from pacsworker.ops_http import page
+
+    binary = chromium_binary()
+    if not binary:
+        missing("Chromium (Debian: chromium)")
+    _, data, done, failed, _ = records
+    (data / "broker").mkdir(exist_ok=True)  # as serve makes it: the page's readiness is green
+    html = tmp_path / "status.html"
+    html.write_text(page(Settings(storage={"data_dir": str(data)}), "serve"))
+    browser = Chromium(binary, tmp_path / "chromium", width=1400, height=900)
+    try:
+        browser.navigate(html.as_uri())
+        shown = browser.wait_for("document.querySelector('td.values') && document.body.innerText", 30, "the page")
+        assert "Brain 1234.5 mL, mean 412" in shown and "pacs (pending: HTTP 503 Service Unavailable)" in shown
+        assert failed in shown and "model broken failed to load" in shown
+        browser.screenshot(tmp_path / "status.png", *docs_images("status-page.png"))
+    finally:
+        browser.close()
 
 
 def test_a_job_record_holds_each_segments_volume(dicom_dir):

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import DICOM_DIR, REPO, free_port
+from conftest import DICOM_DIR, REPO, docs_images, free_port
 
 TUTORIALS = REPO / "docs" / "tutorials"
 FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```", re.S | re.M)
@@ -134,3 +135,5 @@ def test_first_model_tutorial(tmp_path):
     assert seg.SegmentSequence[0].SegmentAlgorithmName == "bright" and "bright 0.1" in seg.SoftwareVersions
     outputs = json.loads((out / "outputs.json").read_text())
     assert outputs["segments"]["Dense tissue"]["voxels"] > 0
+    for path in docs_images("overlay.png"):  # the page of `pacsworker run` shows it
+        shutil.copyfile(out / "overlay.png", path)
