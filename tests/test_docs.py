@@ -195,3 +195,17 @@ def test_every_python_example_in_the_docs_runs(dicom_dir, tmp_path, monkeypatch)
 
             result = model().predict(series)
             assert isinstance(result, LabelMap | ProbabilityMaps | Score | Classification | Boxes | dict), (where, result)
+
+
+def test_the_conformance_statement_names_what_delivery_proposes(dicom_dir):
+    """The SOP classes and transfer syntaxes a C-STORE destination is offered are those of real results
+    (delivery proposes each file's own): each is listed with the SCU role."""
+    from pacsworker.config import ModelSettings
+    from pacsworker.worker.runtime import run_model
+
+    statement = (DOCS / "reference" / "conformance.md").read_text()
+    results = run_model(sorted((dicom_dir / "ct02_philips_ingenuity_headphantom_5mm").glob("*.dcm")),
+                        ModelSettings(name="ct-body")).result_objects()
+    for name, ds in results.items():
+        assert f"| `{ds.SOPClassUID}` | SCU |" in statement, name
+        assert ds.file_meta.TransferSyntaxUID.name in statement, name
