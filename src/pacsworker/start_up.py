@@ -61,8 +61,11 @@ def receiver_lines(settings: Settings) -> list[str]:
         lines.append(f"DICOM TLS  {cfg.ae_title} on {cfg.host}:{cfg.tls.port} ({reach(cfg.host)}); needs {certificate}; "
                      f"accepts {callers(settings)}")
     if cfg.stow_port is not None:
-        lines.append(f"STOW-RS    http://{cfg.host}:{cfg.stow_port}/studies ({reach(cfg.host)}); no login and no TLS: "
-                     "whoever reaches the port may store")
+        scheme = "https" if cfg.stow_tls else "http"
+        certificate = "" if cfg.stow_tls is None else "; needs a client certificate its CAs signed" \
+            if cfg.stow_tls.require_client_certificate else "; TLS"
+        lines.append(f"STOW-RS    {scheme}://{cfg.host}:{cfg.stow_port}/studies ({reach(cfg.host)}){certificate}; "
+                     "no login: whoever reaches the port may store")
     return lines
 
 
@@ -72,7 +75,8 @@ def status_line(settings: Settings, port: int | None = None) -> str:
     port = m.port if port is None else port
     if not m.enabled or not port:
         return "status     none (metrics.enabled: false)"
-    return (f"status     http://{m.host}:{port}/ (status page, /metrics, /healthz, /readyz) on {reach(m.host)}; "
+    return (f"status     {'https' if m.tls else 'http'}://{m.host}:{port}/ (status page, /metrics, /healthz, /readyz) "
+            f"on {reach(m.host)}; "
             "no login: whoever reaches the port can read it")
 
 

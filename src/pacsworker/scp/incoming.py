@@ -46,7 +46,8 @@ class IncomingDataset:
     the error's status instead of the association being aborted.
     """
 
-    def __init__(self, folder: Path, file_meta: bytes):
+    def __init__(self, folder: Path, file_meta: bytes | None):
+        """``file_meta``: None when the writer supplies the whole Part 10 file (a STOW-RS part)."""
         self.file = self  # pynetdicom flushes ``file``
         self.error: OSError | None = None
         self.received = 0
@@ -56,8 +57,9 @@ class IncomingDataset:
             self._fd, self.name = _create(folder)
         except OSError as exc:
             self.error = exc
-        self.dataset_offset = len(PREAMBLE) + len(file_meta)
-        self.write(PREAMBLE + file_meta)
+        head = b"" if file_meta is None else PREAMBLE + file_meta
+        self.dataset_offset = len(head)
+        self.write(head)
         self.received = 0
 
     def write(self, fragment: bytes | memoryview) -> None:

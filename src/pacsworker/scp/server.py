@@ -444,13 +444,14 @@ class Receiver:
             self._servers.append(start_guarded_server(self.ae, (cfg.host, cfg.tls.port), self.wire_policy, handlers,
                                                       ssl_context=context))
             log.info("receiver %s listening with TLS on %s:%d (client certificates %s)", cfg.ae_title, cfg.host,
-                     cfg.tls.port, "required" if cfg.tls.require_client_certificate else
-                     "verified when sent" if cfg.tls.ca_certificates else "not asked for")
+                     cfg.tls.port, _client_certificates(cfg.tls))
         if cfg.stow_port is not None:
             from .stow import StowServer
 
-            self._servers.append(StowServer(self, cfg.host, cfg.stow_port, cfg.stow_max_bytes).start())
-            log.info("STOW-RS listening on http://%s:%d/studies", cfg.host, cfg.stow_port)
+            stow = StowServer(self).start()
+            self._servers.append(stow)
+            log.info("STOW-RS listening on %s://%s:%d/studies%s", stow.http.scheme, cfg.host, cfg.stow_port,
+                     f" (client certificates {_client_certificates(cfg.stow_tls)})" if cfg.stow_tls else "")
         self._loop = threading.Thread(target=self._run_loop, name="series-completion", daemon=True)
         self._loop.start()
 
@@ -487,3 +488,8 @@ class Receiver:
         finally:
             self.stop()
 
+
+def _client_certificates(tls) -> str:
+    """What a listener's TLS settings ask of a client's certificate, for its log line."""
+    return "required" if tls.require_client_certificate else \
+        "verified when sent" if tls.ca_certificates else "not asked for"
