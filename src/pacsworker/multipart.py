@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 MAX_PART_HEAD = 16 * 1024  # a part's header lines; more is not a DICOMweb part
@@ -50,7 +51,7 @@ class PartEnd:
 
 
 class MultipartReader:
-    """A multipart body parsed as it is fed: :meth:`feed` returns :class:`PartStart`, payload bytes
+    """A multipart body parsed as it is fed: :meth:`feed` yields :class:`PartStart`, payload bytes
     and :class:`PartEnd` events in order; :meth:`finish` says whether the body ended properly.
 
     The buffer holds one fed chunk plus the length of the delimiter: payload bytes are handed on as
@@ -63,8 +64,8 @@ class MultipartReader:
         self.state = "preamble"
         self.parts = 0
 
-    def feed(self, data: bytes) -> list[PartStart | bytes | PartEnd]:
-        """Parse ``data``, the next bytes of the body.
+    def feed(self, data: bytes) -> Iterator[PartStart | bytes | PartEnd]:
+        """Parse ``data``, the next bytes of the body; the events come before an error that follows them.
 
         Raises
         ------
@@ -72,12 +73,13 @@ class MultipartReader:
             If the body is not a multipart body (a delimiter followed by junk, a part head too long).
         """
         self.buffer += data
-        events: list[PartStart | bytes | PartEnd] = []
         step = {"preamble": self._preamble, "delimiter": self._after_delimiter, "head": self._head,
                 "payload": self._payload, "epilogue": self._epilogue}
-        while step[self.state](events):
-            pass
-        return events
+        more = True
+        while more:
+            events: list[PartStart | bytes | PartEnd] = []
+            more = step[self.state](events)
+            yield from events
 
     def finish(self) -> None:
         """The body has ended.

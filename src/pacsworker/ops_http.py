@@ -193,7 +193,8 @@ class OpsServer:
     def __init__(self, settings: Settings, role: str, port: int):
         self.settings, self.role = settings, role
         self.registry = registry_for_serving()
-        self.registry.register(RecordsCollector(settings, settings.metrics.records_cache_seconds))
+        self.records = RecordsCollector(settings, settings.metrics.records_cache_seconds)
+        self.registry.register(self.records)
         m = settings.metrics
         self.http = HttpServer(self, m.host, port, m.limits, m.tls, "ops-http")
         self.port = self.http.port
@@ -232,6 +233,7 @@ class OpsServer:
 
     def shutdown(self) -> None:
         self.http.shutdown()
+        self.registry.unregister(self.records)  # the process may open the port again
 
     def close_inherited(self) -> None:
         """In a forked child (a worker's pool process): let go of the listening socket it inherited."""
