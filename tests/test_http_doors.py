@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import ssl
 import struct
 import time
 from io import BytesIO
@@ -14,16 +13,16 @@ from io import BytesIO
 import pydicom
 import pytest
 import requests
-from conftest import Pacsworker, free_port, port_open, wait_until, write_config
 from pydicom.uid import generate_uid
-from test_hostile_peers import MB, PeakWatch
-from test_tls import pki  # noqa: F401 - the test CA and certificates, a fixture
 
+from conftest import Pacsworker, free_port, port_open, wait_until, write_config
 from pacsworker.config import Settings
 from pacsworker.multipart import encode_multipart
 from pacsworker.ops_http import OpsServer
 from pacsworker.scp.server import Receiver
 from pacsworker.start_up import status_line
+from test_hostile_peers import MB, PeakWatch
+from test_tls import pki  # noqa: F401 - the test CA and certificates, a fixture
 
 CT06 = "ct06_ge_lightspeed_liver_3slice"
 MAX_BYTES = 8 << 20
@@ -221,6 +220,11 @@ def test_chunked_bodies_are_stored(receiver, ct):
                            headers={"Content-Type": content_type})
     assert answer.status_code == 200
     assert _stored(receiver) == {_uid(part) for part in ct} and not _incoming(receiver)
+    # a chunked body has no length to refuse up front: it is cut where it passes stow_max_bytes
+    over = requests.post(f"http://127.0.0.1:{receiver.settings.scp.stow_port}/studies", timeout=30,
+                         data=(body[:1000] if n == 0 else bytes(MB) for n in range(MAX_BYTES // MB + 2)),
+                         headers={"Content-Type": content_type})
+    assert over.status_code == 413 and over.headers["connection"] == "close" and not _incoming(receiver)
 
 
 def test_a_body_cut_off_keeps_the_whole_parts_before_and_nothing_of_the_cut_one(receiver, ct):
@@ -302,6 +306,8 @@ def test_stow_rs_over_tls_with_and_without_client_certificates(tmp_path, ct, pki
                 requests.post(url, data=body, headers=headers, verify=str(pki["ca"]), cert=identity, timeout=30)
         with pytest.raises(requests.exceptions.ConnectionError):  # plain HTTP on the TLS port
             requests.post(url.replace("https", "http"), data=body, headers=headers, timeout=30)
+        with _connect(rx.settings.scp.stow_port) as silent:  # connects, never starts the handshake
+            wait_until(lambda: _cut(silent), 30, what="a peer that never starts TLS to be cut")
     finally:
         rx.stop()
     rx = _receiver(tmp_path / "optional", stow_tls={**tls, "require_client_certificate": False,
