@@ -190,6 +190,25 @@ def test_a_refused_request_body_is_never_read_as_the_next_request(receiver, ct, 
     assert following is not None and following[0] == 200 and _uid(ct[0]) in following[2].decode()
 
 
+def test_a_request_with_two_body_lengths_is_refused_and_the_connection_closed(receiver, caplog):
+    """Content-Length and chunked at once (the classic smuggling request): 400, and nothing after it is read."""
+    smuggled = _request("/studies", b"{}", "application/json")
+    request = (b"POST /studies HTTP/1.1\r\nHost: p\r\nContent-Type: multipart/related; boundary=x\r\n"
+               b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled)
+    with _connect(receiver.settings.scp.stow_port) as sock:
+        sock.sendall(request)
+        answers = Answers(sock)
+        status, headers, _ = answers.next() or (0, {}, b"")
+        assert status == 400 and headers.get("connection") == "close" and answers.closed()
+    with _connect(receiver.settings.scp.stow_port) as sock:  # and a head that is not HTTP at all
+        sock.sendall(b"\x16\x03\x01 not HTTP\r\n\r\n" + smuggled)
+        answers = Answers(sock)
+        status, _, _ = answers.next() or (0, {}, b"")
+        assert status == 400 and answers.closed()
+    refusals = [r.getMessage() for r in caplog.records if "not a valid HTTP/1.1 request head" in r.getMessage()]
+    assert len(refusals) == 2 and all("from 127.0.0.1:" in message for message in refusals)
+
+
 def test_a_large_unread_body_closes_the_connection(receiver, ct):
     """413 for a declared length over stow_max_bytes, and a 404 with much body unread: answered, then
     the connection is closed rather than the body read as requests."""

@@ -1,14 +1,16 @@
 """The HTTP doors' server: an ASGI application on uvicorn's HTTP/1.1 protocol (h11), in a thread.
 
-uvicorn brings a strict parser (h11 refuses a request with both Content-Length and chunked, a head
-over 16 KiB), chunked bodies, flow control that pauses reading while a body waits to be read (memory
-bounded by a chunk), the idle keep-alive timeout, and a refused request's unread body drained
-rather than parsed as the next request. What a door facing the hospital network also needs, and
+uvicorn brings a strict parser (h11 refuses a malformed head, one over 16 KiB), chunked bodies,
+flow control that pauses reading while a body waits to be read (memory bounded by a chunk), the
+idle keep-alive timeout, and a refused request's unread body drained rather than parsed as the next
+request. What a door facing the hospital network also needs, and
 uvicorn lacks, is added here (``HttpLimits``):
 
 - a deadline for the request head: uvicorn has none before the first request, and any byte of a
   dribbled head cancels its keep-alive timer;
 - a cap on connections (one more is answered 503 and closed) and on requests served at once;
+- a request with both Content-Length and chunked answered 400 and its connection closed (h11 reads
+  the chunks and keeps the connection, which a proxy that read the length would not agree with);
 - a stall timeout on each read of a body;
 - the connection closed, not drained, after an answer that leaves more than a little body unread;
 - a TLS handshake timeout (the event loop's server takes it, uvicorn does not pass it).
@@ -71,6 +73,8 @@ class _Body:
         length = headers.get(b"content-length", b"")
         self.declared = int(length) if length.isdigit() else None  # h11 checked it
         self.chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        # both lengths: a proxy in front may have read the other one (RFC 9112 6.1: answer, then close)
+        self.ambiguous = self.chunked and b"content-length" in headers
         self.read = 0
         self.done = not self.chunked and not self.declared
 
@@ -112,6 +116,11 @@ class Guard:
                     message = {**message, "headers": [*message.get("headers", []), CLOSE]}
             await send(message)
 
+        if body.ambiguous:
+            log.warning("%s: request from %s refused: not a valid HTTP/1.1 request head (Content-Length and "
+                        "chunked at once)", self.door, peer_of(scope))
+            await answer(send, 400, b"Content-Length and Transfer-Encoding: chunked at once\n", headers=[CLOSE])
+            return
         if self.active >= self.limits.max_requests:
             log.warning("%s: request from %s refused: %d requests are being served", self.door, peer_of(scope),
                         self.active)
@@ -161,6 +170,10 @@ class _GuardedH11(H11Protocol):
             self._head_deadline.cancel()
         super().connection_lost(exc)
 
+    def send_400_response(self, msg: str) -> None:
+        log.warning("%s: request from %s refused: not a valid HTTP/1.1 request head", self.door, _address(self.client))
+        super().send_400_response(msg)
+
     def _await_head(self) -> None:
         if self._head_deadline is not None:
             self._head_deadline.cancel()
@@ -204,15 +217,30 @@ class HttpServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
+        self._failure: OSError | None = None
         self._thread = threading.Thread(target=self._run, name=door, daemon=True)
 
     def start(self) -> HttpServer:
+        """Serve from now on.
+
+        Raises
+        ------
+        OSError
+            If the event loop could not serve the socket (what it raised).
+        """
         self._thread.start()
         self._ready.wait(10)
+        if self._failure is not None:
+            self.sock.close()
+            raise self._failure
         return self
 
     def _run(self) -> None:
-        asyncio.run(self._serve())
+        try:
+            asyncio.run(self._serve())
+        except OSError as exc:  # before serving: start() raises it
+            self._failure = exc
+            self._ready.set()
 
     async def _serve(self) -> None:
         self._loop = loop = asyncio.get_running_loop()

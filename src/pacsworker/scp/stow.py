@@ -231,8 +231,8 @@ class StowServer:
             return await answer(send, 415, b'STOW-RS takes multipart/related; type="application/dicom"')
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            log.warning("STOW-RS from %s refused: %s bytes, more than the %d allowed", peer, declared.decode(),
-                        self.max_bytes)
+            log.warning("STOW-RS from %s refused: more than the %d bytes allowed (%s declared)", peer,
+                        self.max_bytes, declared.decode())
             return await answer(send, 413, f"at most {self.max_bytes} bytes per request".encode())
         try:
             reader = MultipartReader(boundary_of(content_type))
