@@ -8,13 +8,16 @@ the Storage handler checks that file and renames it into the spool, or it is del
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
+import mmap
 import os
 import queue
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -100,6 +103,21 @@ class IncomingDataset:
         self.close()
         if self.name:
             Path(self.name).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def mapped(self) -> Iterator[memoryview]:
+        """The dataset as written (from ``dataset_offset``), mapped from the file: pages in only what is walked."""
+        mapped = mmap.mmap(self.fileno(), 0, access=mmap.ACCESS_READ)
+        whole = memoryview(mapped)
+        dataset = whole[self.dataset_offset:]
+        try:
+            yield dataset
+        finally:
+            for resource in (dataset, whole, mapped):
+                try:
+                    resource.release() if isinstance(resource, memoryview) else resource.close()
+                except BufferError:  # a view still referenced: the map closes when it is collected
+                    pass
 
 
 _SEQUENCE = itertools.count()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import shutil
 import threading
 from collections.abc import Callable
@@ -267,20 +266,10 @@ class Receiver:
         incoming.flush()
         if incoming.error is not None:  # the disk refused part of it while it arrived
             return self._refuse_unstored(event, incoming.error)
-        # mapped from the file it was written to: pages in only what is walked
-        mapped = mmap.mmap(incoming.fileno(), 0, access=mmap.ACCESS_READ)
-        whole = memoryview(mapped)
-        dataset = whole[incoming.dataset_offset:]
-        try:
+        with incoming.mapped() as dataset:
             return self._check_and_store(
                 event, dataset, lambda meta: self.spool.adopt(meta.series_uid, meta.sop_instance_uid, incoming)
             )
-        finally:
-            for resource in (dataset, whole, mapped):
-                try:
-                    resource.release() if isinstance(resource, memoryview) else resource.close()
-                except BufferError:  # a view still referenced: the map closes when it is collected
-                    pass
 
     def _store_bytes(self, event, meta: InstanceMeta, dataset: memoryview) -> None:
         file_meta = BytesIO()

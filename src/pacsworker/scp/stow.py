@@ -17,7 +17,6 @@ import asyncio
 import importlib
 import json
 import logging
-import mmap
 import re
 import struct
 from collections.abc import Callable
@@ -129,18 +128,9 @@ class StowServer:
                 return OUT_OF_RESOURCES, "", "", f"not written: {incoming.error.strerror or incoming.error}"
             if not incoming.received:
                 return CANNOT_UNDERSTAND, "", "", "not a whole DICOM Part 10 instance: the part is empty"
-            # mapped from the file it was written to: pages in only what is walked
-            mapped = mmap.mmap(incoming.fileno(), 0, access=mmap.ACCESS_READ)
-            whole = memoryview(mapped)
-            try:
+            with incoming.mapped() as part10:
                 return self.check_and_store(
-                    whole, study_uid, lambda meta: spool.adopt(meta.series_uid, meta.sop_instance_uid, incoming))
-            finally:
-                for resource in (whole, mapped):
-                    try:
-                        resource.release() if isinstance(resource, memoryview) else resource.close()
-                    except BufferError:  # a view still referenced: the map closes when it is collected
-                        pass
+                    part10, study_uid, lambda meta: spool.adopt(meta.series_uid, meta.sop_instance_uid, incoming))
         finally:
             incoming.discard()  # after adopt(): only closes
 
