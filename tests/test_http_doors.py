@@ -339,6 +339,26 @@ def test_stow_rs_over_tls_with_and_without_client_certificates(tmp_path, ct, pki
         rx.stop()
 
 
+def test_pull_reaches_a_receiver_that_serves_https(tmp_path, pki):  # noqa: F811
+    """``pacsworker pull`` calls the receiver's HTTPS port when scp.stow_tls is set (here the PACS it
+    would pull from is down: the receiver's 502 comes back, so the call itself went through)."""
+    import subprocess
+    import sys
+
+    key, chain = pki["server"]
+    rx = _receiver(tmp_path, pull_url=f"http://127.0.0.1:{free_port()}/dicom-web",
+                   stow_tls={"certificate": str(chain), "private_key": str(key), "ca_certificates": str(pki["ca"])})
+    try:
+        config = write_config(tmp_path / "c.yaml", scp=rx.settings.scp.model_dump(mode="json", exclude_none=True),
+                              storage={"data_dir": str(tmp_path / "data")})
+        pulled = subprocess.run([sys.executable, "-m", "pacsworker", "pull", "--study", "1.2.3", "--config",
+                                 str(config)], capture_output=True, text=True, timeout=120)
+        said = " ".join((pulled.stdout + pulled.stderr).split())
+        assert pulled.returncode == 1 and "pull refused (502)" in said, said
+    finally:
+        rx.stop()
+
+
 def test_the_operator_port_listens_on_loopback_unless_told(tmp_path, pki, caplog):  # noqa: F811
     caplog.set_level(logging.INFO, "pacsworker.ops")
     settings = Settings(storage={"data_dir": str(tmp_path / "data")})

@@ -733,9 +733,11 @@ def pull(
         console.print("[red]pull needs scp.stow_port (the receiver's DICOMweb port) and scp.pull_url[/red]")
         raise typer.Exit(2)
     host = "127.0.0.1" if scp.host in ("0.0.0.0", "::") else scp.host
+    # with scp.stow_tls: HTTPS, the receiver's certificate checked against its CAs (else the system's)
+    scheme, verify = ("https", str(scp.stow_tls.ca_certificates or "") or True) if scp.stow_tls else ("http", True)
     try:
-        answer = requests.post(f"http://{host}:{scp.stow_port}/pull", json={"study": study, "series": series},
-                               timeout=3600)
+        answer = requests.post(f"{scheme}://{host}:{scp.stow_port}/pull", json={"study": study, "series": series},
+                               timeout=3600, verify=verify)
     except requests.RequestException as exc:
         console.print(f"[red]the receiver does not answer on port {scp.stow_port}: {exc}[/red]")
         raise typer.Exit(1) from None
