@@ -5,9 +5,10 @@ pacsworker, on the same 140-slice CT; and the receiver's peak RSS with four 1 Gi
 
 The 140-slice CT is made from ct02 as bench/receive.py makes it, a fresh copy (new UIDs) for every
 send, so no receiver ever sees an instance twice. One request: the whole series in one multipart
-body (requests, Content-Length). Concurrent: N such requests at once, each its own series, timed until
-the last answer. C-STORE: DCMTK storescu (TCP_NODELAY=1) into pacsworker's DIMSE port, one
-association, and N at once. Rounds alternate the receivers. pacsworker makes every instance durable
+body (requests, Content-Length; the body is made before the clock starts). Concurrent: N such
+requests at once, each its own series, timed until the last answer. C-STORE: DCMTK storescu
+(TCP_NODELAY=1) into pacsworker's DIMSE port, one association, and N at once (storescu reads its
+files as it sends, within the time). Rounds alternate the receivers. pacsworker makes every instance durable
 (fsync + rename) before it answers; Orthanc 1.10 writes its storage without fsync.
 
 Peak RSS: N requests of one part each (a CT header with ``--big-gib`` GiB of pixel data), streamed
@@ -38,9 +39,14 @@ from pacsworker.multipart import encode_multipart  # noqa: E402
 MB = 1 << 20
 
 
-def stow(url: str, folder: Path) -> None:
-    """One STOW-RS request with every instance of ``folder``; raises unless all were stored."""
-    body, content_type = encode_multipart([("application/dicom", f.read_bytes()) for f in sorted(folder.glob("*.dcm"))])
+def request_body(folder: Path) -> tuple[bytes, str]:
+    """The STOW-RS body of every instance of ``folder`` (made before the clock starts) and its Content-Type."""
+    return encode_multipart([("application/dicom", f.read_bytes()) for f in sorted(folder.glob("*.dcm"))])
+
+
+def stow(url: str, request: tuple[bytes, str]) -> None:
+    """One STOW-RS request; raises unless every instance was stored."""
+    body, content_type = request
     answer = requests.post(f"{url}/studies", data=body, timeout=600,
                            headers={"Content-Type": content_type + '; type="application/dicom"',
                                     "Accept": "application/dicom+json"})
@@ -124,8 +130,9 @@ def main() -> None:
             wait_until(lambda: port_open(stow_port), 60, what="pacsworker's STOW-RS port")
             pw_url = f"http://127.0.0.1:{stow_port}"
             runs = {
-                "pacsworker STOW-RS": lambda folders: at_once(lambda f: stow(pw_url, f), folders),
-                "Orthanc STOW-RS": lambda folders: at_once(lambda f: stow(orthanc.dicomweb_url, f), folders),
+                "pacsworker STOW-RS": lambda folders: at_once(lambda r: stow(pw_url, r), list(map(request_body, folders))),
+                "Orthanc STOW-RS": lambda folders: at_once(lambda r: stow(orthanc.dicomweb_url, r),
+                                                           list(map(request_body, folders))),
                 "pacsworker C-STORE": lambda folders: _cstore(port, folders),
             }
             for _ in range(args.rounds):
