@@ -339,6 +339,16 @@ def test_stow_rs_over_tls_with_and_without_client_certificates(tmp_path, ct, pki
         rx.stop()
 
 
+def test_https_without_a_stow_port_is_refused_naming_it(pki):  # noqa: F811
+    from pydantic import ValidationError
+
+    key, chain = pki["server"]
+    with pytest.raises(ValidationError, match="stow_tls needs stow_port"):
+        Settings(scp={"stow_tls": {"certificate": str(chain), "private_key": str(key)}})
+    with pytest.raises(ValidationError, match="max_requests"):
+        Settings(scp={"stow_port": 8080, "stow_limits": {"max_requests": 0}})
+
+
 def test_pull_reaches_a_receiver_that_serves_https(tmp_path, pki):  # noqa: F811
     """``pacsworker pull`` calls the receiver's HTTPS port when scp.stow_tls is set (here the PACS it
     would pull from is down: the receiver's 502 comes back, so the call itself went through)."""

@@ -134,6 +134,8 @@ class ScpSettings(BaseModel):
             raise ValueError("plain: false needs tls: the receiver would listen nowhere")
         if self.tls is not None and self.plain and self.tls.port == self.port:
             raise ValueError(f"tls.port {self.tls.port} is the plain port too")
+        if self.stow_tls is not None and self.stow_port is None:
+            raise ValueError("stow_tls needs stow_port: there is no STOW-RS port to serve over HTTPS")
         return self
 
     @field_validator("allowed_calling_aets", "complete_on_release")
