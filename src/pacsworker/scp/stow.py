@@ -231,11 +231,11 @@ class StowServer:
         intake = _Intake(self, study_uid, peer)
         try:
             refusal = await intake.read(receive, reader)
+        except PeerGone:  # no one to answer
+            return None
         finally:
             intake.discard_open_part()
-        if refusal is None:  # the peer went away: no one to answer
-            return None
-        if refusal:
+        if refusal is not None:
             status, reason = refusal
             log.warning("STOW-RS from %s refused: %s (%d instance(s) before it stored)", peer, printable(reason),
                         len(intake.stored))
@@ -251,6 +251,10 @@ class StowServer:
         await answer(send, status, json.dumps(document).encode(), DICOM_JSON)
 
 
+class PeerGone(Exception):
+    """The peer closed the connection before the end of the request body."""
+
+
 class _Intake:
     """One STOW-RS body being received: the part being written, and the outcomes of those complete."""
 
@@ -261,16 +265,21 @@ class _Intake:
         self.stored: list[dict] = []
         self.failed: list[dict] = []
 
-    async def read(self, receive: Receive, reader: MultipartReader) -> tuple[int, str] | tuple[()] | None:
-        """Read the body to its end; ``()`` when it was whole, (status, reason) when it is refused, None
-        when the peer went away."""
+    async def read(self, receive: Receive, reader: MultipartReader) -> tuple[int, str] | None:
+        """Read the body to its end, storing its parts; (status, reason) when it is refused.
+
+        Raises
+        ------
+        PeerGone
+            If the peer closed the connection before the body's end.
+        """
         received = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 log.warning("STOW-RS from %s cut off after %d bytes, in part %d; %d instance(s) before it stored",
                             self.peer, received, self.number, len(self.stored))
-                return None
+                raise PeerGone()
             chunk = message.get("body", b"")
             received += len(chunk)
             if received > self.server.max_bytes:
@@ -285,7 +294,7 @@ class _Intake:
                 return 400, f"malformed multipart body: {exc}"
         if reader.parts == 0:
             return 400, "the body holds no multipart part"
-        return ()
+        return None
 
     async def take(self, event: PartStart | bytes | PartEnd) -> None:
         if isinstance(event, PartStart):
