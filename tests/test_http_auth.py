@@ -276,14 +276,18 @@ def test_oauth2_settings_refuse_symmetric_algorithms():
 
 # -- a running receiver ------------------------------------------------------------------------------
 
-def test_the_receiver_checks_the_files_at_start_and_the_operator_port_asks_its_login(tmp_path):
+def test_the_receiver_checks_the_files_at_start_and_its_doors_ask_their_logins(tmp_path, dicom_dir):
+    """A bad tokens file stops the start; STOW-RS and /pull ask scp.stow_auth's bearer token before they
+    read a body (nothing stored without it), the page and /metrics ask metrics.auth, the probes nothing."""
+    from pacsworker.multipart import encode_multipart
+
     users, tokens = tmp_path / "users", tmp_path / "tokens"
     assert _users_add(users, "operator", "status page password").returncode == 0
     tokens.write_text("short\n")
     port, stow_port, metrics_port = free_port(), free_port(), free_port()
     sections = dict(
         scp={"port": port, "host": "127.0.0.1", "stow_port": stow_port,
-             "stow_auth": {"kind": "bearer", "tokens_file": str(tokens)}},
+             "stow_auth": {"kind": "bearer", "tokens_file": str(tokens)}, "pull_url": f"http://127.0.0.1:{free_port()}"},
         storage={"data_dir": str(tmp_path / "data")},
         metrics={"host": "127.0.0.1", "port": metrics_port, "auth": {"kind": "basic", "users_file": str(users)}},
     )
@@ -306,6 +310,30 @@ def test_the_receiver_checks_the_files_at_start_and_the_operator_port_asks_its_l
             assert requests.get(url + path, auth=("operator", "status page password"), timeout=10).status_code == 200
         assert requests.get(url + "/healthz", timeout=10).status_code == 200  # probes need no login
         assert requests.get(url + "/readyz", timeout=10).status_code in (200, 503)
+
+        instance = next((dicom_dir / "ct06_ge_lightspeed_liver_3slice").glob("*.dcm")).read_bytes()
+        body, content_type = encode_multipart([("application/dicom", instance)])
+        stow = f"http://127.0.0.1:{stow_port}"
+        spool = tmp_path / "data" / "spool"
+        for token in (None, "wrong-token-0123456789"):
+            headers = {"Content-Type": content_type} | ({"Authorization": f"Bearer {token}"} if token else {})
+            refused = requests.post(stow + "/studies", data=body, headers=headers, timeout=30)
+            assert refused.status_code == 401 and refused.headers["WWW-Authenticate"].startswith("Bearer")
+        assert requests.post(stow + "/pull", json={"study": "1.2.3"}, timeout=30).status_code == 401
+        assert not list(spool.rglob("*.dcm"))
+        stored = requests.post(stow + "/studies", data=body, timeout=30, headers={
+            "Content-Type": content_type, "Authorization": "Bearer scanner-token-0123456789abcdef"})
+        assert stored.status_code == 200, stored.text
+        assert len(list(spool.rglob("*.dcm"))) == 1
+
+        def pull(*login: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "pacsworker", "pull", "--study", "1.2.3", *login, "--config",
+                                   str(tmp_path / "c.yaml")], capture_output=True, text=True, timeout=120)
+
+        anonymous = pull()
+        assert anonymous.returncode == 1 and "pass --user or --token-file" in " ".join(anonymous.stderr.split())
+        with_token = pull("--token-file", str(tokens))  # past the door: the PACS of pull_url does not answer
+        assert with_token.returncode == 1 and "(401)" not in with_token.stderr and "(502)" in with_token.stderr
     finally:
         scp.stop()
     banner = " ".join(scp.output().split())

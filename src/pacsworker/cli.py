@@ -760,6 +760,9 @@ def series_complete(
 def pull(
     study: Annotated[str, typer.Option(help="Study Instance UID to fetch")],
     series: Annotated[str | None, typer.Option(help="only this Series Instance UID")] = None,
+    user: Annotated[str | None, typer.Option(
+        help="a user of scp.stow_auth's basic login (the password is asked for, or read from stdin)")] = None,
+    token_file: Annotated[Path | None, typer.Option(help="a file holding a bearer token for scp.stow_auth")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Fetch a study from scp.pull_url (WADO-RS) into the running receiver, as if it had been sent."""
@@ -771,14 +774,25 @@ def pull(
         console.print("[red]pull needs scp.stow_port (the receiver's DICOMweb port) and scp.pull_url[/red]")
         raise typer.Exit(2)
     host = "127.0.0.1" if scp.host in ("0.0.0.0", "::") else scp.host
+    # with scp.stow_tls: HTTPS, the receiver's certificate checked against its CAs (else the system's)
+    scheme, verify = ("https", str(scp.stow_tls.ca_certificates or "") or True) if scp.stow_tls else ("http", True)
+    headers = {}
+    if token_file is not None:
+        headers["Authorization"] = f"Bearer {token_file.read_text().strip()}"
+    login = None
+    if user is not None:
+        password = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else typer.prompt(
+            f"password of {user}", hide_input=True)
+        login = (user, password)
     try:
-        answer = requests.post(f"http://{host}:{scp.stow_port}/pull", json={"study": study, "series": series},
-                               timeout=3600)
+        answer = requests.post(f"{scheme}://{host}:{scp.stow_port}/pull", json={"study": study, "series": series},
+                               timeout=3600, verify=verify, headers=headers, auth=login)
     except requests.RequestException as exc:
         console.print(f"[red]the receiver does not answer on port {scp.stow_port}: {exc}[/red]")
         raise typer.Exit(1) from None
     if answer.status_code != 200:
-        console.print(f"[red]pull refused ({answer.status_code}): {answer.text}[/red]")
+        hint = " (scp.stow_auth asks a login: pass --user or --token-file)" if answer.status_code == 401 else ""
+        console.print(f"[red]pull refused ({answer.status_code}): {answer.text.strip()}{hint}[/red]")
         raise typer.Exit(1)
     result = answer.json()
     console.print(f"study {study}: {len(result['series'])} series, {result['stored']} instance(s) stored, "

@@ -29,12 +29,11 @@ def _check_ae(value: str) -> str:
     return value
 
 
-class TlsSettings(BaseModel):
-    """DICOM TLS (PS3.15 B.1): a second listener that speaks DICOM inside TLS."""
+class TlsCertificates(BaseModel):
+    """TLS on a listener: the server's certificate and key, and the CAs that client certificates must chain to."""
 
     model_config = {"extra": "forbid"}
 
-    port: int = Field(2762, ge=1, le=65535, description="the DICOM TLS port (2762 is IANA's dicom-tls)")
     certificate: Path = Field(description="the receiver's certificate chain (PEM)")
     private_key: Path = Field(description="its private key (PEM, unencrypted)")
     ca_certificates: Path | None = Field(None, description="CA certificates (PEM) that client certificates must chain to")
@@ -42,10 +41,33 @@ class TlsSettings(BaseModel):
     handshake_timeout: float = Field(10.0, gt=0, description="seconds a connecting peer has to finish the TLS handshake")
 
     @model_validator(mode="after")
-    def _verifiable(self) -> TlsSettings:
+    def _verifiable(self) -> TlsCertificates:
         if self.require_client_certificate and self.ca_certificates is None:
             raise ValueError("require_client_certificate needs ca_certificates to verify them against")
         return self
+
+
+class TlsSettings(TlsCertificates):
+    """DICOM TLS (PS3.15 B.1): a second listener that speaks DICOM inside TLS."""
+
+    port: int = Field(2762, ge=1, le=65535, description="the DICOM TLS port (2762 is IANA's dicom-tls)")
+
+
+class HttpLimits(BaseModel):
+    """What one HTTP door (STOW-RS in, the operator port) gives its peers: connections, requests, time."""
+
+    model_config = {"extra": "forbid"}
+
+    max_connections: int = Field(
+        256, ge=1, description="open connections at once; one more is answered 503 and closed at once"
+    )
+    max_requests: int = Field(32, ge=1, description="requests served at once; more are answered 503")
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds from a connection's start (or its previous answer) until a request's head "
+        "has arrived whole; a slower peer is cut"
+    )
+    body_timeout: float = Field(60.0, gt=0, description="seconds a request body may stall; a stalled body is cut")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="seconds an idle kept-alive connection stays open")
 
 
 class ScpSettings(BaseModel):
@@ -62,6 +84,8 @@ class ScpSettings(BaseModel):
         default_factory=lambda: OpenDoor(kind="none"),
         description="who may use STOW-RS and POST /pull: none (anyone who reaches the port), basic, bearer or oauth2",
     )
+    stow_tls: TlsCertificates | None = Field(None, description="HTTPS on stow_port (STOW-RS and pull); none: plain HTTP")
+    stow_limits: HttpLimits = Field(default_factory=HttpLimits, description="connections, requests and timeouts")
     pull_url: str | None = Field(
         None, pattern=r"^https?://", description="the DICOMweb PACS that pull (WADO-RS) fetches studies from"
     )
@@ -127,6 +151,8 @@ class ScpSettings(BaseModel):
             raise ValueError("plain: false needs tls: the receiver would listen nowhere")
         if self.tls is not None and self.plain and self.tls.port == self.port:
             raise ValueError(f"tls.port {self.tls.port} is the plain port too")
+        if self.stow_tls is not None and self.stow_port is None:
+            raise ValueError("stow_tls needs stow_port: there is no STOW-RS port to serve over HTTPS")
         return self
 
     @field_validator("allowed_calling_aets", "complete_on_release")
@@ -1015,7 +1041,9 @@ class MetricsSettings(BaseModel):
     model_config = {"extra": "forbid"}
 
     enabled: bool = Field(True, description="serve metrics, health and the status page")
-    host: str = Field("0.0.0.0", description="address the metrics port listens on")
+    host: str = Field(
+        "127.0.0.1", description="address the metrics port listens on; 0.0.0.0: every interface (then consider tls)"
+    )
     port: int = Field(9100, ge=1, le=65535, description="the receiver's (and serve's, for all its processes)")
     worker_port: int = Field(
         9101, ge=0, le=65535, description="a stand-alone worker's (pacsworker worker --metrics-port overrides it); "
@@ -1036,6 +1064,8 @@ class MetricsSettings(BaseModel):
         description="who may read the status page and /metrics: none, basic or bearer; /healthz and /readyz stay "
         "open for probes",
     )
+    tls: TlsCertificates | None = Field(None, description="HTTPS on the metrics port; none: plain HTTP")
+    limits: HttpLimits = Field(default_factory=HttpLimits, description="connections, requests and timeouts")
 
 
 class LoggingSettings(BaseModel):

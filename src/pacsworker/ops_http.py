@@ -10,6 +10,7 @@ data (the ledger holds none).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import html
 import json
@@ -19,28 +20,20 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, urlencode
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .config import Settings
-from .http_auth import Decision, authenticator
+from .http_server import HttpServer, Receive, Scope, Send, answer, authorized
 from .ledger.views import RECENT, job_results, value_summary  # noqa: F401 - where they were
 from .metrics import RecordsCollector, registry_for_serving
 
 log = logging.getLogger("pacsworker.ops")
+TEXT = "text/plain; charset=utf-8"
 
 
 PROBES = ("/healthz", "/readyz")  # open whatever metrics.auth says: orchestrators probe without credentials
-
-
-def operator_refusal(settings: Settings, path: str, authorization: str | None, peer: str) -> Decision | None:
-    """The refusal of a request to the page or /metrics by ``metrics.auth``; None: serve it."""
-    if path in PROBES:
-        return None
-    decision = authenticator(settings.metrics.auth).check(authorization, peer)
-    return None if decision.ok else decision
 
 
 def watch(parts: Callable[[], dict[str, str]]) -> Callable[[], None]:
@@ -252,84 +245,61 @@ def page(settings: Settings, role: str, query: str = "", ledger=None) -> str:
 
 
 class OpsServer:
-    """A threaded HTTP server on ``metrics.host:port`` for one process (``role``: scp, serve, worker)."""
+    """The operator's port of one process (``role``: scp, serve, worker) on ``metrics.host:port``: an
+    ASGI application on the HTTP server layer; each page is made in a worker thread."""
 
     def __init__(self, settings: Settings, role: str, port: int):
         self.settings, self.role = settings, role
-        registry = registry_for_serving()
-        registry.register(RecordsCollector(settings, settings.metrics.records_cache_seconds))
-        owner = self
+        self.registry = registry_for_serving()
+        self.records = RecordsCollector(settings, settings.metrics.records_cache_seconds)
+        self.registry.register(self.records)
+        m = settings.metrics
+        self.http = HttpServer(self, m.host, port, m.limits, m.tls, "ops-http")
+        self.port = self.http.port
 
-        class Handler(BaseHTTPRequestHandler):
-            timeout = 10  # a client that connects and says nothing does not hold a thread for ever
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] not in ("GET", "HEAD"):
+            return await answer(send, 405, b"GET only\n", headers=[(b"allow", b"GET, HEAD")])
+        if scope["path"] not in PROBES and not await authorized(self.settings.metrics.auth, scope, send):
+            return None
+        try:
+            status, content_type, body = await asyncio.to_thread(
+                self.view, scope["path"], scope["query_string"].decode("latin-1"))
+        except Exception as exc:  # noqa: BLE001 - a page that fails must not take the process down
+            log.exception("ops page %r failed", scope["path"])
+            status, content_type, body = 500, TEXT, f"{type(exc).__name__}: {exc}\n".encode()
+        await answer(send, status, body, content_type, headers=[(b"cache-control", b"no-store")])
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                parts = urlsplit(self.path)
-                path = parts.path
-                try:
-                    refused = operator_refusal(owner.settings, path, self.headers.get("Authorization"),
-                                               f"{self.client_address[0]}:{self.client_address[1]}")
-                    if refused is not None:
-                        self._send(refused.status, "text/plain; charset=utf-8", f"{refused.reason}\n".encode(),
-                                   refused.challenge)
-                    elif path == "/metrics":
-                        self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
-                    elif path == "/healthz":
-                        alive = health(owner.settings, owner.role)
-                        failing = "".join(f"{name}: {state}\n" for name, state in alive.items() if state != "ok")
-                        self._send(503 if failing else 200, "text/plain; charset=utf-8", (failing or "ok\n").encode())
-                    elif path == "/readyz":
-                        checks = readiness(owner.settings, owner.role)
-                        ready = all(v == "ok" for v in checks.values())
-                        body = json.dumps({"ready": ready, "checks": checks}, indent=1).encode()
-                        self._send(200 if ready else 503, "application/json", body)
-                    elif path in ("/", "/index.html"):
-                        self._send(200, "text/html; charset=utf-8", page(owner.settings, owner.role, parts.query).encode())
-                    else:
-                        self._send(404, "text/plain; charset=utf-8", b"not found: /metrics /healthz /readyz /\n")
-                except OSError:  # the client went away mid-answer
-                    self.close_connection = True
-                except Exception as exc:  # noqa: BLE001 - a page that fails must not take the process down
-                    log.exception("ops page %s failed", path)
-                    if not self._answered:
-                        self._send(500, "text/plain; charset=utf-8", f"{type(exc).__name__}: {exc}\n".encode())
-
-            _answered = False
-
-            def _send(self, status: int, content_type: str, body: bytes, challenge: str | None = None) -> None:
-                self._answered = True
-                try:
-                    self.send_response(status)
-                    if challenge:
-                        self.send_header("WWW-Authenticate", challenge)
-                    self.send_header("Content-Type", content_type)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.send_header("Cache-Control", "no-store")
-                    self.end_headers()
-                    self.wfile.write(body)
-                except OSError:  # the client went away mid-answer
-                    self.close_connection = True
-
-            def log_message(self, *args) -> None:  # scrapes every few seconds would flood the log
-                pass
-
-        self._server = ThreadingHTTPServer((settings.metrics.host, port), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="ops-http", daemon=True)
+    def view(self, path: str, query: str) -> tuple[int, str, bytes]:
+        """(status, content type, body) of a GET of ``path``."""
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        if path == "/healthz":
+            alive = health(self.settings, self.role)
+            failing = "".join(f"{name}: {state}\n" for name, state in alive.items() if state != "ok")
+            return (503, TEXT, failing.encode()) if failing else (200, TEXT, b"ok\n")
+        if path == "/readyz":
+            checks = readiness(self.settings, self.role)
+            ready = all(v == "ok" for v in checks.values())
+            return 200 if ready else 503, "application/json", json.dumps({"ready": ready, "checks": checks},
+                                                                         indent=1).encode()
+        if path in ("/", "/index.html"):
+            return 200, "text/html; charset=utf-8", page(self.settings, self.role, query).encode()
+        return 404, TEXT, b"not found: /metrics /healthz /readyz /\n"
 
     def start(self) -> OpsServer:
-        self._thread.start()
-        log.info("metrics, health and status page on http://%s:%d/", self.settings.metrics.host, self.port)
+        self.http.start()
+        log.info("metrics, health and status page on %s://%s:%d/", self.http.scheme, self.settings.metrics.host,
+                 self.port)
         return self
 
     def shutdown(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self.http.shutdown()
+        self.registry.unregister(self.records)  # the process may open the port again
 
     def close_inherited(self) -> None:
         """In a forked child (a worker's pool process): let go of the listening socket it inherited."""
-        self._server.socket.close()
+        self.http.close_inherited()
 
 
 def start_ops_server(settings: Settings, role: str, port: int | None = None) -> OpsServer | None:

@@ -62,9 +62,13 @@ def receiver_lines(settings: Settings) -> list[str]:
         lines.append(f"DICOM TLS  {cfg.ae_title} on {cfg.host}:{cfg.tls.port} ({reach(cfg.host)}); needs {certificate}; "
                      f"accepts {callers(settings)}")
     if cfg.stow_port is not None:
+        scheme = "https" if cfg.stow_tls else "http"
+        tls = ("no TLS" if cfg.stow_tls is None else "TLS, with a client certificate its CAs signed"
+               if cfg.stow_tls.require_client_certificate else "TLS")
         login = who_may_pass(cfg.stow_auth)
-        lines.append(f"STOW-RS    http://{cfg.host}:{cfg.stow_port}/studies and /pull ({reach(cfg.host)}); {login}"
-                     + (" and no TLS: whoever reaches the port may store" if login == "no login" else "; no TLS"))
+        open_door = ": whoever reaches the port may store" if login == "no login" and cfg.stow_tls is None else ""
+        lines.append(f"STOW-RS    {scheme}://{cfg.host}:{cfg.stow_port}/studies and /pull ({reach(cfg.host)}); "
+                     f"{login}; {tls}{open_door}")
     return lines
 
 
@@ -75,7 +79,8 @@ def status_line(settings: Settings, port: int | None = None) -> str:
     if not m.enabled or not port:
         return "status     none (metrics.enabled: false)"
     login = who_may_pass(m.auth)
-    return (f"status     http://{m.host}:{port}/ (status page, /metrics, /healthz, /readyz) on {reach(m.host)}; "
+    return (f"status     {'https' if m.tls else 'http'}://{m.host}:{port}/ (status page, /metrics, /healthz, /readyz) "
+            f"on {reach(m.host)}; "
             + ("no login: whoever reaches the port can read it" if login == "no login"
                else f"{login} for the page and /metrics; /healthz and /readyz open for probes"))
 

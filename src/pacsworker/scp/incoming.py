@@ -8,13 +8,16 @@ the Storage handler checks that file and renames it into the spool, or it is del
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
+import mmap
 import os
 import queue
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -46,7 +49,8 @@ class IncomingDataset:
     the error's status instead of the association being aborted.
     """
 
-    def __init__(self, folder: Path, file_meta: bytes):
+    def __init__(self, folder: Path, file_meta: bytes | None):
+        """``file_meta``: None when the writer supplies the whole Part 10 file (a STOW-RS part)."""
         self.file = self  # pynetdicom flushes ``file``
         self.error: OSError | None = None
         self.received = 0
@@ -56,8 +60,9 @@ class IncomingDataset:
             self._fd, self.name = _create(folder)
         except OSError as exc:
             self.error = exc
-        self.dataset_offset = len(PREAMBLE) + len(file_meta)
-        self.write(PREAMBLE + file_meta)
+        head = b"" if file_meta is None else PREAMBLE + file_meta
+        self.dataset_offset = len(head)
+        self.write(head)
         self.received = 0
 
     def write(self, fragment: bytes | memoryview) -> None:
@@ -98,6 +103,21 @@ class IncomingDataset:
         self.close()
         if self.name:
             Path(self.name).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def mapped(self) -> Iterator[memoryview]:
+        """The dataset as written (from ``dataset_offset``), mapped from the file: pages in only what is walked."""
+        mapped = mmap.mmap(self.fileno(), 0, access=mmap.ACCESS_READ)
+        whole = memoryview(mapped)
+        dataset = whole[self.dataset_offset:]
+        try:
+            yield dataset
+        finally:
+            for resource in (dataset, whole, mapped):
+                try:
+                    resource.release() if isinstance(resource, memoryview) else resource.close()
+                except BufferError:  # a view still referenced: the map closes when it is collected
+                    pass
 
 
 _SEQUENCE = itertools.count()

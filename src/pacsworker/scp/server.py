@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import shutil
 import threading
 from collections.abc import Callable
@@ -267,20 +266,10 @@ class Receiver:
         incoming.flush()
         if incoming.error is not None:  # the disk refused part of it while it arrived
             return self._refuse_unstored(event, incoming.error)
-        # mapped from the file it was written to: pages in only what is walked
-        mapped = mmap.mmap(incoming.fileno(), 0, access=mmap.ACCESS_READ)
-        whole = memoryview(mapped)
-        dataset = whole[incoming.dataset_offset:]
-        try:
+        with incoming.mapped() as dataset:
             return self._check_and_store(
                 event, dataset, lambda meta: self.spool.adopt(meta.series_uid, meta.sop_instance_uid, incoming)
             )
-        finally:
-            for resource in (dataset, whole, mapped):
-                try:
-                    resource.release() if isinstance(resource, memoryview) else resource.close()
-                except BufferError:  # a view still referenced: the map closes when it is collected
-                    pass
 
     def _store_bytes(self, event, meta: InstanceMeta, dataset: memoryview) -> None:
         file_meta = BytesIO()
@@ -444,13 +433,14 @@ class Receiver:
             self._servers.append(start_guarded_server(self.ae, (cfg.host, cfg.tls.port), self.wire_policy, handlers,
                                                       ssl_context=context))
             log.info("receiver %s listening with TLS on %s:%d (client certificates %s)", cfg.ae_title, cfg.host,
-                     cfg.tls.port, "required" if cfg.tls.require_client_certificate else
-                     "verified when sent" if cfg.tls.ca_certificates else "not asked for")
+                     cfg.tls.port, _client_certificates(cfg.tls))
         if cfg.stow_port is not None:
             from .stow import StowServer
 
-            self._servers.append(StowServer(self, cfg.host, cfg.stow_port, cfg.stow_max_bytes).start())
-            log.info("STOW-RS listening on http://%s:%d/studies", cfg.host, cfg.stow_port)
+            stow = StowServer(self).start()
+            self._servers.append(stow)
+            log.info("STOW-RS listening on %s://%s:%d/studies%s", stow.http.scheme, cfg.host, cfg.stow_port,
+                     f" (client certificates {_client_certificates(cfg.stow_tls)})" if cfg.stow_tls else "")
         self._loop = threading.Thread(target=self._run_loop, name="series-completion", daemon=True)
         self._loop.start()
 
@@ -485,9 +475,12 @@ class Receiver:
             return {}
         parts = {"receiver series completion": "ok" if loop.is_alive() else "thread stopped"}
         for server in self._servers:
-            listener = getattr(server, "httpd", server)  # StowServer wraps its http.server
-            name = f"receiver listener {listener.server_address[0]}:{listener.server_address[1]}"
-            parts[name] = "ok" if _serving(listener) else "stopped accepting connections"
+            door = getattr(server, "http", None)  # the STOW-RS door's server
+            if door is not None:
+                name, alive = f"receiver STOW-RS {door.host}:{door.port}", door.serving()
+            else:
+                name, alive = f"receiver listener {server.server_address[0]}:{server.server_address[1]}", _serving(server)
+            parts[name] = "ok" if alive else "stopped accepting connections"
         return parts
 
     def serve_forever(self) -> None:
@@ -502,6 +495,12 @@ class Receiver:
 
 
 def _serving(server) -> bool:
-    """Whether a socketserver-based listener (pynetdicom's acceptor, http.server) is in serve_forever:
+    """Whether a socketserver-based listener (pynetdicom's acceptor) is in serve_forever:
     socketserver keeps no public flag; its is-shut-down event is clear exactly while the loop runs."""
     return server.socket.fileno() != -1 and not server._BaseServer__is_shut_down.is_set()
+
+
+def _client_certificates(tls) -> str:
+    """What a listener's TLS settings ask of a client's certificate, for its log line."""
+    return "required" if tls.require_client_certificate else \
+        "verified when sent" if tls.ca_certificates else "not asked for"
