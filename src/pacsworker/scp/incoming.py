@@ -22,10 +22,22 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.pdu_primitives import P_DATA
+
+from ..logs import printable
+from .commands import (
+    C_STORE_RQ_FIELD,
+    StoreRefusal,
+    command_fragments,
+    command_group_length_error,
+    read_command,
+    store_refusal,
+    store_response,
+    us_value,
+)
 
 log = logging.getLogger("pacsworker.scp")
 
@@ -50,6 +62,7 @@ class IncomingDataset:
         self.file = self  # pynetdicom flushes ``file``
         self.error: OSError | None = None
         self.received = 0
+        self.fragments = 0  # an empty fragment still says the dataset has started
         self.name = ""
         self._fd: int | None = None
         try:
@@ -58,10 +71,11 @@ class IncomingDataset:
             self.error = exc
         self.dataset_offset = len(PREAMBLE) + len(file_meta)
         self.write(PREAMBLE + file_meta)
-        self.received = 0
+        self.received = self.fragments = 0
 
     def write(self, fragment: bytes | memoryview) -> None:
         self.received += len(fragment)
+        self.fragments += 1
         if self.error is None:
             view = memoryview(fragment)
             try:
@@ -172,20 +186,26 @@ class _RequestQueue(queue.Queue):
 
 
 class SpoolingDIMSE(DIMSEServiceProvider):
-    """pynetdicom's DIMSE provider that gives every C-STORE dataset an :class:`IncomingDataset`
-    and aborts a message that would grow in memory (a huge command set, a dataset without a
-    command, a dataset of another service)."""
+    """pynetdicom's DIMSE provider that gives every C-STORE dataset an :class:`IncomingDataset`,
+    answers a C-STORE it must refuse before storage itself (:func:`datapath.store_refusal`: pynetdicom
+    would drop some unanswered, their dataset left on disk, or answer one with a C-ECHO-RSP), and aborts
+    on what would grow in memory or be glued to another message (a huge command set, a dataset fragment
+    without its command, a command inside a dataset, a command whose group length is wrong)."""
 
-    def __init__(self, assoc, folder: Path):
+    def __init__(self, assoc, folder: Path, serve_in_dul: bool = True):
         super().__init__(assoc)
         self.folder = folder
+        self.serve_in_dul = serve_in_dul
         self.msg_queue = _RequestQueue(self)
         # set by the DUL when the association's loop has something to do (see get_msg)
         self.wake: threading.Event = getattr(assoc.dul, "user_wake", None) or threading.Event()
+        self._refused: tuple[StoreRefusal, int] | None = None  # its dataset's fragments are dropped as they come
 
     def serve_now(self, request, context_id: int) -> bool:
         """Serve ``request`` in the calling (DUL) thread if it is a C-STORE pynetdicom would serve as a Storage
         SCP; the requests it would refuse or abort on go to the association's loop as usual."""
+        if not self.serve_in_dul:
+            return False
         if not isinstance(request, C_STORE) or not request.is_valid_request or self.assoc._sent_release:
             return False
         context = self.assoc._accepted_cx.get(context_id)
@@ -196,9 +216,13 @@ class SpoolingDIMSE(DIMSEServiceProvider):
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         # one value at a time: a dataset's first fragment may share a PDU with its command
-        for value in primitive.presentation_data_value_list:
+        for context_id, data in primitive.presentation_data_value_list:
+            if self._take_here(context_id, data):
+                if self.assoc.dul.socket is None or not self.assoc.dul.socket._is_connected:
+                    return
+                continue
             single = P_DATA()
-            single.presentation_data_value_list.append(value)
+            single.presentation_data_value_list.append((context_id, data))
             super().receive_primitive(single)
             message: Any = self.message  # pynetdicom's private file attributes are typed for its own files
             if message is None:
@@ -219,6 +243,62 @@ class SpoolingDIMSE(DIMSEServiceProvider):
                 return
         if not self.msg_queue.empty():
             self.wake.set()
+
+    def _take_here(self, context_id: int, data: bytes) -> bool:
+        """Handle a PDV here instead of in pynetdicom: True when it was (dropped with a refused C-STORE's
+        dataset, a refused C-STORE's command, or a protocol violation that aborted the association)."""
+        control = data[0] if data else 0
+        is_command = bool(control & 0x01)
+        if self._refused is not None:
+            refusal, refused_context = self._refused
+            if is_command or context_id != refused_context:
+                return self._abort("a PDV that is not the next fragment of the dataset being received")
+            if control & 0x02:
+                self._refused = None
+                self._answer(refusal, refused_context)
+            return True
+        command_started = self.message is not None and type(self.message) is DIMSEMessage
+        if not is_command:
+            return False if self.message is not None and not command_started else self._abort(
+                "a dataset fragment before its command was complete" if command_started
+                else "a dataset fragment before any command")
+        if self.message is not None and not command_started:
+            return self._abort("a command fragment inside the dataset being received")
+        if not control & 0x02:
+            return False
+        encoded = (self.message.encoded_command_set.getvalue() if self.message is not None else b"") + data[1:]
+        command = read_command(encoded)
+        if command is None:
+            return False  # not a command set pynetdicom can decode either: it refuses it
+        if us_value(command.get(0x0100)) != C_STORE_RQ_FIELD:
+            error = command_group_length_error(encoded)
+            return self._abort(f"a DIMSE command with {error}") if error else False
+        context = self.assoc._accepted_cx.get(context_id)
+        found = store_refusal(encoded, command, context) if context is not None else None
+        if found is None:
+            return False
+        refusal = found
+        self.message = None
+        log.warning("refused C-STORE %s from %s (%s): %s; answered 0x%04X", printable(refusal.instance),
+                    printable(self.assoc.requestor.ae_title or ""), self.assoc.requestor.address, refusal.reason,
+                    refusal.status)
+        if refusal.has_dataset:
+            self._refused = (refusal, context_id)
+        else:
+            self._answer(refusal, context_id)
+        return True
+
+    def _abort(self, reason: str) -> bool:
+        cast(Any, self.assoc.dul).abort_peer(reason)
+        return True
+
+    def _answer(self, refusal: StoreRefusal, context_id: int) -> None:
+        """The failure C-STORE-RSP of a refused C-STORE, after anything pynetdicom has queued to send."""
+        answer = store_response(refusal.message_id, refusal.sop_class, refusal.instance, refusal.status)
+        for control, fragment in command_fragments(answer, self.maximum_pdu_size or 0):
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append((context_id, bytes([control]) + fragment))
+            self.dul.send_pdu(pdata)
 
     def get_msg(self, block: bool = False):
         # pynetdicom's association loop polls this every millisecond; waiting here until a message is
@@ -242,5 +322,5 @@ def dataset_started(message) -> bool:
     """Whether any fragment of a C-STORE's dataset has arrived."""
     incoming = message._data_set_file
     if isinstance(incoming, IncomingDataset):
-        return incoming.received > 0
+        return incoming.fragments > 0
     return bool(incoming) or bool(message.data_set.tell())

@@ -192,6 +192,7 @@ class _Walker:
         self.pixel_tag = 0
         self.pixel_length: int | None = None
         self.fragments = 0
+        self.first_fragment = b""  # the start of the first frame's fragment: which codec wrote it
 
     def walk(self) -> None:
         self._dataset(self.implicit, self.order, depth=0)
@@ -288,9 +289,9 @@ class _Walker:
     def _undefined_length(self, tag: int, vr: bytes, implicit: bool, order: str, depth: int) -> None:
         """Walk an element of undefined length: encapsulated pixel data, a sequence, or an undefined-length UN."""
         if tag == 0x7FE00010:  # encapsulated, at top level or in an icon image item
-            fragments = self._fragments(order)
+            fragments, first = self._fragments(order)
             if depth == 0 and tag in PIXEL_TAGS:
-                self.pixel_tag, self.fragments = tag, fragments
+                self.pixel_tag, self.fragments, self.first_fragment = tag, fragments, first
         elif implicit or vr == b"SQ":
             self._sequence(implicit, order, depth + 1, tag)
         elif vr == b"UN":
@@ -330,17 +331,22 @@ class _Walker:
             else:
                 self.src.skip(length)
 
-    def _fragments(self, order: str) -> int:
-        count = -1  # the first item is the Basic Offset Table
+    def _fragments(self, order: str) -> tuple[int, bytes]:
+        """The number of fragments after the Basic Offset Table, and the start of the first one."""
+        count, first = -1, b""  # the first item is the Basic Offset Table
         layout = SHORT_HEADER[order]
         while True:
             group, element, length = self.src.unpack(layout)
             item = group << 16 | element
             if item == SEQUENCE_END:
-                return max(count, 0)
+                return max(count, 0), first
             if item != ITEM or length == UNDEFINED:
                 raise IncompleteDataset("encapsulated pixel data holds a malformed fragment item")
-            self.src.skip(length)
+            if count == 0:
+                first = bytes(self.src.read(min(length, CODEC_PREFIX)))
+                self.src.skip(length - len(first))
+            else:
+                self.src.skip(length)
             count += 1
 
 
@@ -400,6 +406,12 @@ def _check_pixels(header: Header, walker: _Walker, syntax: UID) -> None:
             raise IncompleteDataset(f"{name} is encapsulated but the transfer syntax {syntax} is not")
         if walker.fragments == 0:
             raise IncompleteDataset(f"encapsulated {name} holds no fragment")
+        codecs = CODEC_OF_SYNTAX.get(syntax)
+        found = codec_of(walker.first_fragment)
+        if walker.first_fragment and codecs is not None and found not in codecs:
+            raise IncompleteDataset(
+                f"encapsulated {name} starts with {found or 'no known codestream'}, which does not match the "
+                f"transfer syntax {syntax.name} ({' or '.join(sorted(c for c in codecs if c != _JPEG_OR_LS))})")
         return
     if syntax.is_encapsulated and walker.pixel_tag == 0x7FE00010:
         raise IncompleteDataset(f"{name} of the compressed transfer syntax {syntax} is not encapsulated")
@@ -416,6 +428,51 @@ def _check_pixels(header: Header, walker: _Walker, syntax: UID) -> None:
             f"{name} holds {walker.pixel_length} bytes, fewer than the {expected} that Rows x Columns x "
             "Samples x Bits Allocated x Frames imply"
         )
+
+
+# how far into the first fragment its codec is looked for: a JPEG's frame header follows its tables
+CODEC_PREFIX = 64 * 1024
+JPEG, JPEG_LS, JPEG_2000, RLE = "JPEG", "JPEG-LS", "JPEG 2000", "RLE"
+_JPEG_OR_LS = "a JPEG start of image without a frame header in its first bytes"
+CODEC_OF_SYNTAX = {
+    **{UID(uid): {JPEG, _JPEG_OR_LS} for uid in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51",
+                                                  "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70")},
+    **{UID(uid): {JPEG_LS, _JPEG_OR_LS} for uid in ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81")},
+    **{UID(uid): {JPEG_2000} for uid in ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")},
+    UID("1.2.840.10008.1.2.5"): {RLE},
+}
+# JPEG start-of-frame markers (ITU T.81 B.1.1.3): SOF0-SOF15 but DHT (C4), JPG (C8) and DAC (CC)
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_JPEG_LS_SOF = 0xF7  # SOF55 (ITU T.87)
+_STANDALONE = {0x01, *range(0xD0, 0xD9)}  # markers without a length: TEM, RSTn, SOI
+
+
+def codec_of(start: bytes) -> str | None:
+    """The codec whose codestream ``start`` (the first bytes of a frame's first fragment) begins, by its
+    markers: JPEG or JPEG-LS (start of image, then the frame header's kind), JPEG 2000 (SOC and SIZ, or
+    a JP2 signature box), RLE (its 64-byte header: 1-15 segments, the first at offset 64); else None."""
+    if start.startswith(b"\xff\x4f\xff\x51") or start.startswith(b"\x00\x00\x00\x0cjP  "):
+        return JPEG_2000
+    if start.startswith(b"\xff\xd8"):
+        at = 2
+        while at + 4 <= len(start) and start[at] == 0xFF:
+            marker = start[at + 1]
+            if marker == 0xFF:  # fill byte
+                at += 1
+            elif marker in _JPEG_SOF:
+                return JPEG
+            elif marker == _JPEG_LS_SOF:
+                return JPEG_LS
+            elif marker in _STANDALONE:
+                at += 2
+            else:
+                at += 2 + struct.unpack_from(">H", start, at + 2)[0]
+        return _JPEG_OR_LS
+    if len(start) >= 64:
+        segments, first_offset = struct.unpack_from("<LL", start)
+        if 1 <= segments <= 15 and first_offset == 64:
+            return RLE
+    return None
 
 
 def expected_pixel_bytes(header) -> int:

@@ -214,6 +214,7 @@ class Receiver:
             dataset_start_timeout=cfg.dataset_start_timeout,
             incoming_dir=self.layout.incoming,
             tls_handshake_timeout=cfg.tls.handshake_timeout if cfg.tls else 10.0,
+            fast_path=cfg.fast_path,
         )
 
     # -- event handlers (thin: check, store, record, answer) -------------------------------

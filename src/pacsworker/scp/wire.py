@@ -31,6 +31,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
+from ..logs import printable
 from .datapath import FastStores
 from .incoming import IDLE_WAIT, SpoolingDIMSE, dataset_started
 
@@ -74,6 +75,9 @@ class WirePolicy:
         keeps them in memory as pynetdicom does.
     tls_handshake_timeout:
         Seconds a peer of the TLS listener has to finish its handshake.
+    fast_path:
+        Serve well-formed C-STOREs from their PDUs (:mod:`datapath`) and in the connection's thread;
+        False leaves every request to pynetdicom's association thread.
     """
 
     network_timeout: float = 60.0
@@ -83,6 +87,7 @@ class WirePolicy:
     dataset_start_timeout: float = 2.0
     incoming_dir: Path | None = None
     tls_handshake_timeout: float = 10.0
+    fast_path: bool = True
 
     def limit_for(self, pdu_type: int) -> int:
         if pdu_type == P_DATA_TF:
@@ -96,19 +101,32 @@ class PeerGone(Exception):
     """The peer closed the connection, went silent mid-PDU, or broke a limit."""
 
 
-def printable(raw: bytes | str) -> str:
-    """A value from the wire (AE title, UID) as it may appear in a log line: control and non-ASCII
-    bytes escaped, so that a peer cannot write raw bytes into the log."""
-    if isinstance(raw, str):
-        if raw.isascii() and raw.isprintable() and "\\" not in raw:  # the usual case, as it is
-            return raw.strip()
-        raw = raw.encode("latin-1", "backslashreplace")
-    return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw).strip()
-
-
 def _ae_is_valid(raw: bytes) -> bool:
     # PS3.5 AE VR: default repertoire, no control characters or backslash, not only spaces
     return all(0x20 <= b < 0x7F and b != 0x5C for b in raw) and bool(raw.strip(b" "))
+
+
+# a PDV item's header takes 6 bytes of the peer's Maximum Length: 7 leaves room for one byte (PS3.8 9.3.5)
+MIN_PEER_MAXIMUM_LENGTH = 7
+UNREADABLE = -1
+
+
+def peer_maximum_length(body: bytes) -> int | None:
+    """The Maximum Length (PS3.8 D.1) an A-ASSOCIATE-RQ body announces; None when it has none,
+    ``UNREADABLE`` when its items do not add up."""
+    offset = 68
+    while offset + 4 <= len(body):
+        item_type, _, length = struct.unpack_from(">BBH", body, offset)
+        if item_type == 0x50:  # User Information: its sub-items
+            sub, end = offset + 4, offset + 4 + length
+            while sub + 4 <= end:
+                sub_type, _, sub_length = struct.unpack_from(">BBH", body, sub)
+                if sub_type == 0x51:
+                    return struct.unpack_from(">L", body, sub + 4)[0] if sub_length == 4 and sub + 8 <= end else UNREADABLE
+                sub += 4 + sub_length
+            return None
+        offset += 4 + length
+    return None if offset == len(body) else UNREADABLE
 
 
 def _abort_pdu(source: int = 0x02, reason: int = 0x00) -> bytes:
@@ -271,7 +289,7 @@ class GuardedDUL(DULServiceProvider):
     def _fast_path_open(self) -> FastStores | None:
         """The :class:`FastStores` this P-DATA-TF PDU is for, if it is: the association is established, and
         either a C-STORE of the fast path is in progress or pynetdicom has nothing of its own under way."""
-        if self.policy.incoming_dir is None or self.state_machine.current_state != "Sta6":
+        if not self.policy.fast_path or self.policy.incoming_dir is None or self.state_machine.current_state != "Sta6":
             return None
         if self._fast is None:
             self._fast = FastStores(self.assoc, self.policy.incoming_dir, self._connection().sendall)
@@ -294,7 +312,15 @@ class GuardedDUL(DULServiceProvider):
                     f"association from {peer} rejected: {what} AE title '{printable(raw)}' is not printable ASCII"
                 )
                 return False
-        return True
+        maximum = peer_maximum_length(body)
+        if maximum is UNREADABLE or (maximum is not None and (maximum == 0 or maximum >= MIN_PEER_MAXIMUM_LENGTH)):
+            return True  # pynetdicom refuses an unreadable request itself
+        why = ("announces no Maximum Length (PS3.8 D.1 requires one)" if maximum is None else
+               f"announces a Maximum Length of {maximum} bytes, too small for any response "
+               f"(at least {MIN_PEER_MAXIMUM_LENGTH}, or 0 for no limit)")
+        self._send_raw(_reject_pdu(0x01, 0x01, 0x01))
+        self._drop(f"association from {peer} (calling AE title '{printable(calling)}') rejected: it {why}")
+        return False
 
     # -- ending a connection ------------------------------------------------------------------
     def _peer(self) -> str:
@@ -421,6 +447,11 @@ class GuardedDUL(DULServiceProvider):
         self._release_unassociated_slot()
 
     def stop_dul(self) -> bool:
+        if threading.current_thread() is self:
+            # pynetdicom aborting from a request served in this thread (serve_now) waits for this thread to
+            # end: it would wait for itself forever, one spinning thread and a socket per association
+            self._kill_thread = True
+            return True
         # pynetdicom asks again every 10 ms until the connection is closed (Sta1); waiting here in finer
         # steps ends the association, and frees its slot for the sender's next one, as soon as it is
         deadline = time.monotonic() + 0.01
@@ -512,7 +543,7 @@ class GuardedRequestHandler(RequestHandler):
         guarded.socket = plain.socket
         assoc.dul = guarded
         if self.policy.incoming_dir is not None:
-            assoc.dimse = SpoolingDIMSE(assoc, self.policy.incoming_dir)
+            assoc.dimse = SpoolingDIMSE(assoc, self.policy.incoming_dir, serve_in_dul=self.policy.fast_path)
         # re-apply the timeouts so that they reach the new provider's timers
         assoc.acse_timeout = assoc.acse_timeout
         assoc.network_timeout = assoc.network_timeout
