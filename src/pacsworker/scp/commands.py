@@ -9,11 +9,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.sop_class import uid_to_service_class
-
 from ..logs import printable
 from ..records import is_valid_uid
+from .pynetdicom_adapter import is_storage_class
 
 C_STORE_RQ_FIELD = 0x0001  # Command Field values
 C_STORE_RSP_FIELD = 0x8001
@@ -52,11 +50,6 @@ def uid_value(value: bytes | None) -> str | None:
 def us_value(value: bytes | None) -> int | None:
     """A US value (None when absent or not 2 bytes)."""
     return _US.unpack(value)[0] if value is not None and len(value) == 2 else None
-
-
-def is_storage_class(uid: str) -> bool:
-    """Whether pynetdicom serves ``uid`` as a storage SOP class."""
-    return uid_to_service_class(uid) is StorageServiceClass
 
 
 def command_group_length_error(encoded: bytes | memoryview) -> str | None:

@@ -33,6 +33,7 @@ from .commands import (
     us_value,
 )
 from .incoming import IncomingDataset, file_meta_for
+from .pynetdicom_adapter import accepted_context, release_sent
 
 log = logging.getLogger("pacsworker.scp")
 
@@ -150,8 +151,8 @@ class FastStores:
         return True
 
     def _start(self, data: memoryview, context_id: int) -> bool:
-        context = self.assoc._accepted_cx.get(context_id)
-        if context is None or self.assoc._sent_release:
+        context = accepted_context(self.assoc, context_id)
+        if context is None or release_sent(self.assoc):
             return False
         command = read_command(data)
         if command is None or us_value(command.get(0x0100)) != C_STORE_RQ_FIELD or store_refusal(data, command, context):
@@ -169,7 +170,7 @@ class FastStores:
             return
         incoming = request._dataset_file
         handler, args = self.assoc.get_handlers(evt.EVT_C_STORE)
-        context = self.assoc._accepted_cx[request.context_id].as_tuple
+        context = accepted_context(self.assoc, request.context_id).as_tuple
         try:
             status = handler_status(handler(StoreEvent(self.assoc, request, context), *(args or ())))
         except Exception as exc:  # noqa: BLE001 - answer as pynetdicom does and keep serving

@@ -21,11 +21,6 @@ from typing import Any, cast
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
-from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import create_file_meta
-from pynetdicom.pdu_primitives import P_DATA
 
 from ..logs import printable
 from .commands import (
@@ -37,6 +32,19 @@ from .commands import (
     store_refusal,
     store_response,
     us_value,
+)
+from .pynetdicom_adapter import (
+    C_STORE,
+    C_STORE_RQ,
+    P_DATA,
+    DIMSEMessage,
+    DIMSEServiceProvider,
+    accepted_context,
+    create_file_meta,
+    dataset_file,
+    release_sent,
+    serve_request,
+    set_dataset_file,
 )
 
 log = logging.getLogger("pacsworker.scp")
@@ -206,19 +214,19 @@ class SpoolingDIMSE(DIMSEServiceProvider):
         SCP; the requests it would refuse or abort on go to the association's loop as usual."""
         if not self.serve_in_dul:
             return False
-        if not isinstance(request, C_STORE) or not request.is_valid_request or self.assoc._sent_release:
+        if not isinstance(request, C_STORE) or not request.is_valid_request or release_sent(self.assoc):
             return False
-        context = self.assoc._accepted_cx.get(context_id)
+        context = accepted_context(self.assoc, context_id)
         if context is None or context.abstract_syntax != request.AffectedSOPClassUID:
             return False
-        self.assoc._serve_request(request, context_id)
+        serve_request(self.assoc, request, context_id)
         return True
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         # one value at a time: a dataset's first fragment may share a PDU with its command
         for context_id, data in primitive.presentation_data_value_list:
             if self._take_here(context_id, data):
-                if self.assoc.dul.socket is None or not self.assoc.dul.socket._is_connected:
+                if not cast(Any, self.assoc.dul).connected():
                     return
                 continue
             single = P_DATA()
@@ -228,11 +236,11 @@ class SpoolingDIMSE(DIMSEServiceProvider):
             if message is None:
                 continue
             store: Any = message if isinstance(message, C_STORE_RQ) else None
-            if store is not None and store._data_set_file is None and not store.data_set.tell():
-                context = self.assoc._accepted_cx.get(store.context_id)
+            if store is not None and dataset_file(store) is None and not store.data_set.tell():
+                context = accepted_context(self.assoc, store.context_id)
                 if context is not None:  # else pynetdicom refuses the message itself
-                    store._data_set_file = IncomingDataset(self.folder, _file_meta(store, context.transfer_syntax[0]))
-                    store._data_set_path = Path(store._data_set_file.name)
+                    incoming = IncomingDataset(self.folder, _file_meta(store, context.transfer_syntax[0]))
+                    set_dataset_file(store, incoming, Path(incoming.name))
             elif message.encoded_command_set.tell() > MAX_COMMAND_BYTES:
                 cast(Any, self.assoc.dul).abort_peer(f"a DIMSE command set of more than {MAX_COMMAND_BYTES} bytes")
                 return
@@ -273,7 +281,7 @@ class SpoolingDIMSE(DIMSEServiceProvider):
         if us_value(command.get(0x0100)) != C_STORE_RQ_FIELD:
             error = command_group_length_error(encoded)
             return self._abort(f"a DIMSE command with {error}") if error else False
-        context = self.assoc._accepted_cx.get(context_id)
+        context = accepted_context(self.assoc, context_id)
         found = store_refusal(encoded, command, context) if context is not None else None
         if found is None:
             return False
@@ -312,7 +320,7 @@ class SpoolingDIMSE(DIMSEServiceProvider):
         """Delete the files of datasets the association ended before serving (partial or queued)."""
         pending = [self.message] + [item[1] for item in list(self.msg_queue.queue)]
         for message in pending:
-            incoming = getattr(message, "_data_set_file", None)
+            incoming = dataset_file(message)
             if isinstance(incoming, IncomingDataset):
                 incoming.discard()
                 log.info("dataset of an ended association discarded (%d bytes received)", incoming.received)
@@ -320,7 +328,7 @@ class SpoolingDIMSE(DIMSEServiceProvider):
 
 def dataset_started(message) -> bool:
     """Whether any fragment of a C-STORE's dataset has arrived."""
-    incoming = message._data_set_file
+    incoming = dataset_file(message)
     if isinstance(incoming, IncomingDataset):
         return incoming.fragments > 0
     return bool(incoming) or bool(message.data_set.tell())

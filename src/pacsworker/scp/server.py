@@ -40,6 +40,7 @@ from ..ledger import open_ledger
 from ..records import DataLayout, SeriesRecord, is_valid_uid
 from .incoming import PREAMBLE, IncomingDataset
 from .integrity import Header, IncompleteDataset, check_dataset
+from .pynetdicom_adapter import abort_sent, accepted_context, dataset_file
 from .spool import Spool
 from .tracker import InstanceMeta, SeriesTracker, plane_facts
 from .wire import WirePolicy, printable, start_guarded_server, tls_context
@@ -104,7 +105,7 @@ def _service_name(uid: str) -> str:
 
 def _unreleased(assoc) -> str:
     """How an association ended that was not released, as its connection closed."""
-    if getattr(assoc, "_sent_abort", False):
+    if abort_sent(assoc):
         return "aborted by pacsworker"
     try:
         by_peer = assoc.acse.is_aborted("a-abort")  # the peer's A-ABORT, still queued for pynetdicom
@@ -258,7 +259,7 @@ class Receiver:
                      printable(str(event.request.AffectedSOPInstanceUID or "")),
                      printable(event.assoc.requestor.ae_title or ""), free >> 20)
             return STATUS_OUT_OF_RESOURCES
-        incoming = getattr(event.request, "_dataset_file", None)
+        incoming = dataset_file(event.request)
         if not isinstance(incoming, IncomingDataset):  # kept in memory by pynetdicom
             dataset = event.request.DataSet.getbuffer()
             try:
@@ -364,15 +365,15 @@ class Receiver:
         (pynetdicom then refuses it or aborts the association)."""
         message, assoc = event.message, event.assoc
         kind = type(message).__name__
-        if not kind.endswith("_RQ") or (kind in SERVED_REQUESTS and message.context_id in assoc._accepted_cx):
+        accepted = accepted_context(assoc, message.context_id) is not None
+        if not kind.endswith("_RQ") or (kind in SERVED_REQUESTS and accepted):
             return
         try:
             sop_class = str(message.command_set.get("AffectedSOPClassUID", "")
                             or message.command_set.get("RequestedSOPClassUID", "") or "")
         except Exception:  # noqa: BLE001 - an undecodable command set: the service is named without its class
             sop_class = ""
-        why = ("on a presentation context that was not accepted" if message.context_id not in assoc._accepted_cx
-               else "not offered")
+        why = "not offered" if accepted else "on a presentation context that was not accepted"
         log.warning("%s request (%s) from %s (%s:%s) %s: pacsworker only stores (C-STORE, C-ECHO)",
                     kind[:-3].replace("_", "-"), _service_name(sop_class) if sop_class else "no SOP class",
                     printable(assoc.requestor.ae_title or ""), assoc.requestor.address, assoc.requestor.port, why)
@@ -394,7 +395,7 @@ class Receiver:
 
     def _handle_abort(self, event) -> None:
         metrics.ASSOCIATIONS.labels(metrics.ae_label(printable(event.assoc.requestor.ae_title or "")), "aborted").inc()
-        self._log_end(event.assoc, "aborted by pacsworker" if getattr(event.assoc, "_sent_abort", False) else "aborted")
+        self._log_end(event.assoc, "aborted by pacsworker" if abort_sent(event.assoc) else "aborted")
 
     def _handle_released(self, event) -> None:
         self._association_ended(event.assoc, released=True)

@@ -9,7 +9,6 @@ whose dataset never starts is completed empty (the Storage handler then refuses 
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import queue
@@ -25,15 +24,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
-from pynetdicom.utils import make_target
-
 from ..logs import printable
 from .datapath import FastStores
 from .incoming import IDLE_WAIT, SpoolingDIMSE, dataset_started
+from .pynetdicom_adapter import (
+    C_STORE_RQ,
+    P_DATA,
+    AdaptedDUL,
+    AdaptedRequestHandler,
+    AssociationSocket,
+    ThreadedAssociationServer,
+    copy_context,
+    install_dul,
+    make_target,
+    mark_aborted,
+    register_server,
+)
 
 log = logging.getLogger("pacsworker.scp")
 
@@ -149,10 +155,10 @@ class _WakingQueue(queue.Queue):
         self.wake.set()
 
 
-class GuardedDUL(DULServiceProvider):
+class GuardedDUL(AdaptedDUL):
     """pynetdicom's DUL provider with bounded, timed PDU reads (acceptor side only)."""
 
-    socket: AssociationSocket  # an acceptor's provider is made around its connection (_create_association)
+    socket: AssociationSocket  # an acceptor's provider is made around its connection (install_dul)
 
     def __init__(self, assoc, policy: WirePolicy):
         super().__init__(assoc)
@@ -167,7 +173,6 @@ class GuardedDUL(DULServiceProvider):
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._run_loop_delay = 0
         # C-STOREs served from their PDUs once the association is established (see datapath)
         self._fast: FastStores | None = None
         self._blocking_timeout: float | None = None  # the kernel timeouts of a plain socket, once in blocking mode
@@ -231,7 +236,7 @@ class GuardedDUL(DULServiceProvider):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         self._blocking_timeout = seconds
 
-    def _read_pdu_data(self) -> None:
+    def read_pdu(self) -> None:
         deadline = time.monotonic() + self.policy.network_timeout
         peer = self._peer()
         try:
@@ -260,7 +265,7 @@ class GuardedDUL(DULServiceProvider):
             return
         if pdu_type == P_DATA_TF and (fast := self._fast_path_open()) is not None:
             offset = self._fast_answering(fast.take, memoryview(pdu_bytes)[6:])
-            if not self.socket._is_connected:
+            if not self.connected():
                 return
             if fast.violation is not None:
                 self.abort_peer(fast.violation)
@@ -271,12 +276,9 @@ class GuardedDUL(DULServiceProvider):
                 rest = memoryview(pdu_bytes)[6 + offset:]
                 pdu_bytes = bytearray(struct.pack(">BBL", P_DATA_TF, 0, len(rest))) + rest
         try:
-            pdu, event = self._decode_pdu(pdu_bytes)
+            self.deliver_pdu(pdu_bytes)
         except Exception as exc:  # noqa: BLE001 - malformed PDU contents: abort, keep serving
             self._drop(f"undecodable {name} from {peer} ({type(exc).__name__}); aborted", abort=True)
-            return
-        self.event_queue.put(event)
-        self._recv_pdu.put(pdu)
 
     def _fast_answering(self, call, *args):
         """``call(*args)`` of :class:`FastStores`, which may send responses: a send that fails drops the connection."""
@@ -340,8 +342,7 @@ class GuardedDUL(DULServiceProvider):
         if abort:
             self._send_raw(_abort_pdu())
         # the state machine turns Evt17 into an A-P-ABORT for an established association
-        self.socket._shutdown_socket()
-        self.socket._is_connected = False
+        self.close_connection()
         self.event_queue.put("Evt17")
 
     def abort_peer(self, reason: str) -> None:
@@ -364,14 +365,14 @@ class GuardedDUL(DULServiceProvider):
         the socket is readable."""
         if not self.event_queue.empty() or not self.to_provider_queue.empty():
             return False
-        sock = self.socket.socket if self.socket is not None and self.socket._is_connected else None
+        sock = self.socket.socket if self.connected() else None
         if isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted bytes select cannot see
             return True
         try:
             ready, _, _ = select.select([self._wake_r] if sock is None else [sock, self._wake_r], [], [], timeout)
         except (OSError, ValueError):  # the socket closed meanwhile: the connection is gone (Evt17)
             if sock is not None:
-                self.socket._is_connected = False
+                self.connection_lost()
                 self.event_queue.put("Evt17")
             time.sleep(0.001)
             return False
@@ -397,47 +398,30 @@ class GuardedDUL(DULServiceProvider):
                 self._fast.discard()
 
     def _reactor(self) -> None:
-        """The provider's loop: one outgoing primitive or one incoming PDU, then one state machine event.
+        """pynetdicom's loop (see the adapter), waiting in ``_wait_for_work`` instead of sleeping: pynetdicom's
+        yields the GIL before every pass that found no event."""
+        self.reactor_loop(self.transport_event, self._upper_layer_failed)
 
-        pynetdicom's loop does the same but sleeps (yields the GIL) before every pass that found no
-        event; this one waits in ``_wait_for_work`` only, on the socket and the wake-up pair.
-        """
-        self._idle_timer.start()
-        self.assoc._dul_ready.set()
-        while not self._kill_thread:
-            if self.artim_timer.expired:
-                self.event_queue.put("Evt18")
-            try:
-                if not self._process_recv_primitive() and self._is_transport_event():
-                    self._idle_timer.restart()
-                try:
-                    event = self.event_queue.get(block=False)
-                except queue.Empty:
-                    continue
-                # pynetdicom's state machine raises on some malformed messages (a command without
-                # Command Field): abort that association and keep serving
-                self.state_machine.do_action(event)
-            except Exception as exc:  # noqa: BLE001 - the connection's state is unknown: abort it
-                log.error("association from %s aborted: a message its upper layer could not handle (%s)", self._peer(),
-                          type(exc).__name__)
-                log.debug("upper layer failure", exc_info=True)
-                self._send_raw(_abort_pdu())
-                self.assoc.is_aborted = True
-                self.assoc.is_established = False
-                self.assoc._kill = True
-                self._kill_thread = True
-                return
+    def _upper_layer_failed(self, exc: Exception) -> None:
+        # pynetdicom's state machine raises on some malformed messages (a command without Command Field):
+        # abort that association and keep serving
+        log.error("association from %s aborted: a message its upper layer could not handle (%s)", self._peer(),
+                  type(exc).__name__)
+        log.debug("upper layer failure", exc_info=exc)
+        self._send_raw(_abort_pdu())
+        mark_aborted(self.assoc)
 
-    def _is_transport_event(self) -> bool:
+    def transport_event(self) -> bool:
+        """Read a PDU if one arrives (True), after checking the dataset start of a C-STORE in progress."""
         self._check_dataset_start()
-        if self.state_machine.current_state == "Sta13" or self.socket is None or not self.socket._is_connected:
-            if super()._is_transport_event():  # pynetdicom's handling of a closing connection
+        if self.state_machine.current_state == "Sta13" or not self.connected():
+            if self.pynetdicom_transport_event():  # pynetdicom's handling of a closing connection
                 return True
             self._wait_for_work()
             return False
         # one select per PDU: it returns at once when the PDU is there, and the PDU is read straight away
         if self._wait_for_work():
-            self._read_pdu_data()
+            self.read_pdu()
             return True
         return False
 
@@ -450,7 +434,7 @@ class GuardedDUL(DULServiceProvider):
         if threading.current_thread() is self:
             # pynetdicom aborting from a request served in this thread (serve_now) waits for this thread to
             # end: it would wait for itself forever, one spinning thread and a socket per association
-            self._kill_thread = True
+            self.stop_reactor()
             return True
         # pynetdicom asks again every 10 ms until the connection is closed (Sta1); waiting here in finer
         # steps ends the association, and frees its slot for the sender's next one, as soon as it is
@@ -458,7 +442,7 @@ class GuardedDUL(DULServiceProvider):
         while self.state_machine.current_state != "Sta1" and self.is_alive() and time.monotonic() < deadline:
             time.sleep(0.0005)
         if self.state_machine.current_state == "Sta1":
-            self._kill_thread = True
+            self.stop_reactor()
             self._wake()  # pynetdicom's stop_dul then waits for this thread to see the flag
         return super().stop_dul()
 
@@ -506,7 +490,7 @@ class GuardedDUL(DULServiceProvider):
         )
 
 
-class GuardedRequestHandler(RequestHandler):
+class GuardedRequestHandler(AdaptedRequestHandler):
     """Builds each acceptor association around a :class:`GuardedDUL`."""
 
     def __init__(self, request, client_address, server, policy: WirePolicy):
@@ -535,18 +519,10 @@ class GuardedRequestHandler(RequestHandler):
         request.settimeout(self.policy.network_timeout)
         return True
 
-    def _create_association(self):
-        assoc = super()._create_association()
-        plain = assoc.dul
-        guarded = GuardedDUL(assoc, self.policy)
-        guarded.event_queue = plain.event_queue  # holds the transport-open event already
-        guarded.socket = plain.socket
-        assoc.dul = guarded
+    def adapt_association(self, assoc):
+        install_dul(assoc, GuardedDUL(assoc, self.policy))
         if self.policy.incoming_dir is not None:
             assoc.dimse = SpoolingDIMSE(assoc, self.policy.incoming_dir, serve_in_dul=self.policy.fast_path)
-        # re-apply the timeouts so that they reach the new provider's timers
-        assoc.acse_timeout = assoc.acse_timeout
-        assoc.network_timeout = assoc.network_timeout
         return assoc
 
 
@@ -559,12 +535,7 @@ class _SupportedContexts(list):
     """
 
     def __deepcopy__(self, memo) -> list:
-        copies = []
-        for context in self:
-            twin = copy.copy(context)
-            twin._transfer_syntax = list(context._transfer_syntax)
-            copies.append(twin)
-        return copies
+        return [copy_context(context) for context in self]
 
 
 class GuardedServer(ThreadedAssociationServer):
@@ -594,7 +565,7 @@ def start_guarded_server(ae, address: tuple[str, int], policy: WirePolicy, evt_h
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")
     thread = threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{stamp}", daemon=True)
     thread.start()
-    ae._servers.append(server)
+    register_server(ae, server)
     return server
 
 
