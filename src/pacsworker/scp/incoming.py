@@ -209,6 +209,11 @@ class SpoolingDIMSE(DIMSEServiceProvider):
         self.wake: threading.Event = getattr(assoc.dul, "user_wake", None) or threading.Event()
         self._refused: tuple[StoreRefusal, int] | None = None  # its dataset's fragments are dropped as they come
 
+    @property
+    def receiving(self) -> bool:
+        """Whether a message, or the dataset of a refused C-STORE, is arriving."""
+        return self.message is not None or self._refused is not None
+
     def serve_now(self, request, context_id: int) -> bool:
         """Serve ``request`` in the calling (DUL) thread if it is a C-STORE pynetdicom would serve as a Storage
         SCP; the requests it would refuse or abort on go to the association's loop as usual."""

@@ -297,8 +297,9 @@ class GuardedDUL(AdaptedDUL):
             self._fast = FastStores(self.assoc, self.policy.incoming_dir, self._connection().sendall)
         if self._fast.pending is not None:
             return self._fast
-        idle = (self.assoc.dimse.message is None and self.event_queue.empty() and self.to_provider_queue.empty()
-                and self.assoc.dimse.msg_queue.empty())
+        dimse = cast(SpoolingDIMSE, self.assoc.dimse)  # the fast path is on only with incoming_dir, hence it
+        idle = (not dimse.receiving and self.event_queue.empty() and self.to_provider_queue.empty()
+                and dimse.msg_queue.empty())
         return self._fast if idle else None
 
     def _associate_rq_is_sane(self, body: bytes, peer: str) -> bool:
