@@ -122,7 +122,8 @@ REFUSED_STORES = {
 
 @pytest.mark.parametrize("split", [False, True], ids=["command-whole", "command-split"])
 @pytest.mark.parametrize("case", sorted(REFUSED_STORES))
-def test_a_c_store_that_cannot_be_stored_is_answered_with_a_failure_and_leaves_nothing(receiver, case, split):
+def test_a_c_store_that_cannot_be_stored_is_answered_with_a_failure_and_leaves_nothing(receiver, caplog, case, split):
+    caplog.set_level(logging.INFO, logger="pacsworker.scp")
     make, context_id, status = REFUSED_STORES[case]
     before = held(receiver)
     sock = associate(receiver.settings.scp.port)
@@ -143,6 +144,8 @@ def test_a_c_store_that_cannot_be_stored_is_answered_with_a_failure_and_leaves_n
     release(sock)
     assert_nothing_held(receiver, before)
     assert not list(receiver.layout.spool.rglob(f"{instance}.dcm"))
+    assert f"answered 0x{status:04X}" in caplog.text
+    assert wait_until(lambda: "released: 1 instance(s) stored, 1 refused" in caplog.text, 10, what="the tally logged")
 
 
 def test_a_dataset_fragment_before_any_command_is_refused(receiver, caplog):

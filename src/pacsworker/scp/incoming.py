@@ -15,6 +15,7 @@ import os
 import queue
 import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -200,10 +201,12 @@ class SpoolingDIMSE(DIMSEServiceProvider):
     on what would grow in memory or be glued to another message (a huge command set, a dataset fragment
     without its command, a command inside a dataset, a command whose group length is wrong)."""
 
-    def __init__(self, assoc, folder: Path, serve_in_dul: bool = True):
+    def __init__(self, assoc, folder: Path, serve_in_dul: bool = True,
+                 on_refused: Callable[[Any, StoreRefusal], None] | None = None):
         super().__init__(assoc)
         self.folder = folder
         self.serve_in_dul = serve_in_dul
+        self.on_refused = on_refused
         self.msg_queue = _RequestQueue(self)
         # set by the DUL when the association's loop has something to do (see get_msg)
         self.wake: threading.Event = getattr(assoc.dul, "user_wake", None) or threading.Event()
@@ -295,6 +298,8 @@ class SpoolingDIMSE(DIMSEServiceProvider):
         log.warning("refused C-STORE %s from %s (%s): %s; answered 0x%04X", printable(refusal.instance),
                     printable(self.assoc.requestor.ae_title or ""), self.assoc.requestor.address, refusal.reason,
                     refusal.status)
+        if self.on_refused is not None:
+            self.on_refused(self.assoc, refusal)
         if refusal.has_dataset:
             self._refused = (refusal, context_id)
         else:

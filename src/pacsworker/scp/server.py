@@ -38,6 +38,7 @@ from .. import metrics
 from ..config import Settings
 from ..ledger import open_ledger
 from ..records import DataLayout, SeriesRecord, is_valid_uid
+from .commands import STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH, STATUS_SOP_CLASS_NOT_SUPPORTED, StoreRefusal
 from .incoming import PREAMBLE, IncomingDataset
 from .integrity import Header, IncompleteDataset, check_dataset
 from .pynetdicom_adapter import abort_sent, accepted_context, dataset_file
@@ -65,8 +66,6 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 
 # C-STORE failure statuses (PS3.4 B.2.3)
 STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DATASET_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0xC001
 
 REJECT_REASONS = {
@@ -85,6 +84,9 @@ CONTEXT_NOT_ACCEPTED = {
     0x04: "not accepted in the transfer syntax(es) proposed",
 }
 SERVED_REQUESTS = ("C_STORE_RQ", "C_ECHO_RQ")
+# the metrics' reason for a C-STORE refused by its command, by status
+REFUSAL_KINDS = {STATUS_DATASET_MISMATCH: "uid-mismatch", STATUS_CANNOT_UNDERSTAND: "cannot-understand",
+                 STATUS_SOP_CLASS_NOT_SUPPORTED: "sop-class-not-supported"}
 
 
 @dataclass
@@ -216,6 +218,7 @@ class Receiver:
             incoming_dir=self.layout.incoming,
             tls_handshake_timeout=cfg.tls.handshake_timeout if cfg.tls else 10.0,
             fast_path=cfg.fast_path,
+            on_refused=self._count_refused,
         )
 
     # -- event handlers (thin: check, store, record, answer) -------------------------------
@@ -235,6 +238,14 @@ class Receiver:
             else:
                 tally.refused += 1
         return status
+
+    def _count_refused(self, assoc, refusal: StoreRefusal) -> None:
+        """A C-STORE refused before the Storage handler (its command): in the association's tally and the metrics."""
+        tally = self._tallies.get(id(assoc))
+        if tally is not None:
+            tally.refused += 1
+        reason = REFUSAL_KINDS.get(refusal.status, "cannot-understand")
+        metrics.REFUSED.labels(metrics.ae_label(printable(assoc.requestor.ae_title or "")), reason).inc()
 
     def space_short(self) -> int | None:
         """Free bytes on data_dir when below the reserve, else None; says so once each way."""

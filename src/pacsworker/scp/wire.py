@@ -19,12 +19,14 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
 from ..logs import printable
+from .commands import StoreRefusal
 from .datapath import FastStores
 from .incoming import IDLE_WAIT, SpoolingDIMSE, dataset_started
 from .pynetdicom_adapter import (
@@ -84,6 +86,9 @@ class WirePolicy:
     fast_path:
         Serve well-formed C-STOREs from their PDUs (:mod:`datapath`) and in the connection's thread;
         False leaves every request to pynetdicom's association thread.
+    on_refused:
+        Called with the association and the :class:`~.commands.StoreRefusal` of each C-STORE answered
+        with a failure before it reached the Storage handler (the receiver counts it).
     """
 
     network_timeout: float = 60.0
@@ -94,6 +99,7 @@ class WirePolicy:
     incoming_dir: Path | None = None
     tls_handshake_timeout: float = 10.0
     fast_path: bool = True
+    on_refused: Callable[[Any, StoreRefusal], None] | None = None
 
     def limit_for(self, pdu_type: int) -> int:
         if pdu_type == P_DATA_TF:
@@ -523,7 +529,8 @@ class GuardedRequestHandler(AdaptedRequestHandler):
     def adapt_association(self, assoc):
         install_dul(assoc, GuardedDUL(assoc, self.policy))
         if self.policy.incoming_dir is not None:
-            assoc.dimse = SpoolingDIMSE(assoc, self.policy.incoming_dir, serve_in_dul=self.policy.fast_path)
+            assoc.dimse = SpoolingDIMSE(assoc, self.policy.incoming_dir, serve_in_dul=self.policy.fast_path,
+                                        on_refused=self.policy.on_refused)
         return assoc
 
 
