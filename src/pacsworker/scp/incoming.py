@@ -196,7 +196,7 @@ class _RequestQueue(queue.Queue):
 
 class SpoolingDIMSE(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider that gives every C-STORE dataset an :class:`IncomingDataset`,
-    answers a C-STORE it must refuse before storage itself (:func:`datapath.store_refusal`: pynetdicom
+    answers a C-STORE it must refuse before storage itself (:func:`commands.store_refusal`: pynetdicom
     would drop some unanswered, their dataset left on disk, or answer one with a C-ECHO-RSP), and aborts
     on what would grow in memory or be glued to another message (a huge command set, a dataset fragment
     without its command, a command inside a dataset, a command whose group length is wrong)."""
@@ -266,23 +266,30 @@ class SpoolingDIMSE(DIMSEServiceProvider):
         control = data[0] if data else 0
         is_command = bool(control & 0x01)
         if self._refused is not None:
-            refusal, refused_context = self._refused
+            pending, refused_context = self._refused
             if is_command or context_id != refused_context:
                 return self._abort("a PDV that is not the next fragment of the dataset being received")
             if control & 0x02:
                 self._refused = None
-                self._answer(refusal, refused_context)
+                self._answer(pending, refused_context)
             return True
         command_started = self.message is not None and type(self.message) is DIMSEMessage
         if not is_command:
-            return False if self.message is not None and not command_started else self._abort(
-                "a dataset fragment before its command was complete" if command_started
-                else "a dataset fragment before any command")
+            if self.message is not None and not command_started:
+                return False  # the next fragment of the dataset pynetdicom is receiving
+            return self._abort("a dataset fragment before its command was complete" if command_started
+                               else "a dataset fragment before any command")
         if self.message is not None and not command_started:
             return self._abort("a command fragment inside the dataset being received")
         if not control & 0x02:
             return False
         encoded = (self.message.encoded_command_set.getvalue() if self.message is not None else b"") + data[1:]
+        return self._refuse_command(context_id, encoded)
+
+    def _refuse_command(self, context_id: int, encoded: bytes) -> bool:
+        """Refuse a whole command set here if it must be (True): a C-STORE that :func:`store_refusal`
+        refuses is answered (after its dataset, if it has one); another command with a wrong group length
+        aborts the association."""
         command = read_command(encoded)
         if command is None:
             return False  # not a command set pynetdicom can decode either: it refuses it
@@ -290,10 +297,9 @@ class SpoolingDIMSE(DIMSEServiceProvider):
             error = command_group_length_error(encoded)
             return self._abort(f"a DIMSE command with {error}") if error else False
         context = accepted_context(self.assoc, context_id)
-        found = store_refusal(encoded, command, context) if context is not None else None
-        if found is None:
+        refusal = store_refusal(encoded, command, context) if context is not None else None
+        if refusal is None:
             return False
-        refusal = found
         self.message = None
         log.warning("refused C-STORE %s from %s (%s): %s; answered 0x%04X", printable(refusal.instance),
                     printable(self.assoc.requestor.ae_title or ""), self.assoc.requestor.address, refusal.reason,

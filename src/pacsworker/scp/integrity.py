@@ -20,6 +20,8 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
+from .codestream import CODEC_OF_SYNTAX, CODEC_PREFIX, JPEG_OR_LS, codec_of
+
 UNDEFINED = 0xFFFFFFFF
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 PIXEL_TAGS = {0x7FE00008: "Float Pixel Data", 0x7FE00009: "Double Float Pixel Data", 0x7FE00010: "Pixel Data"}
@@ -411,7 +413,7 @@ def _check_pixels(header: Header, walker: _Walker, syntax: UID) -> None:
         if walker.first_fragment and codecs is not None and found not in codecs:
             raise IncompleteDataset(
                 f"encapsulated {name} starts with {found or 'no known codestream'}, which does not match the "
-                f"transfer syntax {syntax.name} ({' or '.join(sorted(c for c in codecs if c != _JPEG_OR_LS))})")
+                f"transfer syntax {syntax.name} ({' or '.join(sorted(c for c in codecs if c != JPEG_OR_LS))})")
         return
     if syntax.is_encapsulated and walker.pixel_tag == 0x7FE00010:
         raise IncompleteDataset(f"{name} of the compressed transfer syntax {syntax} is not encapsulated")
@@ -428,51 +430,6 @@ def _check_pixels(header: Header, walker: _Walker, syntax: UID) -> None:
             f"{name} holds {walker.pixel_length} bytes, fewer than the {expected} that Rows x Columns x "
             "Samples x Bits Allocated x Frames imply"
         )
-
-
-# how far into the first fragment its codec is looked for: a JPEG's frame header follows its tables
-CODEC_PREFIX = 64 * 1024
-JPEG, JPEG_LS, JPEG_2000, RLE = "JPEG", "JPEG-LS", "JPEG 2000", "RLE"
-_JPEG_OR_LS = "a JPEG start of image without a frame header in its first bytes"
-CODEC_OF_SYNTAX = {
-    **{UID(uid): {JPEG, _JPEG_OR_LS} for uid in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51",
-                                                  "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70")},
-    **{UID(uid): {JPEG_LS, _JPEG_OR_LS} for uid in ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81")},
-    **{UID(uid): {JPEG_2000} for uid in ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")},
-    UID("1.2.840.10008.1.2.5"): {RLE},
-}
-# JPEG start-of-frame markers (ITU T.81 B.1.1.3): SOF0-SOF15 but DHT (C4), JPG (C8) and DAC (CC)
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_JPEG_LS_SOF = 0xF7  # SOF55 (ITU T.87)
-_STANDALONE = {0x01, *range(0xD0, 0xD9)}  # markers without a length: TEM, RSTn, SOI
-
-
-def codec_of(start: bytes) -> str | None:
-    """The codec whose codestream ``start`` (the first bytes of a frame's first fragment) begins, by its
-    markers: JPEG or JPEG-LS (start of image, then the frame header's kind), JPEG 2000 (SOC and SIZ, or
-    a JP2 signature box), RLE (its 64-byte header: 1-15 segments, the first at offset 64); else None."""
-    if start.startswith(b"\xff\x4f\xff\x51") or start.startswith(b"\x00\x00\x00\x0cjP  "):
-        return JPEG_2000
-    if start.startswith(b"\xff\xd8"):
-        at = 2
-        while at + 4 <= len(start) and start[at] == 0xFF:
-            marker = start[at + 1]
-            if marker == 0xFF:  # fill byte
-                at += 1
-            elif marker in _JPEG_SOF:
-                return JPEG
-            elif marker == _JPEG_LS_SOF:
-                return JPEG_LS
-            elif marker in _STANDALONE:
-                at += 2
-            else:
-                at += 2 + struct.unpack_from(">H", start, at + 2)[0]
-        return _JPEG_OR_LS
-    if len(start) >= 64:
-        segments, first_offset = struct.unpack_from("<LL", start)
-        if 1 <= segments <= 15 and first_offset == 64:
-            return RLE
-    return None
 
 
 def expected_pixel_bytes(header) -> int:
