@@ -346,10 +346,16 @@ class Receiver:
         log.info("C-ECHO from %s", printable(event.assoc.requestor.ae_title or ""))
         return 0x0000
 
+    def _handle_requested(self, event) -> None:
+        """The association's tally, from its request on: the connection's thread may serve (or refuse) its
+        first C-STORE before the association's own thread runs the accepted handler."""
+        assoc = event.assoc
+        self._tallies[id(assoc)] = AssociationTally(printable(assoc.requestor.ae_title or ""),
+                                                    f"{assoc.requestor.address}:{assoc.requestor.port}")
+
     def _handle_assoc(self, event) -> None:
         assoc = event.assoc
         calling, address = printable(assoc.requestor.ae_title or ""), f"{assoc.requestor.address}:{assoc.requestor.port}"
-        self._tallies[id(assoc)] = AssociationTally(calling, address)
         metrics.ASSOCIATIONS.labels(metrics.ae_label(calling), "accepted").inc()
         log.info("association from %s (%s) accepted", calling, address)
         self._log_contexts_not_accepted(assoc, calling, address)
@@ -391,6 +397,7 @@ class Receiver:
 
     def _handle_rejected(self, event) -> None:
         assoc = event.assoc
+        self._tallies.pop(id(assoc), None)  # nothing to tally: no line when its connection closes
         rj, rq = assoc.acceptor.primitive, assoc.requestor.primitive
         key = (rj.result, rj.result_source, rj.diagnostic) if rj is not None else None
         unknown = f"result/source/diagnostic {key}"
@@ -441,6 +448,7 @@ class Receiver:
         handlers = [
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, self._handle_echo),
+            (evt.EVT_REQUESTED, self._handle_requested),
             (evt.EVT_ACCEPTED, self._handle_assoc),
             (evt.EVT_REJECTED, self._handle_rejected),
             (evt.EVT_ABORTED, self._handle_abort),
