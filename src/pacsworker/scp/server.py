@@ -349,9 +349,9 @@ class Receiver:
     def _handle_requested(self, event) -> None:
         """The association's tally, from its request on: the connection's thread may serve (or refuse) its
         first C-STORE before the association's own thread runs the accepted handler."""
-        assoc = event.assoc
-        self._tallies[id(assoc)] = AssociationTally(printable(assoc.requestor.ae_title or ""),
-                                                    f"{assoc.requestor.address}:{assoc.requestor.port}")
+        assoc, request = event.assoc, event.assoc.requestor.primitive
+        calling = printable(request.calling_ae_title or "") if request is not None else ""
+        self._tallies[id(assoc)] = AssociationTally(calling, f"{assoc.requestor.address}:{assoc.requestor.port}")
 
     def _handle_assoc(self, event) -> None:
         assoc = event.assoc
