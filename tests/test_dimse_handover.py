@@ -148,6 +148,19 @@ def test_a_c_store_that_cannot_be_stored_is_answered_with_a_failure_and_leaves_n
     assert wait_until(lambda: "released: 1 instance(s) stored, 1 refused" in caplog.text, 10, what="the tally logged")
 
 
+def test_a_refused_c_store_whose_dataset_never_starts_is_answered(receiver):
+    """Its refusal is sent after the dataset start timeout, as for a C-STORE that would be stored."""
+    sock = associate(receiver.settings.scp.port)
+    encoded, _ = _store_command(instance="")
+    sock.sendall(pdvs((CT_CONTEXT, 0x03, encoded)))
+    rsp = response(sock)  # before the network timeout would abort the association
+    assert (rsp.CommandField, rsp.Status) == (0x8001, 0xA900)
+    data, ds = ct_dataset()
+    sock.sendall(pdvs((CT_CONTEXT, 0x03, command(ds.SOPInstanceUID, 6)), (CT_CONTEXT, 0x02, data)))
+    assert response(sock).Status == 0
+    release(sock)
+
+
 def test_a_dataset_fragment_before_any_command_is_refused(receiver, caplog):
     """It was glued onto the next C-STORE's dataset, stored and answered Success."""
     caplog.set_level(logging.WARNING, logger="pacsworker.scp")

@@ -16,6 +16,7 @@ import queue
 import struct
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -194,6 +195,15 @@ class _RequestQueue(queue.Queue):
             super().put(item, block, timeout)
 
 
+@dataclass
+class RefusedStore:
+    """A C-STORE refused by its command, whose dataset is read and dropped before it is answered."""
+
+    refusal: StoreRefusal
+    context_id: int
+    fragments: int = 0
+
+
 class SpoolingDIMSE(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider that gives every C-STORE dataset an :class:`IncomingDataset`,
     answers a C-STORE it must refuse before storage itself (:func:`commands.store_refusal`: pynetdicom
@@ -210,12 +220,18 @@ class SpoolingDIMSE(DIMSEServiceProvider):
         self.msg_queue = _RequestQueue(self)
         # set by the DUL when the association's loop has something to do (see get_msg)
         self.wake: threading.Event = getattr(assoc.dul, "user_wake", None) or threading.Event()
-        self._refused: tuple[StoreRefusal, int] | None = None  # its dataset's fragments are dropped as they come
+        self._refused: RefusedStore | None = None
 
     @property
     def receiving(self) -> bool:
         """Whether a message, or the dataset of a refused C-STORE, is arriving."""
         return self.message is not None or self._refused is not None
+
+    @property
+    def refused_awaiting_dataset(self) -> RefusedStore | None:
+        """The refused C-STORE whose dataset has not started, if any (the dataset start timeout applies to it too)."""
+        refused = self._refused
+        return refused if refused is not None and not refused.fragments else None
 
     def serve_now(self, request, context_id: int) -> bool:
         """Serve ``request`` in the calling (DUL) thread if it is a C-STORE pynetdicom would serve as a Storage
@@ -265,13 +281,14 @@ class SpoolingDIMSE(DIMSEServiceProvider):
         dataset, a refused C-STORE's command, or a protocol violation that aborted the association)."""
         control = data[0] if data else 0
         is_command = bool(control & 0x01)
-        if self._refused is not None:
-            pending, refused_context = self._refused
-            if is_command or context_id != refused_context:
+        refused = self._refused
+        if refused is not None:
+            if is_command or context_id != refused.context_id:
                 return self._abort("a PDV that is not the next fragment of the dataset being received")
+            refused.fragments += 1
             if control & 0x02:
                 self._refused = None
-                self._answer(pending, refused_context)
+                self._answer(refused.refusal, refused.context_id)
             return True
         command_started = self.message is not None and type(self.message) is DIMSEMessage
         if not is_command:
@@ -307,7 +324,7 @@ class SpoolingDIMSE(DIMSEServiceProvider):
         if self.on_refused is not None:
             self.on_refused(self.assoc, refusal)
         if refusal.has_dataset:
-            self._refused = (refusal, context_id)
+            self._refused = RefusedStore(refusal, context_id)
         else:
             self._answer(refusal, context_id)
         return True

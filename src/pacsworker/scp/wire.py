@@ -462,13 +462,15 @@ class GuardedDUL(AdaptedDUL):
     def _check_dataset_start(self) -> None:
         fasts = self._fast
         fast = fasts.pending if fasts is not None else None
-        message = fast or self.assoc.dimse.message
+        dimse = self.assoc.dimse
+        refused = dimse.refused_awaiting_dataset if isinstance(dimse, SpoolingDIMSE) else None
+        message = fast or dimse.message or refused
         if fasts is not None and fast is not None:
             started = fasts.dataset_started()
         elif isinstance(message, C_STORE_RQ):
             started = dataset_started(message)
         else:
-            started = True
+            started = message is None or message is not refused
         if started:
             self._store_waiting = None
             return
@@ -486,9 +488,16 @@ class GuardedDUL(AdaptedDUL):
             self._fast_answering(fasts.serve)  # with nothing received: the Storage handler refuses it
         elif isinstance(message, C_STORE_RQ):
             self._log_no_dataset(message.command_set.AffectedSOPInstanceUID)
-            empty_last_fragment = P_DATA()
-            empty_last_fragment.presentation_data_value_list.append((cast(int, message.context_id), b"\x02"))
-            self.assoc.dimse.receive_primitive(empty_last_fragment)
+            self._end_dataset(cast(int, message.context_id))  # the Storage handler refuses it
+        elif refused is not None:
+            self._log_no_dataset(refused.refusal.instance)
+            self._end_dataset(refused.context_id)  # answered with its refusal
+
+    def _end_dataset(self, context_id: int) -> None:
+        """Complete the dataset pynetdicom's path is waiting for with an empty last fragment."""
+        empty_last_fragment = P_DATA()
+        empty_last_fragment.presentation_data_value_list.append((context_id, b"\x02"))
+        self.assoc.dimse.receive_primitive(empty_last_fragment)
 
     def _log_no_dataset(self, uid) -> None:
         log.warning(
