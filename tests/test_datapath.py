@@ -9,33 +9,29 @@ from __future__ import annotations
 
 import logging
 import struct
-from io import BytesIO
 
 import pydicom
 import pytest
-from conftest import free_port, wait_until
-from pydicom.filereader import read_dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from wire_bytes import (
-    APPLICATION_CONTEXT,
-    CT_IMAGE,
-    EXPLICIT_LE,
-    IMPLICIT_LE,
-    VERIFICATION,
-    _ae,
-    _item,
-    connect,
-    explicit_le,
-    pdu,
-    read_pdu,
-    store_command,
-)
 
+from conftest import free_port, wait_until
 from pacsworker.config import Settings
 from pacsworker.scp import datapath, incoming
 from pacsworker.scp.server import Receiver
-
-CT_CONTEXT, ECHO_CONTEXT = 1, 3
+from wire_bytes import (
+    CT_CONTEXT,
+    CT_IMAGE,
+    ECHO_CONTEXT,
+    associate,
+    command,
+    ct_dataset,
+    echo_command,
+    explicit_le,
+    pdvs,
+    read_pdu,
+    release,
+    response,
+)
 
 
 @pytest.fixture
@@ -70,74 +66,6 @@ def served(monkeypatch):
     monkeypatch.setattr(datapath.FastStores, "serve", counting_fast)
     monkeypatch.setattr(incoming.SpoolingDIMSE, "serve_now", counting_slow)
     return counts
-
-
-def associate(port: int, max_pdu: int = 16384):
-    """A raw association proposing CT Image Storage (context 1, explicit VR LE) and Verification (context 3)."""
-    contexts = b""
-    for context_id, abstract, syntax in ((CT_CONTEXT, CT_IMAGE.encode(), EXPLICIT_LE), (ECHO_CONTEXT, VERIFICATION, IMPLICIT_LE)):
-        contexts += _item(0x20, bytes([context_id, 0, 0, 0]) + _item(0x30, abstract) + _item(0x40, syntax))
-    user = _item(0x51, struct.pack(">L", max_pdu)) + _item(0x52, b"1.2.826.0.1.3680043.9.7433")
-    body = struct.pack(">HH", 1, 0) + _ae(b"PACSWORKER") + _ae(b"SCU") + b"\0" * 32
-    sock = connect(port)
-    sock.sendall(pdu(0x01, body + _item(0x10, APPLICATION_CONTEXT) + contexts + _item(0x50, user)))
-    pdu_type, _ = read_pdu(sock)
-    assert pdu_type == 0x02, f"association not accepted (PDU type {pdu_type})"
-    return sock
-
-
-def release(sock) -> None:
-    sock.sendall(pdu(0x05, b"\0" * 4))  # A-RELEASE-RQ
-    assert read_pdu(sock)[0] == 0x06  # A-RELEASE-RP
-    sock.close()
-
-
-def pdvs(*values: tuple[int, int, bytes]) -> bytes:
-    """One P-DATA-TF holding the given (context id, control, data) values."""
-    return pdu(0x04, b"".join(struct.pack(">LBB", len(data) + 2, cid, control) + data for cid, control, data in values))
-
-
-def command(sop_uid: str, message_id: int) -> bytes:
-    encoded = bytearray(store_command(sop_uid))
-    at = encoded.index(b"\x00\x00\x10\x01")  # (0000,0110) Message ID
-    encoded[at + 8:at + 10] = struct.pack("<H", message_id)
-    return bytes(encoded)
-
-
-def echo_command(message_id: int) -> bytes:
-    body = b"".join((
-        struct.pack("<HHL", 0, 0x0002, 18) + VERIFICATION + b"\0",
-        struct.pack("<HHLH", 0, 0x0100, 2, 0x0030),
-        struct.pack("<HHLH", 0, 0x0110, 2, message_id),
-        struct.pack("<HHLH", 0, 0x0800, 2, 0x0101),
-    ))
-    return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
-
-
-def response(sock, max_pdu: int = 0) -> pydicom.Dataset:
-    """The next DIMSE response, reassembled from its fragments (each PDU's variable field, the part the
-    maximum length limits (PS3.8 D.1), no longer than ``max_pdu``)."""
-    encoded = b""
-    while True:
-        pdu_type, body = read_pdu(sock, timeout=30)
-        assert pdu_type == 0x04, f"expected P-DATA-TF, got PDU type {pdu_type}"
-        assert not max_pdu or len(body) <= max_pdu
-        (length, _, control) = struct.unpack(">LBB", body[:6])
-        encoded += body[6:4 + length]
-        if control == 0x03:
-            return read_dataset(BytesIO(encoded), True, True)
-
-
-def ct_dataset() -> tuple[bytes, pydicom.Dataset]:
-    ds = pydicom.Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE, generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "CT"
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows = ds.Columns = 64
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 0], [1, 0, 0, 0, 1, 0]
-    ds.PixelData = bytes(range(256)) * 32
-    return explicit_le(ds), ds
 
 
 def stored(rx: Receiver, ds: pydicom.Dataset) -> pydicom.FileDataset:
@@ -228,7 +156,7 @@ def test_a_command_pynetdicom_cannot_decode_aborts_only_its_association(receiver
     association is aborted with a reason in the log, and the receiver serves the next one."""
     caplog.set_level(logging.ERROR, logger="pacsworker.scp")
     sock = associate(receiver.settings.scp.port)
-    no_command_field = struct.pack("<HHLL", 0, 0, 4, 8) + struct.pack("<HHLH", 0, 0x0110, 2, 1)
+    no_command_field = struct.pack("<HHLL", 0, 0, 4, 10) + struct.pack("<HHLH", 0, 0x0110, 2, 1)
     sock.sendall(pdvs((CT_CONTEXT, 0x03, no_command_field)))
     assert read_pdu(sock)[0] in (0x07, 0)  # A-ABORT, or the connection closed after it
     sock.close()

@@ -75,7 +75,10 @@ def test_readyz_asks_each_destination_what_delivery_will_ask(tmp_path, pacs):  #
         assert checks["destination stranger"] == (
             f"C-ECHO to ORTHANC@127.0.0.1:{picky.dicom_port}: the PACS aborted the association at the C-ECHO (does it "
             "accept calling AE title STRANGER?)")
-        assert "rejected" in checks["destination wrong-called"] and "NOTORTHANC" in checks["destination wrong-called"]
+        # Orthanc rejects an unknown called AE title and closes at once: pynetdicom reads the rejection, or
+        # (when the close wins the race) finds the association aborted; either way delivery would fail
+        wrong_called = checks["destination wrong-called"]
+        assert ("rejected" in wrong_called or "no association" in wrong_called) and "NOTORTHANC" in wrong_called
         assert "HTTP 401" in checks["destination web"] and "credentials refused" in checks["destination web"]
         assert "not-the-password" not in json.dumps(checks)
 

@@ -20,17 +20,23 @@ from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification
 from wire_bytes import (
     CT_IMAGE,
+    ECHO_CONTEXT,
     EXPLICIT_LE,
+    associate,
     associate_rq,
     associated,
+    command_set,
     connect,
     deflate_bomb,
     explicit_le,
     pdv_pdu,
+    pdvs,
     raw_store,
     read_pdu,
     store_command,
     stream_store,
+    ui,
+    us,
     wait_closed,
 )
 
@@ -54,15 +60,18 @@ def memory(pid: int) -> dict[str, int]:
     return fields
 
 
-@pytest.fixture(scope="module")
-def scp_process(tmp_path_factory):
-    """A real ``pacsworker scp`` with a short network timeout and 4 association slots."""
+MODES = {"fast_path": True, "pynetdicom_path": False}  # scp.fast_path
+
+
+@pytest.fixture(scope="module", params=sorted(MODES))
+def scp_process(request, tmp_path_factory):
+    """A real ``pacsworker scp`` with a short network timeout and 4 association slots, one per mode."""
     tmp = tmp_path_factory.mktemp("hostile")
     port = free_port()
     config = write_config(
         tmp / "config.yaml",
         scp={"host": "127.0.0.1", "port": port, "series_quiet_seconds": 3600, "max_associations": 4,
-             "network_timeout": NETWORK_TIMEOUT, "max_inflated_bytes": 2 << 30},
+             "network_timeout": NETWORK_TIMEOUT, "max_inflated_bytes": 2 << 30, "fast_path": MODES[request.param]},
         storage={"data_dir": str(tmp / "data")},
     )
     proc = Pacsworker(["scp"], config, tmp / "scp.log")
@@ -71,7 +80,8 @@ def scp_process(tmp_path_factory):
     yield proc
     proc.stop()
     for name, line in REPORT.items():
-        print(f"[hostile] {name}: {line}")
+        print(f"[hostile {request.param}] {name}: {line}")
+    REPORT.clear()
 
 
 class PeakWatch:
@@ -214,12 +224,26 @@ def test_the_receiver_log_names_no_raw_bytes_or_tracebacks(scp_process):
     assert b"calling AE title 'EVIL\\x00\\x1b[2J' is not printable ASCII" in text
 
 
+def test_a_uid_with_a_newline_forges_no_line_through_the_libraries_logging(scp_process):
+    """pynetdicom quotes a C-ECHO's SOP class UID as it came when it warns about it: the line is escaped."""
+    sock = associate(scp_process.port)
+    forged = "FORGED ERROR pacsworker.scp: association from ADMIN accepted"
+    echo = command_set((0x0002, ui("1.2.840.10008.1.1\n" + forged)), (0x0100, us(0x0030)), (0x0110, us(1)),
+                       (0x0800, us(0x0101)))
+    sock.sendall(pdvs((ECHO_CONTEXT, 0x03, echo)))
+    read_pdu(sock)
+    sock.close()
+    wait_until(lambda: b"x0aFORGED" in scp_process.log.read_bytes(), 10, what="the escaped warning in the log")
+    lines = scp_process.log.read_bytes().splitlines()
+    assert not [line for line in lines if line.startswith(b"FORGED")]
+
+
 # -- in-process receiver: what is refused and what is logged ---------------------------------------
-@pytest.fixture
-def receiver(tmp_path):
+@pytest.fixture(params=sorted(MODES))
+def receiver(request, tmp_path):
     settings = Settings(
         scp={"host": "127.0.0.1", "port": free_port(), "series_quiet_seconds": 3600,
-             "allowed_calling_aets": ["SCU"], "max_associations": 1},
+             "allowed_calling_aets": ["SCU"], "max_associations": 1, "fast_path": MODES[request.param]},
         storage={"data_dir": str(tmp_path / "data")},
     )
     rx = Receiver(settings, lambda record: None)
@@ -276,10 +300,11 @@ def test_malformed_fragment_sequence_is_refused(receiver, dicom_dir, caplog):
     assert raw_store(receiver.settings.scp.port, body, ds.SOPInstanceUID, syntax, MRImageStorage) == 0
 
 
-def test_deflated_dataset_beyond_the_inflate_limit_is_refused(tmp_path, caplog):
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_deflated_dataset_beyond_the_inflate_limit_is_refused(tmp_path, caplog, mode):
     caplog.set_level(logging.WARNING, logger="pacsworker.scp")
     settings = Settings(
-        scp={"host": "127.0.0.1", "port": free_port(), "max_inflated_bytes": 16 * MB},
+        scp={"host": "127.0.0.1", "port": free_port(), "max_inflated_bytes": 16 * MB, "fast_path": MODES[mode]},
         storage={"data_dir": str(tmp_path / "data")},
     )
     rx = Receiver(settings, lambda record: None)

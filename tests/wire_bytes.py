@@ -8,9 +8,11 @@ import time
 import zlib
 from io import BytesIO
 
+import pydicom
 from pydicom.dataset import Dataset
-from pydicom.filewriter import write_dataset
 from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 from pydicom.uid import generate_uid
 
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
@@ -18,6 +20,7 @@ VERIFICATION = b"1.2.840.10008.1.1"
 IMPLICIT_LE = b"1.2.840.10008.1.2"
 EXPLICIT_LE = b"1.2.840.10008.1.2.1"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+CT_CONTEXT, ECHO_CONTEXT = 1, 3
 
 
 def _item(item_type: int, value: bytes) -> bytes:
@@ -189,3 +192,91 @@ def stream_store(port: int, dataset_head: bytes, tail_zeros: int, sop_uid: str, 
     assert pdu_type == 0x04, f"no C-STORE response (PDU type {pdu_type})"
     command = read_dataset(BytesIO(body[6:]), True, True)
     return int(command.Status)
+
+
+def associate(port: int, max_pdu: int | None = 16384):
+    """A raw association proposing CT Image Storage (context 1, explicit VR LE) and Verification (context 3);
+    ``max_pdu`` None sends no Maximum Length."""
+    contexts = b""
+    proposed = ((CT_CONTEXT, CT_IMAGE.encode(), EXPLICIT_LE), (ECHO_CONTEXT, VERIFICATION, IMPLICIT_LE))
+    for context_id, abstract, syntax in proposed:
+        contexts += _item(0x20, bytes([context_id, 0, 0, 0]) + _item(0x30, abstract) + _item(0x40, syntax))
+    user = _item(0x52, b"1.2.826.0.1.3680043.9.7433")
+    if max_pdu is not None:
+        user = _item(0x51, struct.pack(">L", max_pdu)) + user
+    body = struct.pack(">HH", 1, 0) + _ae(b"PACSWORKER") + _ae(b"SCU") + b"\0" * 32
+    sock = connect(port)
+    sock.sendall(pdu(0x01, body + _item(0x10, APPLICATION_CONTEXT) + contexts + _item(0x50, user)))
+    pdu_type, _ = read_pdu(sock)
+    assert pdu_type == 0x02, f"association not accepted (PDU type {pdu_type})"
+    return sock
+
+
+def release(sock) -> None:
+    sock.sendall(pdu(0x05, b"\0" * 4))  # A-RELEASE-RQ
+    assert read_pdu(sock)[0] == 0x06  # A-RELEASE-RP
+    sock.close()
+
+
+def pdvs(*values: tuple[int, int, bytes]) -> bytes:
+    """One P-DATA-TF holding the given (context id, control, data) values."""
+    return pdu(0x04, b"".join(struct.pack(">LBB", len(data) + 2, cid, control) + data for cid, control, data in values))
+
+
+def command(sop_uid: str, message_id: int) -> bytes:
+    encoded = bytearray(store_command(sop_uid))
+    at = encoded.index(b"\x00\x00\x10\x01")  # (0000,0110) Message ID
+    encoded[at + 8:at + 10] = struct.pack("<H", message_id)
+    return bytes(encoded)
+
+
+def echo_command(message_id: int) -> bytes:
+    body = b"".join((
+        struct.pack("<HHL", 0, 0x0002, 18) + VERIFICATION + b"\0",
+        struct.pack("<HHLH", 0, 0x0100, 2, 0x0030),
+        struct.pack("<HHLH", 0, 0x0110, 2, message_id),
+        struct.pack("<HHLH", 0, 0x0800, 2, 0x0101),
+    ))
+    return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
+
+
+def response(sock, max_pdu: int = 0) -> pydicom.Dataset:
+    """The next DIMSE response, reassembled from its fragments (each PDU's variable field, the part the
+    maximum length limits (PS3.8 D.1), no longer than ``max_pdu``)."""
+    encoded = b""
+    while True:
+        pdu_type, body = read_pdu(sock, timeout=30)
+        assert pdu_type == 0x04, f"expected P-DATA-TF, got PDU type {pdu_type}"
+        assert not max_pdu or len(body) <= max_pdu
+        (length, _, control) = struct.unpack(">LBB", body[:6])
+        encoded += body[6:4 + length]
+        if control == 0x03:
+            return read_dataset(BytesIO(encoded), True, True)
+
+
+def ct_dataset() -> tuple[bytes, pydicom.Dataset]:
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "CT"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows = ds.Columns = 64
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 0], [1, 0, 0, 0, 1, 0]
+    ds.PixelData = bytes(range(256)) * 32
+    return explicit_le(ds), ds
+
+
+def command_set(*elements: tuple[int, bytes], group_length: int | None = None) -> bytes:
+    """A command set of group 0000 elements given as (element, value bytes), Command Group Length first
+    (the right one unless ``group_length`` says otherwise)."""
+    body = b"".join(struct.pack("<HHL", 0, element, len(value)) + value for element, value in elements)
+    return struct.pack("<HHLL", 0, 0, 4, len(body) if group_length is None else group_length) + body
+
+
+def ui(value: str) -> bytes:
+    raw = value.encode("latin-1")
+    return raw + b"\0" * (len(raw) % 2)
+
+
+def us(value: int) -> bytes:
+    return struct.pack("<H", value)

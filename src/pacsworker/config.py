@@ -132,6 +132,10 @@ class ScpSettings(BaseModel):
     max_inflated_bytes: int = Field(
         4 << 30, ge=1 << 20, description="a deflated dataset that inflates to more is refused"
     )
+    fast_path: bool = Field(
+        True, description="serve well-formed C-STOREs straight from their PDUs (about a third of the CPU time per "
+        "instance); false: every C-STORE through pynetdicom's own path, with the same checks and answers"
+    )
 
     @field_validator("ae_title")
     @classmethod

@@ -33,6 +33,37 @@ def set_correlation(correlation_id: str) -> None:
     _CORRELATION.set(correlation_id)
 
 
+def printable(raw: bytes | str) -> str:
+    """A value from the wire (AE title, UID) as it may appear in a log line: control and non-ASCII
+    bytes escaped, so that a peer cannot write raw bytes into the log."""
+    if isinstance(raw, str):
+        if raw.isascii() and raw.isprintable() and "\\" not in raw:  # the usual case, as it is
+            return raw.strip()
+        raw = raw.encode("latin-1", "backslashreplace")
+    return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw).strip()
+
+
+# libraries that put values from the wire (UIDs, AE titles) into their messages as they came
+WIRE_LIBRARIES = ("pynetdicom", "pydicom")
+
+
+class _WireLibraryRecords(logging.Filter):
+    """Escapes what the DICOM libraries log: a newline in a UID they quote would write a forged line
+    into the log. An exception they log is reduced to one escaped line (its text can quote the same
+    values); pacsworker escapes what it logs itself, and other libraries' tracebacks stay whole."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.partition(".")[0] not in WIRE_LIBRARIES:
+            return True
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            message += f" ({type(error).__name__}: {error})"
+        record.msg, record.args = printable(message), None
+        record.exc_info = record.exc_text = None
+        return True
+
+
 class _Correlation(logging.Filter):
     """Sets the record's correlation id, and its plain-text tag unless the message already names it:
     a job id runs to a hundred characters and a line carries it once."""
@@ -65,6 +96,7 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(level: str, form: str) -> None:
     """The root handler of this process (stderr), in ``form`` ("plain" or "json")."""
     handler = logging.StreamHandler()
+    handler.addFilter(_WireLibraryRecords())
     handler.addFilter(_Correlation())
     handler.setFormatter(JsonFormatter() if form == "json" else logging.Formatter(PLAIN_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)

@@ -23,17 +23,21 @@ from pathlib import Path
 
 from pynetdicom import evt
 
+from .commands import (
+    C_STORE_RQ_FIELD,
+    command_fragments,
+    read_command,
+    store_refusal,
+    store_response,
+    uid_value,
+    us_value,
+)
 from .incoming import IncomingDataset, file_meta_for
+from .pynetdicom_adapter import accepted_context, release_sent
 
 log = logging.getLogger("pacsworker.scp")
 
-C_STORE_RQ = 0x0001
-C_STORE_RSP = 0x8001
-NO_DATASET = 0x0101
 STATUS_HANDLER_FAILED = 0xC211  # pynetdicom's answer when the C-STORE handler raised
-
-_ELEMENT = struct.Struct("<HHL")
-_US = struct.Struct("<H")
 _PDV = struct.Struct(">LBB")
 
 
@@ -53,30 +57,6 @@ def pdv_items(body: memoryview) -> list[tuple[int, int, int, int]] | None:
     return items or None
 
 
-def read_command(data: bytes | memoryview) -> dict[int, bytes] | None:
-    """The elements of a DIMSE command set (Implicit VR Little Endian, group 0000) by element number,
-    or None when it is not one (another group, a length past the end)."""
-    elements, offset, size = {}, 0, len(data)
-    while offset < size:
-        if size - offset < 8:
-            return None
-        group, element, length = _ELEMENT.unpack_from(data, offset)
-        offset += 8
-        if group != 0 or length > size - offset:
-            return None
-        elements[element] = bytes(data[offset:offset + length])
-        offset += length
-    return elements
-
-
-def _uid(value: bytes | None) -> str | None:
-    return None if value is None else value.rstrip(b"\0 ").decode("latin-1").strip()
-
-
-def _us(value: bytes | None) -> int | None:
-    return _US.unpack(value)[0] if value is not None and len(value) == 2 else None
-
-
 @dataclass
 class StoreRequest:
     """A C-STORE-RQ as the Storage handler sees it (the attributes it reads of pynetdicom's ``C_STORE``)."""
@@ -89,52 +69,18 @@ class StoreRequest:
     _dataset_file: IncomingDataset
 
 
-def store_request(command: dict[int, bytes], context_id: int, folder: Path, transfer_syntax: str) -> StoreRequest | None:
-    """A :class:`StoreRequest` with its incoming file opened, if ``command`` is a C-STORE-RQ with a dataset
-    and everything pynetdicom requires of one; else None."""
-    if _us(command.get(0x0100)) != C_STORE_RQ:
-        return None
-    message_id, priority = _us(command.get(0x0110)), _us(command.get(0x0700))
-    data_set_type = _us(command.get(0x0800))
-    sop_class, instance = _uid(command.get(0x0002)), _uid(command.get(0x1000))
-    if message_id is None or priority is None or data_set_type in (None, NO_DATASET) or not sop_class or not instance:
-        return None
+def store_request(command: dict[int, bytes], context_id: int, folder: Path, transfer_syntax: str) -> StoreRequest:
+    """A :class:`StoreRequest` with its incoming file opened, for a C-STORE-RQ :func:`store_refusal` passed."""
+    sop_class, instance = uid_value(command.get(0x0002)) or "", uid_value(command.get(0x1000)) or ""
     incoming = IncomingDataset(folder, file_meta_for(sop_class, instance, transfer_syntax))
+    message_id, priority = us_value(command.get(0x0110)) or 0, us_value(command.get(0x0700)) or 0
     return StoreRequest(message_id, sop_class, instance, priority, context_id, incoming)
-
-
-def _ui(tag_element: int, value: str) -> bytes:
-    raw = value.encode("latin-1", "replace")
-    raw += b"\0" * (len(raw) % 2)
-    return _ELEMENT.pack(0, tag_element, len(raw)) + raw
-
-
-def _us_element(tag_element: int, value: int) -> bytes:
-    return _ELEMENT.pack(0, tag_element, 2) + _US.pack(value & 0xFFFF)
-
-
-def store_response(request: StoreRequest, status: int) -> bytes:
-    """The C-STORE-RSP command set for ``request`` (PS3.7 9.3.1.2), group length first."""
-    body = b"".join((
-        _ui(0x0002, request.AffectedSOPClassUID),
-        _us_element(0x0100, C_STORE_RSP),
-        _us_element(0x0120, request.MessageID),
-        _us_element(0x0800, NO_DATASET),
-        _us_element(0x0900, status),
-        _ui(0x1000, request.AffectedSOPInstanceUID),
-    ))
-    return _ELEMENT.pack(0, 0x0000, 4) + struct.pack("<L", len(body)) + body
 
 
 def command_pdus(context_id: int, command: bytes, peer_max_length: int) -> bytes:
     """``command`` as P-DATA-TF PDUs no longer than the peer accepts (0: no limit), one PDV each."""
-    step = len(command) if not peer_max_length else max(1, peer_max_length - 6)
-    pdus = []
-    for start in range(0, len(command), step):
-        chunk = command[start:start + step]
-        control = 0x03 if start + step >= len(command) else 0x01
-        pdus.append(struct.pack(">BBLLBB", 0x04, 0, len(chunk) + 6, len(chunk) + 2, context_id, control) + chunk)
-    return b"".join(pdus)
+    return b"".join(struct.pack(">BBLLBB", 0x04, 0, len(chunk) + 6, len(chunk) + 2, context_id, control) + chunk
+                    for control, chunk in command_fragments(command, peer_max_length))
 
 
 def handler_status(result) -> int:
@@ -205,17 +151,17 @@ class FastStores:
         return True
 
     def _start(self, data: memoryview, context_id: int) -> bool:
-        context = self.assoc._accepted_cx.get(context_id)
-        if context is None or self.assoc._sent_release:
+        context = accepted_context(self.assoc, context_id)
+        if context is None or release_sent(self.assoc):
             return False
         command = read_command(data)
-        if command is None or _uid(command.get(0x0002)) != context.abstract_syntax:
-            return False
+        if command is None or us_value(command.get(0x0100)) != C_STORE_RQ_FIELD or store_refusal(data, command, context):
+            return False  # pynetdicom's path answers (SpoolingDIMSE refuses a C-STORE the same way)
         self.pending = store_request(command, context_id, self.folder, context.transfer_syntax[0])
-        return self.pending is not None
+        return True
 
     def dataset_started(self) -> bool:
-        return self.pending is None or self.pending._dataset_file.received > 0
+        return self.pending is None or self.pending._dataset_file.fragments > 0
 
     def serve(self) -> None:
         """Hand the complete (or given up) dataset to the Storage handler and answer with its status."""
@@ -224,7 +170,7 @@ class FastStores:
             return
         incoming = request._dataset_file
         handler, args = self.assoc.get_handlers(evt.EVT_C_STORE)
-        context = self.assoc._accepted_cx[request.context_id].as_tuple
+        context = accepted_context(self.assoc, request.context_id).as_tuple
         try:
             status = handler_status(handler(StoreEvent(self.assoc, request, context), *(args or ())))
         except Exception as exc:  # noqa: BLE001 - answer as pynetdicom does and keep serving
@@ -232,7 +178,8 @@ class FastStores:
             status = STATUS_HANDLER_FAILED
         maximum = self.assoc.requestor.maximum_length or 0
         try:
-            self.send(command_pdus(request.context_id, store_response(request, status), maximum))
+            answer = store_response(request.MessageID, request.AffectedSOPClassUID, request.AffectedSOPInstanceUID, status)
+            self.send(command_pdus(request.context_id, answer, maximum))
         finally:
             incoming.discard()  # after the answer: nothing is left when the handler moved the file into the spool
 

@@ -17,18 +17,39 @@ import os
 import queue
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
-from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import create_file_meta
-from pynetdicom.pdu_primitives import P_DATA
+
+from ..logs import printable
+from .commands import (
+    C_STORE_RQ_FIELD,
+    StoreRefusal,
+    command_fragments,
+    command_group_length_error,
+    read_command,
+    store_refusal,
+    store_response,
+    us_value,
+)
+from .pynetdicom_adapter import (
+    C_STORE,
+    C_STORE_RQ,
+    P_DATA,
+    DIMSEMessage,
+    DIMSEServiceProvider,
+    accepted_context,
+    create_file_meta,
+    dataset_file,
+    release_sent,
+    serve_request,
+    set_dataset_file,
+)
 
 log = logging.getLogger("pacsworker.scp")
 
@@ -54,6 +75,7 @@ class IncomingDataset:
         self.file = self  # pynetdicom flushes ``file``
         self.error: OSError | None = None
         self.received = 0
+        self.fragments = 0  # an empty fragment still says the dataset has started
         self.name = ""
         self._fd: int | None = None
         try:
@@ -63,10 +85,11 @@ class IncomingDataset:
         head = b"" if file_meta is None else PREAMBLE + file_meta
         self.dataset_offset = len(head)
         self.write(head)
-        self.received = 0
+        self.received = self.fragments = 0
 
     def write(self, fragment: bytes | memoryview) -> None:
         self.received += len(fragment)
+        self.fragments += 1
         if self.error is None:
             view = memoryview(fragment)
             try:
@@ -191,44 +214,76 @@ class _RequestQueue(queue.Queue):
             super().put(item, block, timeout)
 
 
-class SpoolingDIMSE(DIMSEServiceProvider):
-    """pynetdicom's DIMSE provider that gives every C-STORE dataset an :class:`IncomingDataset`
-    and aborts a message that would grow in memory (a huge command set, a dataset without a
-    command, a dataset of another service)."""
+@dataclass
+class RefusedStore:
+    """A C-STORE refused by its command, whose dataset is read and dropped before it is answered."""
 
-    def __init__(self, assoc, folder: Path):
+    refusal: StoreRefusal
+    context_id: int
+    fragments: int = 0
+
+
+class SpoolingDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider that gives every C-STORE dataset an :class:`IncomingDataset`,
+    answers a C-STORE it must refuse before storage itself (:func:`commands.store_refusal`: pynetdicom
+    would drop some unanswered, their dataset left on disk, or answer one with a C-ECHO-RSP), and aborts
+    on what would grow in memory or be glued to another message (a huge command set, a dataset fragment
+    without its command, a command inside a dataset, a command whose group length is wrong)."""
+
+    def __init__(self, assoc, folder: Path, serve_in_dul: bool = True,
+                 on_refused: Callable[[Any, StoreRefusal], None] | None = None):
         super().__init__(assoc)
         self.folder = folder
+        self.serve_in_dul = serve_in_dul
+        self.on_refused = on_refused
         self.msg_queue = _RequestQueue(self)
         # set by the DUL when the association's loop has something to do (see get_msg)
         self.wake: threading.Event = getattr(assoc.dul, "user_wake", None) or threading.Event()
+        self._refused: RefusedStore | None = None
+
+    @property
+    def receiving(self) -> bool:
+        """Whether a message, or the dataset of a refused C-STORE, is arriving."""
+        return self.message is not None or self._refused is not None
+
+    @property
+    def refused_awaiting_dataset(self) -> RefusedStore | None:
+        """The refused C-STORE whose dataset has not started, if any (the dataset start timeout applies to it too)."""
+        refused = self._refused
+        return refused if refused is not None and not refused.fragments else None
 
     def serve_now(self, request, context_id: int) -> bool:
         """Serve ``request`` in the calling (DUL) thread if it is a C-STORE pynetdicom would serve as a Storage
         SCP; the requests it would refuse or abort on go to the association's loop as usual."""
-        if not isinstance(request, C_STORE) or not request.is_valid_request or self.assoc._sent_release:
+        if not self.serve_in_dul:
             return False
-        context = self.assoc._accepted_cx.get(context_id)
+        if not isinstance(request, C_STORE) or not request.is_valid_request or release_sent(self.assoc):
+            return False
+        context = accepted_context(self.assoc, context_id)
         if context is None or context.abstract_syntax != request.AffectedSOPClassUID:
             return False
-        self.assoc._serve_request(request, context_id)
+        serve_request(self.assoc, request, context_id)
         return True
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         # one value at a time: a dataset's first fragment may share a PDU with its command
-        for value in primitive.presentation_data_value_list:
+        for context_id, data in primitive.presentation_data_value_list:
+            if self._take_here(context_id, data):
+                if not cast(Any, self.assoc.dul).connected():
+                    return
+                continue
             single = P_DATA()
-            single.presentation_data_value_list.append(value)
+            single.presentation_data_value_list.append((context_id, data))
             super().receive_primitive(single)
             message: Any = self.message  # pynetdicom's private file attributes are typed for its own files
             if message is None:
                 continue
             store: Any = message if isinstance(message, C_STORE_RQ) else None
-            if store is not None and store._data_set_file is None and not store.data_set.tell():
-                context = self.assoc._accepted_cx.get(store.context_id)
+            if store is not None and dataset_file(store) is None and not store.data_set.tell():
+                context = accepted_context(self.assoc, store.context_id)
                 if context is not None:  # else pynetdicom refuses the message itself
-                    store._data_set_file = IncomingDataset(self.folder, _file_meta(store, context.transfer_syntax[0]))
-                    store._data_set_path = Path(store._data_set_file.name)
+                    incoming = IncomingDataset(self.folder, _file_meta(store, context.transfer_syntax[0]))
+                    set_dataset_file(store, incoming, Path(incoming.name))
             elif message.encoded_command_set.tell() > MAX_COMMAND_BYTES:
                 cast(Any, self.assoc.dul).abort_peer(f"a DIMSE command set of more than {MAX_COMMAND_BYTES} bytes")
                 return
@@ -239,6 +294,71 @@ class SpoolingDIMSE(DIMSEServiceProvider):
                 return
         if not self.msg_queue.empty():
             self.wake.set()
+
+    def _take_here(self, context_id: int, data: bytes) -> bool:
+        """Handle a PDV here instead of in pynetdicom: True when it was (dropped with a refused C-STORE's
+        dataset, a refused C-STORE's command, or a protocol violation that aborted the association)."""
+        control = data[0] if data else 0
+        is_command = bool(control & 0x01)
+        refused = self._refused
+        if refused is not None:
+            if is_command or context_id != refused.context_id:
+                return self._abort("a PDV that is not the next fragment of the dataset being received")
+            refused.fragments += 1
+            if control & 0x02:
+                self._refused = None
+                self._answer(refused.refusal, refused.context_id)
+            return True
+        command_started = self.message is not None and type(self.message) is DIMSEMessage
+        if not is_command:
+            if self.message is not None and not command_started:
+                return False  # the next fragment of the dataset pynetdicom is receiving
+            return self._abort("a dataset fragment before its command was complete" if command_started
+                               else "a dataset fragment before any command")
+        if self.message is not None and not command_started:
+            return self._abort("a command fragment inside the dataset being received")
+        if not control & 0x02:
+            return False
+        encoded = (self.message.encoded_command_set.getvalue() if self.message is not None else b"") + data[1:]
+        return self._refuse_command(context_id, encoded)
+
+    def _refuse_command(self, context_id: int, encoded: bytes) -> bool:
+        """Refuse a whole command set here if it must be (True): a C-STORE that :func:`store_refusal`
+        refuses is answered (after its dataset, if it has one); another command with a wrong group length
+        aborts the association."""
+        command = read_command(encoded)
+        if command is None:
+            return False  # not a command set pynetdicom can decode either: it refuses it
+        if us_value(command.get(0x0100)) != C_STORE_RQ_FIELD:
+            error = command_group_length_error(encoded)
+            return self._abort(f"a DIMSE command with {error}") if error else False
+        context = accepted_context(self.assoc, context_id)
+        refusal = store_refusal(encoded, command, context) if context is not None else None
+        if refusal is None:
+            return False
+        self.message = None
+        log.warning("refused C-STORE %s from %s (%s): %s; answered 0x%04X", printable(refusal.instance),
+                    printable(self.assoc.requestor.ae_title or ""), self.assoc.requestor.address, refusal.reason,
+                    refusal.status)
+        if self.on_refused is not None:
+            self.on_refused(self.assoc, refusal)
+        if refusal.has_dataset:
+            self._refused = RefusedStore(refusal, context_id)
+        else:
+            self._answer(refusal, context_id)
+        return True
+
+    def _abort(self, reason: str) -> bool:
+        cast(Any, self.assoc.dul).abort_peer(reason)
+        return True
+
+    def _answer(self, refusal: StoreRefusal, context_id: int) -> None:
+        """The failure C-STORE-RSP of a refused C-STORE, after anything pynetdicom has queued to send."""
+        answer = store_response(refusal.message_id, refusal.sop_class, refusal.instance, refusal.status)
+        for control, fragment in command_fragments(answer, self.maximum_pdu_size or 0):
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append((context_id, bytes([control]) + fragment))
+            self.dul.send_pdu(pdata)
 
     def get_msg(self, block: bool = False):
         # pynetdicom's association loop polls this every millisecond; waiting here until a message is
@@ -252,7 +372,7 @@ class SpoolingDIMSE(DIMSEServiceProvider):
         """Delete the files of datasets the association ended before serving (partial or queued)."""
         pending = [self.message] + [item[1] for item in list(self.msg_queue.queue)]
         for message in pending:
-            incoming = getattr(message, "_data_set_file", None)
+            incoming = dataset_file(message)
             if isinstance(incoming, IncomingDataset):
                 incoming.discard()
                 log.info("dataset of an ended association discarded (%d bytes received)", incoming.received)
@@ -260,7 +380,7 @@ class SpoolingDIMSE(DIMSEServiceProvider):
 
 def dataset_started(message) -> bool:
     """Whether any fragment of a C-STORE's dataset has arrived."""
-    incoming = message._data_set_file
+    incoming = dataset_file(message)
     if isinstance(incoming, IncomingDataset):
-        return incoming.received > 0
+        return incoming.fragments > 0
     return bool(incoming) or bool(message.data_set.tell())

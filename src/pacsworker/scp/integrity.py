@@ -20,6 +20,8 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
+from .codestream import CODEC_OF_SYNTAX, CODEC_PREFIX, JPEG_OR_LS, codec_of
+
 UNDEFINED = 0xFFFFFFFF
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 PIXEL_TAGS = {0x7FE00008: "Float Pixel Data", 0x7FE00009: "Double Float Pixel Data", 0x7FE00010: "Pixel Data"}
@@ -192,6 +194,7 @@ class _Walker:
         self.pixel_tag = 0
         self.pixel_length: int | None = None
         self.fragments = 0
+        self.first_fragment = b""  # the start of the first frame's fragment: which codec wrote it
 
     def walk(self) -> None:
         self._dataset(self.implicit, self.order, depth=0)
@@ -288,9 +291,9 @@ class _Walker:
     def _undefined_length(self, tag: int, vr: bytes, implicit: bool, order: str, depth: int) -> None:
         """Walk an element of undefined length: encapsulated pixel data, a sequence, or an undefined-length UN."""
         if tag == 0x7FE00010:  # encapsulated, at top level or in an icon image item
-            fragments = self._fragments(order)
+            fragments, first = self._fragments(order)
             if depth == 0 and tag in PIXEL_TAGS:
-                self.pixel_tag, self.fragments = tag, fragments
+                self.pixel_tag, self.fragments, self.first_fragment = tag, fragments, first
         elif implicit or vr == b"SQ":
             self._sequence(implicit, order, depth + 1, tag)
         elif vr == b"UN":
@@ -330,17 +333,22 @@ class _Walker:
             else:
                 self.src.skip(length)
 
-    def _fragments(self, order: str) -> int:
-        count = -1  # the first item is the Basic Offset Table
+    def _fragments(self, order: str) -> tuple[int, bytes]:
+        """The number of fragments after the Basic Offset Table, and the start of the first one."""
+        count, first = -1, b""  # the first item is the Basic Offset Table
         layout = SHORT_HEADER[order]
         while True:
             group, element, length = self.src.unpack(layout)
             item = group << 16 | element
             if item == SEQUENCE_END:
-                return max(count, 0)
+                return max(count, 0), first
             if item != ITEM or length == UNDEFINED:
                 raise IncompleteDataset("encapsulated pixel data holds a malformed fragment item")
-            self.src.skip(length)
+            if count == 0:
+                first = bytes(self.src.read(min(length, CODEC_PREFIX)))
+                self.src.skip(length - len(first))
+            else:
+                self.src.skip(length)
             count += 1
 
 
@@ -400,6 +408,12 @@ def _check_pixels(header: Header, walker: _Walker, syntax: UID) -> None:
             raise IncompleteDataset(f"{name} is encapsulated but the transfer syntax {syntax} is not")
         if walker.fragments == 0:
             raise IncompleteDataset(f"encapsulated {name} holds no fragment")
+        codecs = CODEC_OF_SYNTAX.get(syntax)
+        found = codec_of(walker.first_fragment)
+        if walker.first_fragment and codecs is not None and found not in codecs:
+            raise IncompleteDataset(
+                f"encapsulated {name} starts with {found or 'no known codestream'}, which does not match the "
+                f"transfer syntax {syntax.name} ({' or '.join(sorted(c for c in codecs if c != JPEG_OR_LS))})")
         return
     if syntax.is_encapsulated and walker.pixel_tag == 0x7FE00010:
         raise IncompleteDataset(f"{name} of the compressed transfer syntax {syntax} is not encapsulated")

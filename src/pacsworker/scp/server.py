@@ -37,8 +37,10 @@ from .. import metrics
 from ..config import Settings
 from ..ledger import open_ledger
 from ..records import DataLayout, SeriesRecord, is_valid_uid
+from .commands import STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH, STATUS_SOP_CLASS_NOT_SUPPORTED, StoreRefusal
 from .incoming import PREAMBLE, IncomingDataset
 from .integrity import Header, IncompleteDataset, check_dataset
+from .pynetdicom_adapter import abort_sent, accepted_context, dataset_file
 from .spool import Spool
 from .tracker import InstanceMeta, SeriesTracker, plane_facts
 from .wire import WirePolicy, printable, start_guarded_server, tls_context
@@ -63,8 +65,6 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 
 # C-STORE failure statuses (PS3.4 B.2.3)
 STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DATASET_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0xC001
 
 REJECT_REASONS = {
@@ -83,6 +83,9 @@ CONTEXT_NOT_ACCEPTED = {
     0x04: "not accepted in the transfer syntax(es) proposed",
 }
 SERVED_REQUESTS = ("C_STORE_RQ", "C_ECHO_RQ")
+# the metrics' reason for a C-STORE refused by its command, by status
+REFUSAL_KINDS = {STATUS_DATASET_MISMATCH: "uid-mismatch", STATUS_CANNOT_UNDERSTAND: "cannot-understand",
+                 STATUS_SOP_CLASS_NOT_SUPPORTED: "sop-class-not-supported"}
 
 
 @dataclass
@@ -103,7 +106,7 @@ def _service_name(uid: str) -> str:
 
 def _unreleased(assoc) -> str:
     """How an association ended that was not released, as its connection closed."""
-    if getattr(assoc, "_sent_abort", False):
+    if abort_sent(assoc):
         return "aborted by pacsworker"
     try:
         by_peer = assoc.acse.is_aborted("a-abort")  # the peer's A-ABORT, still queued for pynetdicom
@@ -213,6 +216,8 @@ class Receiver:
             dataset_start_timeout=cfg.dataset_start_timeout,
             incoming_dir=self.layout.incoming,
             tls_handshake_timeout=cfg.tls.handshake_timeout if cfg.tls else 10.0,
+            fast_path=cfg.fast_path,
+            on_refused=self._count_refused,
         )
 
     # -- event handlers (thin: check, store, record, answer) -------------------------------
@@ -232,6 +237,14 @@ class Receiver:
             else:
                 tally.refused += 1
         return status
+
+    def _count_refused(self, assoc, refusal: StoreRefusal) -> None:
+        """A C-STORE refused before the Storage handler (its command): in the association's tally and the metrics."""
+        tally = self._tallies.get(id(assoc))
+        if tally is not None:
+            tally.refused += 1
+        reason = REFUSAL_KINDS.get(refusal.status, "cannot-understand")
+        metrics.REFUSED.labels(metrics.ae_label(printable(assoc.requestor.ae_title or "")), reason).inc()
 
     def space_short(self) -> int | None:
         """Free bytes on data_dir when below the reserve, else None; says so once each way."""
@@ -256,7 +269,7 @@ class Receiver:
                      printable(str(event.request.AffectedSOPInstanceUID or "")),
                      printable(event.assoc.requestor.ae_title or ""), free >> 20)
             return STATUS_OUT_OF_RESOURCES
-        incoming = getattr(event.request, "_dataset_file", None)
+        incoming = dataset_file(event.request)
         if not isinstance(incoming, IncomingDataset):  # kept in memory by pynetdicom
             dataset = event.request.DataSet.getbuffer()
             try:
@@ -322,10 +335,16 @@ class Receiver:
         log.info("C-ECHO from %s", printable(event.assoc.requestor.ae_title or ""))
         return 0x0000
 
+    def _handle_requested(self, event) -> None:
+        """The association's tally, from its request on: the connection's thread may serve (or refuse) its
+        first C-STORE before the association's own thread runs the accepted handler."""
+        assoc, request = event.assoc, event.assoc.requestor.primitive
+        calling = printable(request.calling_ae_title or "") if request is not None else ""
+        self._tallies[id(assoc)] = AssociationTally(calling, f"{assoc.requestor.address}:{assoc.requestor.port}")
+
     def _handle_assoc(self, event) -> None:
         assoc = event.assoc
         calling, address = printable(assoc.requestor.ae_title or ""), f"{assoc.requestor.address}:{assoc.requestor.port}"
-        self._tallies[id(assoc)] = AssociationTally(calling, address)
         metrics.ASSOCIATIONS.labels(metrics.ae_label(calling), "accepted").inc()
         log.info("association from %s (%s) accepted", calling, address)
         self._log_contexts_not_accepted(assoc, calling, address)
@@ -352,21 +371,22 @@ class Receiver:
         (pynetdicom then refuses it or aborts the association)."""
         message, assoc = event.message, event.assoc
         kind = type(message).__name__
-        if not kind.endswith("_RQ") or (kind in SERVED_REQUESTS and message.context_id in assoc._accepted_cx):
+        accepted = accepted_context(assoc, message.context_id) is not None
+        if not kind.endswith("_RQ") or (kind in SERVED_REQUESTS and accepted):
             return
         try:
             sop_class = str(message.command_set.get("AffectedSOPClassUID", "")
                             or message.command_set.get("RequestedSOPClassUID", "") or "")
         except Exception:  # noqa: BLE001 - an undecodable command set: the service is named without its class
             sop_class = ""
-        why = ("on a presentation context that was not accepted" if message.context_id not in assoc._accepted_cx
-               else "not offered")
+        why = "not offered" if accepted else "on a presentation context that was not accepted"
         log.warning("%s request (%s) from %s (%s:%s) %s: pacsworker only stores (C-STORE, C-ECHO)",
                     kind[:-3].replace("_", "-"), _service_name(sop_class) if sop_class else "no SOP class",
                     printable(assoc.requestor.ae_title or ""), assoc.requestor.address, assoc.requestor.port, why)
 
     def _handle_rejected(self, event) -> None:
         assoc = event.assoc
+        self._tallies.pop(id(assoc), None)  # nothing to tally: no line when its connection closes
         rj, rq = assoc.acceptor.primitive, assoc.requestor.primitive
         key = (rj.result, rj.result_source, rj.diagnostic) if rj is not None else None
         unknown = f"result/source/diagnostic {key}"
@@ -382,7 +402,7 @@ class Receiver:
 
     def _handle_abort(self, event) -> None:
         metrics.ASSOCIATIONS.labels(metrics.ae_label(printable(event.assoc.requestor.ae_title or "")), "aborted").inc()
-        self._log_end(event.assoc, "aborted by pacsworker" if getattr(event.assoc, "_sent_abort", False) else "aborted")
+        self._log_end(event.assoc, "aborted by pacsworker" if abort_sent(event.assoc) else "aborted")
 
     def _handle_released(self, event) -> None:
         self._association_ended(event.assoc, released=True)
@@ -417,6 +437,7 @@ class Receiver:
         handlers = [
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, self._handle_echo),
+            (evt.EVT_REQUESTED, self._handle_requested),
             (evt.EVT_ACCEPTED, self._handle_assoc),
             (evt.EVT_REJECTED, self._handle_rejected),
             (evt.EVT_ABORTED, self._handle_abort),

@@ -9,7 +9,6 @@ whose dataset never starts is completed empty (the Storage handler then refuses 
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import queue
@@ -20,19 +19,29 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
-from pynetdicom.utils import make_target
-
+from ..logs import printable
+from .commands import StoreRefusal
 from .datapath import FastStores
 from .incoming import IDLE_WAIT, SpoolingDIMSE, dataset_started
+from .pynetdicom_adapter import (
+    C_STORE_RQ,
+    P_DATA,
+    AdaptedDUL,
+    AdaptedRequestHandler,
+    AssociationSocket,
+    ThreadedAssociationServer,
+    copy_context,
+    install_dul,
+    make_target,
+    mark_aborted,
+    register_server,
+)
 
 log = logging.getLogger("pacsworker.scp")
 
@@ -74,6 +83,12 @@ class WirePolicy:
         keeps them in memory as pynetdicom does.
     tls_handshake_timeout:
         Seconds a peer of the TLS listener has to finish its handshake.
+    fast_path:
+        Serve well-formed C-STOREs from their PDUs (:mod:`datapath`) and in the connection's thread;
+        False leaves every request to pynetdicom's association thread.
+    on_refused:
+        Called with the association and the :class:`~.commands.StoreRefusal` of each C-STORE answered
+        with a failure before it reached the Storage handler (the receiver counts it).
     """
 
     network_timeout: float = 60.0
@@ -83,6 +98,8 @@ class WirePolicy:
     dataset_start_timeout: float = 2.0
     incoming_dir: Path | None = None
     tls_handshake_timeout: float = 10.0
+    fast_path: bool = True
+    on_refused: Callable[[Any, StoreRefusal], None] | None = None
 
     def limit_for(self, pdu_type: int) -> int:
         if pdu_type == P_DATA_TF:
@@ -96,19 +113,32 @@ class PeerGone(Exception):
     """The peer closed the connection, went silent mid-PDU, or broke a limit."""
 
 
-def printable(raw: bytes | str) -> str:
-    """A value from the wire (AE title, UID) as it may appear in a log line: control and non-ASCII
-    bytes escaped, so that a peer cannot write raw bytes into the log."""
-    if isinstance(raw, str):
-        if raw.isascii() and raw.isprintable() and "\\" not in raw:  # the usual case, as it is
-            return raw.strip()
-        raw = raw.encode("latin-1", "backslashreplace")
-    return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw).strip()
-
-
 def _ae_is_valid(raw: bytes) -> bool:
     # PS3.5 AE VR: default repertoire, no control characters or backslash, not only spaces
     return all(0x20 <= b < 0x7F and b != 0x5C for b in raw) and bool(raw.strip(b" "))
+
+
+# a PDV item's header takes 6 bytes of the peer's Maximum Length: 7 leaves room for one byte (PS3.8 9.3.5)
+MIN_PEER_MAXIMUM_LENGTH = 7
+UNREADABLE = -1
+
+
+def peer_maximum_length(body: bytes) -> int | None:
+    """The Maximum Length (PS3.8 D.1) an A-ASSOCIATE-RQ body announces; None when it has none,
+    ``UNREADABLE`` when its items do not add up."""
+    offset = 68
+    while offset + 4 <= len(body):
+        item_type, _, length = struct.unpack_from(">BBH", body, offset)
+        if item_type == 0x50:  # User Information: its sub-items
+            sub, end = offset + 4, offset + 4 + length
+            while sub + 4 <= end:
+                sub_type, _, sub_length = struct.unpack_from(">BBH", body, sub)
+                if sub_type == 0x51:
+                    return struct.unpack_from(">L", body, sub + 4)[0] if sub_length == 4 and sub + 8 <= end else UNREADABLE
+                sub += 4 + sub_length
+            return None
+        offset += 4 + length
+    return None if offset == len(body) else UNREADABLE
 
 
 def _abort_pdu(source: int = 0x02, reason: int = 0x00) -> bytes:
@@ -131,10 +161,10 @@ class _WakingQueue(queue.Queue):
         self.wake.set()
 
 
-class GuardedDUL(DULServiceProvider):
+class GuardedDUL(AdaptedDUL):
     """pynetdicom's DUL provider with bounded, timed PDU reads (acceptor side only)."""
 
-    socket: AssociationSocket  # an acceptor's provider is made around its connection (_create_association)
+    socket: AssociationSocket  # an acceptor's provider is made around its connection (install_dul)
 
     def __init__(self, assoc, policy: WirePolicy):
         super().__init__(assoc)
@@ -149,7 +179,6 @@ class GuardedDUL(DULServiceProvider):
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._run_loop_delay = 0
         # C-STOREs served from their PDUs once the association is established (see datapath)
         self._fast: FastStores | None = None
         self._blocking_timeout: float | None = None  # the kernel timeouts of a plain socket, once in blocking mode
@@ -213,7 +242,7 @@ class GuardedDUL(DULServiceProvider):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         self._blocking_timeout = seconds
 
-    def _read_pdu_data(self) -> None:
+    def read_pdu(self) -> None:
         deadline = time.monotonic() + self.policy.network_timeout
         peer = self._peer()
         try:
@@ -242,7 +271,7 @@ class GuardedDUL(DULServiceProvider):
             return
         if pdu_type == P_DATA_TF and (fast := self._fast_path_open()) is not None:
             offset = self._fast_answering(fast.take, memoryview(pdu_bytes)[6:])
-            if not self.socket._is_connected:
+            if not self.connected():
                 return
             if fast.violation is not None:
                 self.abort_peer(fast.violation)
@@ -253,12 +282,9 @@ class GuardedDUL(DULServiceProvider):
                 rest = memoryview(pdu_bytes)[6 + offset:]
                 pdu_bytes = bytearray(struct.pack(">BBL", P_DATA_TF, 0, len(rest))) + rest
         try:
-            pdu, event = self._decode_pdu(pdu_bytes)
+            self.deliver_pdu(pdu_bytes)
         except Exception as exc:  # noqa: BLE001 - malformed PDU contents: abort, keep serving
             self._drop(f"undecodable {name} from {peer} ({type(exc).__name__}); aborted", abort=True)
-            return
-        self.event_queue.put(event)
-        self._recv_pdu.put(pdu)
 
     def _fast_answering(self, call, *args):
         """``call(*args)`` of :class:`FastStores`, which may send responses: a send that fails drops the connection."""
@@ -271,14 +297,15 @@ class GuardedDUL(DULServiceProvider):
     def _fast_path_open(self) -> FastStores | None:
         """The :class:`FastStores` this P-DATA-TF PDU is for, if it is: the association is established, and
         either a C-STORE of the fast path is in progress or pynetdicom has nothing of its own under way."""
-        if self.policy.incoming_dir is None or self.state_machine.current_state != "Sta6":
+        if not self.policy.fast_path or self.policy.incoming_dir is None or self.state_machine.current_state != "Sta6":
             return None
         if self._fast is None:
             self._fast = FastStores(self.assoc, self.policy.incoming_dir, self._connection().sendall)
         if self._fast.pending is not None:
             return self._fast
-        idle = (self.assoc.dimse.message is None and self.event_queue.empty() and self.to_provider_queue.empty()
-                and self.assoc.dimse.msg_queue.empty())
+        dimse = cast(SpoolingDIMSE, self.assoc.dimse)  # the fast path is on only with incoming_dir, hence it
+        idle = (not dimse.receiving and self.event_queue.empty() and self.to_provider_queue.empty()
+                and dimse.msg_queue.empty())
         return self._fast if idle else None
 
     def _associate_rq_is_sane(self, body: bytes, peer: str) -> bool:
@@ -294,7 +321,15 @@ class GuardedDUL(DULServiceProvider):
                     f"association from {peer} rejected: {what} AE title '{printable(raw)}' is not printable ASCII"
                 )
                 return False
-        return True
+        maximum = peer_maximum_length(body)
+        if maximum is UNREADABLE or (maximum is not None and (maximum == 0 or maximum >= MIN_PEER_MAXIMUM_LENGTH)):
+            return True  # pynetdicom refuses an unreadable request itself
+        why = ("announces no Maximum Length (PS3.8 D.1 requires one)" if maximum is None else
+               f"announces a Maximum Length of {maximum} bytes, too small for any response "
+               f"(at least {MIN_PEER_MAXIMUM_LENGTH}, or 0 for no limit)")
+        self._send_raw(_reject_pdu(0x01, 0x01, 0x01))
+        self._drop(f"association from {peer} (calling AE title '{printable(calling)}') rejected: it {why}")
+        return False
 
     # -- ending a connection ------------------------------------------------------------------
     def _peer(self) -> str:
@@ -314,8 +349,7 @@ class GuardedDUL(DULServiceProvider):
         if abort:
             self._send_raw(_abort_pdu())
         # the state machine turns Evt17 into an A-P-ABORT for an established association
-        self.socket._shutdown_socket()
-        self.socket._is_connected = False
+        self.close_connection()
         self.event_queue.put("Evt17")
 
     def abort_peer(self, reason: str) -> None:
@@ -338,14 +372,14 @@ class GuardedDUL(DULServiceProvider):
         the socket is readable."""
         if not self.event_queue.empty() or not self.to_provider_queue.empty():
             return False
-        sock = self.socket.socket if self.socket is not None and self.socket._is_connected else None
+        sock = self.socket.socket if self.connected() else None
         if isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted bytes select cannot see
             return True
         try:
             ready, _, _ = select.select([self._wake_r] if sock is None else [sock, self._wake_r], [], [], timeout)
         except (OSError, ValueError):  # the socket closed meanwhile: the connection is gone (Evt17)
             if sock is not None:
-                self.socket._is_connected = False
+                self.connection_lost()
                 self.event_queue.put("Evt17")
             time.sleep(0.001)
             return False
@@ -371,47 +405,30 @@ class GuardedDUL(DULServiceProvider):
                 self._fast.discard()
 
     def _reactor(self) -> None:
-        """The provider's loop: one outgoing primitive or one incoming PDU, then one state machine event.
+        """pynetdicom's loop (see the adapter), waiting in ``_wait_for_work`` instead of sleeping: pynetdicom's
+        yields the GIL before every pass that found no event."""
+        self.reactor_loop(self.transport_event, self._upper_layer_failed)
 
-        pynetdicom's loop does the same but sleeps (yields the GIL) before every pass that found no
-        event; this one waits in ``_wait_for_work`` only, on the socket and the wake-up pair.
-        """
-        self._idle_timer.start()
-        self.assoc._dul_ready.set()
-        while not self._kill_thread:
-            if self.artim_timer.expired:
-                self.event_queue.put("Evt18")
-            try:
-                if not self._process_recv_primitive() and self._is_transport_event():
-                    self._idle_timer.restart()
-                try:
-                    event = self.event_queue.get(block=False)
-                except queue.Empty:
-                    continue
-                # pynetdicom's state machine raises on some malformed messages (a command without
-                # Command Field): abort that association and keep serving
-                self.state_machine.do_action(event)
-            except Exception as exc:  # noqa: BLE001 - the connection's state is unknown: abort it
-                log.error("association from %s aborted: a message its upper layer could not handle (%s)", self._peer(),
-                          type(exc).__name__)
-                log.debug("upper layer failure", exc_info=True)
-                self._send_raw(_abort_pdu())
-                self.assoc.is_aborted = True
-                self.assoc.is_established = False
-                self.assoc._kill = True
-                self._kill_thread = True
-                return
+    def _upper_layer_failed(self, exc: Exception) -> None:
+        # pynetdicom's state machine raises on some malformed messages (a command without Command Field):
+        # abort that association and keep serving
+        log.error("association from %s aborted: a message its upper layer could not handle (%s)", self._peer(),
+                  type(exc).__name__)
+        log.debug("upper layer failure", exc_info=exc)
+        self._send_raw(_abort_pdu())
+        mark_aborted(self.assoc)
 
-    def _is_transport_event(self) -> bool:
+    def transport_event(self) -> bool:
+        """Read a PDU if one arrives (True), after checking the dataset start of a C-STORE in progress."""
         self._check_dataset_start()
-        if self.state_machine.current_state == "Sta13" or self.socket is None or not self.socket._is_connected:
-            if super()._is_transport_event():  # pynetdicom's handling of a closing connection
+        if self.state_machine.current_state == "Sta13" or not self.connected():
+            if self.pynetdicom_transport_event():  # pynetdicom's handling of a closing connection
                 return True
             self._wait_for_work()
             return False
         # one select per PDU: it returns at once when the PDU is there, and the PDU is read straight away
         if self._wait_for_work():
-            self._read_pdu_data()
+            self.read_pdu()
             return True
         return False
 
@@ -421,13 +438,18 @@ class GuardedDUL(DULServiceProvider):
         self._release_unassociated_slot()
 
     def stop_dul(self) -> bool:
+        if threading.current_thread() is self:
+            # pynetdicom aborting from a request served in this thread (serve_now) waits for this thread to
+            # end: it would wait for itself forever, one spinning thread and a socket per association
+            self.stop_reactor()
+            return True
         # pynetdicom asks again every 10 ms until the connection is closed (Sta1); waiting here in finer
         # steps ends the association, and frees its slot for the sender's next one, as soon as it is
         deadline = time.monotonic() + 0.01
         while self.state_machine.current_state != "Sta1" and self.is_alive() and time.monotonic() < deadline:
             time.sleep(0.0005)
         if self.state_machine.current_state == "Sta1":
-            self._kill_thread = True
+            self.stop_reactor()
             self._wake()  # pynetdicom's stop_dul then waits for this thread to see the flag
         return super().stop_dul()
 
@@ -440,13 +462,15 @@ class GuardedDUL(DULServiceProvider):
     def _check_dataset_start(self) -> None:
         fasts = self._fast
         fast = fasts.pending if fasts is not None else None
-        message = fast or self.assoc.dimse.message
+        dimse = self.assoc.dimse
+        refused = dimse.refused_awaiting_dataset if isinstance(dimse, SpoolingDIMSE) else None
+        message = fast or dimse.message or refused
         if fasts is not None and fast is not None:
             started = fasts.dataset_started()
         elif isinstance(message, C_STORE_RQ):
             started = dataset_started(message)
         else:
-            started = True
+            started = message is None or message is not refused
         if started:
             self._store_waiting = None
             return
@@ -464,9 +488,16 @@ class GuardedDUL(DULServiceProvider):
             self._fast_answering(fasts.serve)  # with nothing received: the Storage handler refuses it
         elif isinstance(message, C_STORE_RQ):
             self._log_no_dataset(message.command_set.AffectedSOPInstanceUID)
-            empty_last_fragment = P_DATA()
-            empty_last_fragment.presentation_data_value_list.append((cast(int, message.context_id), b"\x02"))
-            self.assoc.dimse.receive_primitive(empty_last_fragment)
+            self._end_dataset(cast(int, message.context_id))  # the Storage handler refuses it
+        elif refused is not None:
+            self._log_no_dataset(refused.refusal.instance)
+            self._end_dataset(refused.context_id)  # answered with its refusal
+
+    def _end_dataset(self, context_id: int) -> None:
+        """Complete the dataset pynetdicom's path is waiting for with an empty last fragment."""
+        empty_last_fragment = P_DATA()
+        empty_last_fragment.presentation_data_value_list.append((context_id, b"\x02"))
+        self.assoc.dimse.receive_primitive(empty_last_fragment)
 
     def _log_no_dataset(self, uid) -> None:
         log.warning(
@@ -475,7 +506,7 @@ class GuardedDUL(DULServiceProvider):
         )
 
 
-class GuardedRequestHandler(RequestHandler):
+class GuardedRequestHandler(AdaptedRequestHandler):
     """Builds each acceptor association around a :class:`GuardedDUL`."""
 
     def __init__(self, request, client_address, server, policy: WirePolicy):
@@ -504,18 +535,11 @@ class GuardedRequestHandler(RequestHandler):
         request.settimeout(self.policy.network_timeout)
         return True
 
-    def _create_association(self):
-        assoc = super()._create_association()
-        plain = assoc.dul
-        guarded = GuardedDUL(assoc, self.policy)
-        guarded.event_queue = plain.event_queue  # holds the transport-open event already
-        guarded.socket = plain.socket
-        assoc.dul = guarded
+    def adapt_association(self, assoc):
+        install_dul(assoc, GuardedDUL(assoc, self.policy))
         if self.policy.incoming_dir is not None:
-            assoc.dimse = SpoolingDIMSE(assoc, self.policy.incoming_dir)
-        # re-apply the timeouts so that they reach the new provider's timers
-        assoc.acse_timeout = assoc.acse_timeout
-        assoc.network_timeout = assoc.network_timeout
+            assoc.dimse = SpoolingDIMSE(assoc, self.policy.incoming_dir, serve_in_dul=self.policy.fast_path,
+                                        on_refused=self.policy.on_refused)
         return assoc
 
 
@@ -528,12 +552,7 @@ class _SupportedContexts(list):
     """
 
     def __deepcopy__(self, memo) -> list:
-        copies = []
-        for context in self:
-            twin = copy.copy(context)
-            twin._transfer_syntax = list(context._transfer_syntax)
-            copies.append(twin)
-        return copies
+        return [copy_context(context) for context in self]
 
 
 class GuardedServer(ThreadedAssociationServer):
@@ -563,7 +582,7 @@ def start_guarded_server(ae, address: tuple[str, int], policy: WirePolicy, evt_h
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")
     thread = threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{stamp}", daemon=True)
     thread.start()
-    ae._servers.append(server)
+    register_server(ae, server)
     return server
 
 
