@@ -1,0 +1,182 @@
+"""kind nnunet: real nnU-Net v2 trained-model folders, made once per test run with nnU-Net's own
+tools on a toy dataset the test writes, against ``nnUNetv2_predict_from_modelfolder`` on a NIfTI
+of the same series made by dcm2niix, voxel for voxel."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from conftest import REPO, dciodvfy_errors, pacsworker_run, write_config
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+pytest.importorskip("nnunetv2", reason="the nnunet extra (pip install '.[nnunet]'; scripts/test.sh installs it)")
+
+SHAPE = (12, 32, 32)  # (slices, rows, columns) of the toy images
+SPACING = (2.5, 0.8, 0.8)  # mm, (slice, row, column): anisotropic, so nnU-Net plans a 2d and a 3d_fullres
+LABELS = {"background": 0, "ball": 1, "cube": 2}
+BIN = Path(sys.executable).parent
+
+
+def toy_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """An image in HU, (slices, rows, columns), with a bright ball and a fainter cube, and its labels."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[0:SHAPE[0], 0:SHAPE[1], 0:SHAPE[2]]
+    centre = rng.uniform([4, 9, 9], [8, 14, 14])
+    ball = ((z - centre[0]) * 3) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 <= 36
+    cube = (abs(z - 6) <= 2) & (abs(y - (31 - centre[1])) <= 4) & (abs(x - (27 - centre[2])) <= 3) & ~ball
+    image = rng.normal(0, 20, SHAPE) + 300 * ball + 120 * cube - 100
+    return image.astype(np.float32), (ball * 1 + cube * 2).astype(np.uint8)
+
+
+def nifti_affine_of_toy() -> np.ndarray:
+    """An axial LPS grid written as NIfTI (column, row, slice) in RAS, as the trainer reads it."""
+    return np.diag([-SPACING[2], -SPACING[1], SPACING[0], 1.0])
+
+
+def write_dataset(raw: Path, cases: int = 5) -> None:
+    """nnU-Net's raw dataset layout: imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz, dataset.json."""
+    folder = raw / "Dataset901_Toy"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    for case in range(cases):
+        image, labels = toy_case(case)
+        nib.save(nib.Nifti1Image(image.transpose(2, 1, 0), nifti_affine_of_toy()),
+                 folder / "imagesTr" / f"toy_{case:03d}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(labels.transpose(2, 1, 0), nifti_affine_of_toy()),
+                 folder / "labelsTr" / f"toy_{case:03d}.nii.gz")
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": LABELS,
+                                                     "numTraining": cases, "file_ending": ".nii.gz"}))
+
+
+def write_ct_series(folder: Path, seed: int = 11) -> Path:
+    """A toy case as an axial CT series, one file per slice (rows run anterior to posterior)."""
+    folder.mkdir(parents=True)
+    image, _ = toy_case(seed)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    for index, plane in enumerate(image):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Toy^Case", "TOY1", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "080000", "1", "", ""
+        ds.Modality, ds.Manufacturer, ds.SeriesNumber, ds.InstanceNumber = "CT", "test", 3, index + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient = [-12.0, 5.0, index * SPACING[0]]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.SliceThickness = [SPACING[1], SPACING[2]], SPACING[0]
+        ds.PositionReferenceIndicator, ds.KVP = "", 120
+        ds.Rows, ds.Columns = SHAPE[1], SHAPE[2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = (np.rint(plane) + 1024).astype(np.int16).tobytes()
+        ds.save_as(folder / f"ct{index:03d}.dcm", enforce_file_format=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def nnunet_env(tmp_path_factory) -> dict:
+    """nnU-Net's folders for this test run, and 2 CPU processes at most."""
+    root = tmp_path_factory.mktemp("nnunet")
+    return dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+                nnUNet_results=str(root / "results"), nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1")
+
+
+@pytest.fixture(scope="session")
+def trained(nnunet_env) -> dict[str, Path]:
+    """Trained-model folders by configuration (3d_fullres: folds 0 and 1; 2d: fold 0), made with
+    ``nnUNetv2_plan_and_preprocess`` and ``nnUNetv2_train`` (tests/nnunet_train.py: its epoch cut
+    to a few iterations)."""
+    write_dataset(Path(nnunet_env["nnUNet_raw"]))
+    # the planner sizes its thread pool from nnUNet_n_proc_DA and refuses 0
+    planned = subprocess.run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", "901", "-c", "2d", "3d_fullres",
+                              "-np", "1", "1"], env=dict(nnunet_env, nnUNet_n_proc_DA="1"),
+                             capture_output=True, text=True, timeout=600)
+    assert planned.returncode == 0, planned.stdout[-3000:] + planned.stderr[-3000:]
+    trained = subprocess.run([sys.executable, str(REPO / "tests" / "nnunet_train.py"), "901", "3d_fullres:0",
+                              "3d_fullres:1", "2d:0"], env=nnunet_env, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    results = Path(nnunet_env["nnUNet_results"]) / "Dataset901_Toy"
+    return {configuration: results / f"nnUNetTrainer__nnUNetPlans__{configuration}"
+            for configuration in ("3d_fullres", "2d")}
+
+
+@pytest.fixture(scope="session")
+def toy_series(tmp_path_factory) -> Path:
+    return write_ct_series(tmp_path_factory.mktemp("toy-ct") / "series")
+
+
+def predict_with_nnunet(series: Path, model: Path, folds: list[str], env: dict, out: Path,
+                        probabilities: bool = False) -> Path:
+    """What a researcher does without pacsworker: dcm2niix, then ``nnUNetv2_predict_from_modelfolder``."""
+    given = out / "in"
+    given.mkdir(parents=True)
+    converted = subprocess.run([str(BIN / "dcm2niix"), "-z", "i", "-b", "n", "-f", "case_0000", "-o", str(given),
+                                str(series)], capture_output=True, text=True, timeout=120)
+    assert converted.returncode == 0, converted.stderr
+    predicted = subprocess.run([str(BIN / "nnUNetv2_predict_from_modelfolder"), "-i", str(given), "-o", str(out / "out"),
+                                "-m", str(model), "-f", *folds, "-device", "cpu", "-npp", "1", "-nps", "1",
+                                *(["--save_probabilities"] if probabilities else [])],
+                               env=env, capture_output=True, text=True, timeout=600)
+    assert predicted.returncode == 0, predicted.stdout[-3000:] + predicted.stderr[-3000:]
+    return out / "out" / "case.nii.gz"
+
+
+def on_series_grid(nifti: Path, volume) -> np.ndarray:
+    """A NIfTI's voxels at the series' (slice, row, column) voxel centres, found through both affines
+    (no assumption about the order dcm2niix wrote the axes in)."""
+    from pacsworker.worker.export import nifti_affine
+    from pacsworker.worker.series import Series
+
+    image = nib.load(nifti)
+    ours = nifti_affine(Series(volume))  # (column, row, slice) -> RAS
+    grid = np.stack(np.meshgrid(*(np.arange(n) for n in volume.pixels.shape[::-1]), indexing="ij"), axis=-1)
+    world = grid @ ours[:3, :3].T + ours[:3, 3]
+    theirs = np.rint((world - image.affine[:3, 3]) @ np.linalg.inv(image.affine[:3, :3]).T).astype(int)
+    values = np.asarray(image.dataobj)
+    return values[theirs[..., 0], theirs[..., 1], theirs[..., 2]].transpose(2, 1, 0)
+
+
+def seg_labels(seg, volume) -> np.ndarray:
+    """The SEG's segments as one label volume, each voxel the dataset.json value of its segment's name."""
+    import highdicom as hd
+
+    read = hd.seg.Segmentation.from_dataset(seg)
+    uids = [str(source.dataset.SOPInstanceUID) for source in volume.sources]
+    by_number = {int(item.SegmentNumber): LABELS[item.SegmentLabel] for item in seg.SegmentSequence}
+    stack = read.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=sorted(by_number))
+    labels = np.zeros(stack.shape[:3], np.uint8)
+    for index, number in enumerate(sorted(by_number)):
+        labels[stack[..., index] > 0] = by_number[number]
+    return labels
+
+
+@pytest.mark.parametrize(("configuration", "folds"), [("3d_fullres", ["0"]), ("3d_fullres", ["0", "1"]), ("2d", ["0"])],
+                         ids=["3d_fullres-fold0", "3d_fullres-ensemble", "2d-fold0"])
+def test_seg_equals_nnunetv2_predict(trained, toy_series, nnunet_env, tmp_path, configuration, folds):
+    from pacsworker.config import ModelSettings
+    from pacsworker.worker.runtime import run_model
+
+    settings = ModelSettings(name="toy", kind="nnunet", source=str(trained[configuration]), device="cpu",
+                             folds=None if folds == ["0", "1"] else [int(f) for f in folds])
+    outcome = run_model(sorted(toy_series.glob("*.dcm")), settings)
+    assert outcome.seg is not None, outcome.reason
+    reference = on_series_grid(predict_with_nnunet(toy_series, trained[configuration], folds, nnunet_env, tmp_path),
+                               outcome.volume)
+    ours = seg_labels(outcome.seg, outcome.volume)
+    assert len(np.unique(reference)) > 1, "the toy model predicts one class only: the comparison would be weak"
+    assert np.array_equal(ours, reference), f"{int((ours != reference).sum())} of {ours.size} voxels differ"
+    assert {item.SegmentLabel for item in outcome.seg.SegmentSequence} <= {"ball", "cube"}
