@@ -135,13 +135,13 @@ def predict_with_nnunet(series: Path, model: Path, folds: list[str], env: dict, 
     return out / "out" / "case.nii.gz"
 
 
-def on_series_grid(nifti: Path, volume) -> np.ndarray:
+def on_series_grid(nifti: Path | nib.Nifti1Image, volume) -> np.ndarray:
     """A NIfTI's voxels at the series' (slice, row, column) voxel centres, found through both affines
     (no assumption about the order dcm2niix wrote the axes in)."""
     from pacsworker.worker.export import nifti_affine
     from pacsworker.worker.series import Series
 
-    image = nib.load(nifti)
+    image = nib.load(nifti) if isinstance(nifti, Path) else nifti
     ours = nifti_affine(Series(volume))  # (column, row, slice) -> RAS
     grid = np.stack(np.meshgrid(*(np.arange(n) for n in volume.pixels.shape[::-1]), indexing="ij"), axis=-1)
     world = grid @ ours[:3, :3].T + ours[:3, 3]
@@ -180,3 +180,60 @@ def test_seg_equals_nnunetv2_predict(trained, toy_series, nnunet_env, tmp_path, 
     assert len(np.unique(reference)) > 1, "the toy model predicts one class only: the comparison would be weak"
     assert np.array_equal(ours, reference), f"{int((ours != reference).sum())} of {ours.size} voxels differ"
     assert {item.SegmentLabel for item in outcome.seg.SegmentSequence} <= {"ball", "cube"}
+
+
+def test_probabilities_are_a_fractional_seg_equal_to_nnunetv2_predicts(trained, toy_series, nnunet_env, tmp_path):
+    """outputs: with kind probabilities gives nnU-Net's softmax as a FRACTIONAL SEG, coded as configured."""
+    import highdicom as hd
+
+    from pacsworker.config import ModelSettings
+    from pacsworker.worker.runtime import run_model
+
+    model = trained["3d_fullres"]
+    settings = ModelSettings(name="toy-p", kind="nnunet", source=str(model), device="cpu", folds=[0], outputs={
+        "p": {"kind": "probabilities", "segments": [{"label": 2, "name": "Cube", "type": ["SCT", "91723000", "Anatomical structure"]}]}})
+    outcome = run_model(sorted(toy_series.glob("*.dcm")), settings)
+    seg = outcome.seg
+    assert seg.SegmentationType == "FRACTIONAL" and seg.SegmentationFractionalType == "PROBABILITY"
+    assert [item.SegmentLabel for item in seg.SegmentSequence] == ["ball", "Cube"]  # dataset.json's, then outputs:'
+    assert seg.SegmentSequence[1].SegmentedPropertyTypeCodeSequence[0].CodeValue == "91723000"
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    labels = predict_with_nnunet(toy_series, model, ["0"], nnunet_env, tmp_path / "nnunet", probabilities=True)
+    softmax = np.load(labels.with_name("case.npz"))["probabilities"]  # (channels, k, j, i) as its reader gave them
+    affine = nib.load(labels).affine
+    uids = [str(source.dataset.SOPInstanceUID) for source in outcome.volume.sources]
+    stored = hd.seg.Segmentation.from_dataset(seg).get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, segment_numbers=[1, 2], rescale_fractional=False)
+    for index, channel in enumerate((1, 2)):
+        theirs = on_series_grid(nib.Nifti1Image(softmax[channel].transpose(2, 1, 0), affine), outcome.volume)
+        difference = np.abs(stored[..., index].astype(int) - np.rint(theirs * 255))
+        assert difference.max() <= 1, f"channel {channel}: {int((difference > 1).sum())} voxels differ"
+
+
+def test_run_and_models_test_with_nnunetv2_predicts_mask_as_reference_case(trained, toy_series, nnunet_env, tmp_path):
+    """`pacsworker run` writes the SEG named from dataset.json; `models test` passes a reference case
+    whose mask is nnUNetv2_predict's, at Dice 1."""
+    from pacsworker.worker.export import nifti_affine
+    from pacsworker.worker.series import Series
+    from pacsworker.worker.volume import load_series
+
+    model = trained["2d"]
+    volume = load_series(sorted(toy_series.glob("*.dcm")))
+    theirs = on_series_grid(predict_with_nnunet(toy_series, model, ["0"], nnunet_env, tmp_path / "nnunet"), volume)
+    expected = tmp_path / "expected_mask.nii.gz"
+    nib.save(nib.Nifti1Image(theirs.transpose(2, 1, 0).astype(np.uint8), nifti_affine(Series(volume))), expected)
+    config = write_config(tmp_path / "c.yaml", storage={"data_dir": str(tmp_path / "data")}, models=[{
+        "name": "toy", "kind": "nnunet", "source": str(model), "device": "cpu",
+        "tests": [{"input": str(toy_series), "expected_mask": str(expected), "min_dice": 1.0}]}])
+    out = tmp_path / "out"
+    ran = pacsworker_run(toy_series, out, config, "toy")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    seg = pydicom.dcmread(out / "seg.dcm")
+    assert {item.SegmentLabel for item in seg.SegmentSequence} <= {"ball", "cube"}
+    assert dciodvfy_errors(out / "seg.dcm") == []
+    tested = subprocess.run([sys.executable, "-m", "pacsworker", "models", "test", "toy", "--config", str(config)],
+                            capture_output=True, text=True, timeout=600)
+    assert tested.returncode == 0, tested.stdout[-3000:] + tested.stderr[-3000:]
+    assert "Dice 1.0000" in tested.stdout
