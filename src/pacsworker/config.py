@@ -479,7 +479,7 @@ _SERVED_FIELDS: dict[str, Any] = {"url": None, "model_name": None, "model_versio
                                   "irregular_spacing": "refuse", "scope": "series",
                                   # kind nnunet's inference settings (absent for the other kinds)
                                   "folds": None, "checkpoint": "checkpoint_final.pth", "use_mirroring": True,
-                                  "tile_step_size": 0.5}
+                                  "tile_step_size": 0.5, "image_reader_writer": None}
 
 
 class ModelSettings(BaseModel):
@@ -655,6 +655,9 @@ class MonaiDeployModelSettings(ModelSettings):
         return self
 
 
+NnunetReader = Literal["SimpleITKIO", "NibabelIO", "SimpleITKIOWithReorient", "NibabelIOWithReorient"]
+
+
 class NnunetModelSettings(ModelSettings):
     """An nnU-Net v2 trained-model folder, run by nnU-Net's own predictor on the worker's device."""
 
@@ -670,6 +673,9 @@ class NnunetModelSettings(ModelSettings):
     use_mirroring: bool = Field(True, description="test-time mirroring, as nnU-Net's default (--disable_tta turns it off)")
     tile_step_size: float = Field(
         0.5, gt=0, le=1, description="sliding-window step as a fraction of the patch size, as nnU-Net's -step_size")
+    image_reader_writer: NnunetReader | None = Field(
+        None, description="the nnU-Net reader whose view of a NIfTI of the series the model gets; default: plans.json's. "
+        "*WithReorient: turned to the nearest RAS first, as for models trained on RAS images (TotalSegmentator)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     outputs: dict[str, OutputConfig] = Field(
         default_factory=dict, description="at most one, a labelmap or probabilities (a FRACTIONAL SEG); its "

@@ -178,7 +178,8 @@ class NnunetModel:
         if not folds:
             raise FileNotFoundError(f"{folder} has no fold_N/{settings.checkpoint} (is training finished? "
                                     "checkpoint: names another file, e.g. checkpoint_best.pth)")
-        self.reader = json.loads((folder / "plans.json").read_text()).get("image_reader_writer", "SimpleITKIO")
+        self.reader = settings.image_reader_writer or \
+            json.loads((folder / "plans.json").read_text()).get("image_reader_writer", "SimpleITKIO")
         refuse_other_readers(self.reader)
         self.predictor = nnUNetPredictor(tile_step_size=settings.tile_step_size, use_gaussian=True,
                                          use_mirroring=settings.use_mirroring,
