@@ -237,3 +237,76 @@ def test_run_and_models_test_with_nnunetv2_predicts_mask_as_reference_case(train
                             capture_output=True, text=True, timeout=600)
     assert tested.returncode == 0, tested.stdout[-3000:] + tested.stderr[-3000:]
     assert "Dice 1.0000" in tested.stdout
+
+
+GRID_CASES = ["ct02_philips_ingenuity_headphantom_5mm", "mr05_ge_signa_hdxt_prostate_adc",
+              "mr06_siemens_prisma_xa30_t1_enhanced_multiframe", "mr12_siemens_trio_4sl_j2k_lossless",
+              "mr17_hyperfine_lowfield_enhanced"]
+
+
+@pytest.mark.parametrize("folder", GRID_CASES)
+def test_the_image_is_what_nnunets_readers_read_from_dcm2niix(dicom_dir, tmp_path, folder):
+    """Axial CT, oblique 2D MR, sagittal and axial 3D MR (which dcm2niix turns): for each reader the
+    array and spacing equal what nnU-Net's own reader class reads from dcm2niix's NIfTI; outputs on
+    that grid come back onto the series' grid."""
+    from nnunetv2.imageio.nibabel_reader_writer import NibabelIO, NibabelIOWithReorient
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO, SimpleITKIOWithReorient
+
+    from pacsworker.worker.adapters.nnunet import reader_grid
+    from pacsworker.worker.series import Series
+    from pacsworker.worker.volume import load_series
+
+    converted = subprocess.run([str(BIN / "dcm2niix"), "-z", "i", "-b", "n", "-f", "case", "-o", str(tmp_path),
+                                str(dicom_dir / folder)], capture_output=True, text=True, timeout=120)
+    assert converted.returncode == 0, converted.stderr
+    series = Series(load_series(sorted(p for p in (dicom_dir / folder).rglob("*") if p.is_file())))
+    for reader in (SimpleITKIO, NibabelIO, SimpleITKIOWithReorient, NibabelIOWithReorient):
+        theirs, properties = reader().read_images([str(tmp_path / "case.nii.gz")])
+        grid = reader_grid(series, reader.__name__)
+        ours = grid.image(series)
+        assert ours.shape == theirs.shape and np.allclose(ours, theirs, atol=1e-3), reader.__name__
+        # the slice gap: the series' median where dcm2niix may write the slice thickness (mr05: 6e-5 mm apart)
+        assert np.allclose(grid.spacing, properties["spacing"], rtol=1e-4), (reader.__name__, grid.spacing)
+        assert np.array_equal(grid.to_series(ours[0]), series.pixels)
+        assert np.array_equal(grid.to_series(np.stack([ours[0], -ours[0]]))[1], -series.pixels)
+
+
+def test_region_based_segments_take_the_values_nnunet_writes():
+    """A region-based dataset.json: region i is the segment written as regions_class_order[i], as
+    nnU-Net's label manager turns the region probabilities into its label map."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from pacsworker.worker.adapters.nnunet import dataset_segments
+
+    dataset = {"labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3},
+               "regions_class_order": [1, 2, 3]}
+    manager = LabelManager(dataset["labels"], dataset["regions_class_order"])
+    segments = dataset_segments(dataset, manager)
+    probabilities = np.zeros((3, 1, 1, 3), np.float32)
+    for channel in range(3):
+        probabilities[channel, 0, 0, channel] = 1.0  # only region `channel` at voxel `channel`
+    labels = manager.convert_probabilities_to_segmentation(probabilities)
+    assert [(s.spec.name, s.channel) for s in segments] == [("whole tumor", 0), ("tumor core", 1), ("enhancing tumor", 2)]
+    assert [s.value for s in segments] == [int(labels[0, 0, s.channel]) for s in segments] == [1, 2, 3]
+    plain = {"labels": {"background": 0, "liver": 1, "tumour": 2, "ignore": 3}}
+    assert [(s.value, s.channel, s.spec.name) for s in dataset_segments(plain, LabelManager(plain["labels"], None))] == \
+        [(1, 1, "liver"), (2, 2, "tumour")]
+
+
+def test_what_it_cannot_run_is_refused_with_the_reason(trained, tmp_path):
+    from pacsworker.config import ModelSettings
+    from pacsworker.worker.adapters import ModelLoadError, load_model
+
+    segments = {"kind": "labelmap", "segments": [{"label": 1, "name": "A"}]}
+    with pytest.raises(ValueError, match="kind nnunet has one output"):
+        ModelSettings(name="x", kind="nnunet", source="/m", outputs={"a": segments, "b": segments})
+    with pytest.raises(ValueError, match="not score"):
+        ModelSettings(name="x", kind="nnunet", source="/m", outputs={"a": {"kind": "score", "name": ["a", "b", "c"]}})
+    with pytest.raises(ModelLoadError, match="is not an nnU-Net trained-model folder \\(no dataset.json\\)"):
+        load_model(ModelSettings(name="x", kind="nnunet", source=str(tmp_path), device="cpu"))
+    with pytest.raises(ModelLoadError, match="no fold_N/checkpoint_latest.pth"):
+        load_model(ModelSettings(name="x", kind="nnunet", source=str(trained["2d"]), device="cpu",
+                                 checkpoint="checkpoint_latest.pth"))
+    with pytest.raises(ModelLoadError, match=r"label\(s\) \[7\] are not in the model's dataset.json labels"):
+        load_model(ModelSettings(name="x", kind="nnunet", source=str(trained["2d"]), device="cpu",
+                                 outputs={"seg": {"kind": "labelmap", "segments": [{"label": 7, "name": "Seven"}]}}))
