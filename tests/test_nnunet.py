@@ -14,9 +14,10 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import REPO, dciodvfy_errors, pacsworker_run, write_config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from conftest import REPO, dciodvfy_errors, pacsworker_run, write_config
 
 pytest.importorskip("nnunetv2", reason="the nnunet extra (pip install '.[nnunet]'; scripts/test.sh installs it)")
 
@@ -26,35 +27,47 @@ LABELS = {"background": 0, "ball": 1, "cube": 2}
 BIN = Path(sys.executable).parent
 
 
-def toy_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """An image in HU, (slices, rows, columns), with a bright ball and a fainter cube, and its labels."""
+def toy_case(seed: int, shape: tuple[int, int, int] = SHAPE) -> tuple[np.ndarray, np.ndarray]:
+    """An image in HU, (slices, rows, columns), with a bright ball and a fainter cuboid, and its labels."""
     rng = np.random.default_rng(seed)
-    z, y, x = np.mgrid[0:SHAPE[0], 0:SHAPE[1], 0:SHAPE[2]]
-    centre = rng.uniform([4, 9, 9], [8, 14, 14])
-    ball = ((z - centre[0]) * 3) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 <= 36
-    cube = (abs(z - 6) <= 2) & (abs(y - (31 - centre[1])) <= 4) & (abs(x - (27 - centre[2])) <= 3) & ~ball
-    image = rng.normal(0, 20, SHAPE) + 300 * ball + 120 * cube - 100
+    z, y, x = (axis / (n - 1) for axis, n in zip(np.mgrid[0:shape[0], 0:shape[1], 0:shape[2]], shape, strict=True))
+    centre = rng.uniform([0.35, 0.3, 0.3], [0.65, 0.45, 0.45])
+    ball = ((z - centre[0]) / 0.3) ** 2 + ((y - centre[1]) / 0.19) ** 2 + ((x - centre[2]) / 0.19) ** 2 <= 1
+    cube = (abs(z - 0.5) <= 0.2) & (abs(y - (1 - centre[1])) <= 0.13) & (abs(x - (0.87 - centre[2])) <= 0.1) & ~ball
+    image = rng.normal(0, 20, shape) + 300 * ball + 120 * cube - 100
     return image.astype(np.float32), (ball * 1 + cube * 2).astype(np.uint8)
 
 
-def nifti_affine_of_toy() -> np.ndarray:
-    """An axial LPS grid written as NIfTI (column, row, slice) in RAS, as the trainer reads it."""
-    return np.diag([-SPACING[2], -SPACING[1], SPACING[0], 1.0])
-
-
-def write_dataset(raw: Path, cases: int = 5) -> None:
-    """nnU-Net's raw dataset layout: imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz, dataset.json."""
+def write_dataset(raw: Path, cases: int = 5, shape: tuple[int, int, int] = SHAPE,
+                  spacing: tuple[float, float, float] = SPACING) -> None:
+    """nnU-Net's raw dataset layout: imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz, dataset.json;
+    axial images in LPS written as NIfTI (column, row, slice) in RAS, as a trainer reads them."""
     folder = raw / "Dataset901_Toy"
     (folder / "imagesTr").mkdir(parents=True)
     (folder / "labelsTr").mkdir()
+    affine = np.diag([-spacing[2], -spacing[1], spacing[0], 1.0])
     for case in range(cases):
-        image, labels = toy_case(case)
-        nib.save(nib.Nifti1Image(image.transpose(2, 1, 0), nifti_affine_of_toy()),
-                 folder / "imagesTr" / f"toy_{case:03d}_0000.nii.gz")
-        nib.save(nib.Nifti1Image(labels.transpose(2, 1, 0), nifti_affine_of_toy()),
-                 folder / "labelsTr" / f"toy_{case:03d}.nii.gz")
+        image, labels = toy_case(case, shape)
+        nib.save(nib.Nifti1Image(image.transpose(2, 1, 0), affine), folder / "imagesTr" / f"toy_{case:03d}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(labels.transpose(2, 1, 0), affine), folder / "labelsTr" / f"toy_{case:03d}.nii.gz")
     (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": LABELS,
                                                      "numTraining": cases, "file_ending": ".nii.gz"}))
+
+
+def make_trained_models(env: dict, runs: list[str], **dataset) -> Path:
+    """``nnUNetv2_plan_and_preprocess`` and ``nnUNetv2_train`` (tests/nnunet_train.py: its epoch cut to
+    a few iterations) for each ``configuration:fold`` of ``runs``; returns the dataset's results folder."""
+    write_dataset(Path(env["nnUNet_raw"]), **dataset)
+    configurations = sorted({run.split(":")[0] for run in runs})
+    # the planner sizes its thread pool from nnUNet_n_proc_DA and refuses 0
+    planned = subprocess.run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", "901", "-c", *configurations,
+                              "-np", *["1"] * len(configurations)], env=dict(env, nnUNet_n_proc_DA="1"),
+                             capture_output=True, text=True, timeout=900)
+    assert planned.returncode == 0, planned.stdout[-3000:] + planned.stderr[-3000:]
+    trained = subprocess.run([sys.executable, str(REPO / "tests" / "nnunet_train.py"), "901", *runs],
+                             env=env, capture_output=True, text=True, timeout=900)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    return Path(env["nnUNet_results"]) / "Dataset901_Toy"
 
 
 def write_ct_series(folder: Path, seed: int = 11) -> Path:
@@ -71,7 +84,8 @@ def write_ct_series(folder: Path, seed: int = 11) -> Path:
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Toy^Case", "TOY1", "", "O"
-        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "080000", "1", "", ""
+        ds.StudyDate, ds.StudyTime, ds.StudyID = "20260101", "080000", "1"
+        ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
         ds.Modality, ds.Manufacturer, ds.SeriesNumber, ds.InstanceNumber = "CT", "test", 3, index + 1
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.ImagePositionPatient = [-12.0, 5.0, index * SPACING[0]]
@@ -87,29 +101,21 @@ def write_ct_series(folder: Path, seed: int = 11) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def nnunet_env(tmp_path_factory) -> dict:
-    """nnU-Net's folders for this test run, and 2 CPU processes at most."""
-    root = tmp_path_factory.mktemp("nnunet")
+def nnunet_folders(root: Path) -> dict:
+    """The environment nnU-Net's commands need: its folders under ``root``, and 2 CPU processes at most."""
     return dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
                 nnUNet_results=str(root / "results"), nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1")
 
 
 @pytest.fixture(scope="session")
+def nnunet_env(tmp_path_factory) -> dict:
+    return nnunet_folders(tmp_path_factory.mktemp("nnunet"))
+
+
+@pytest.fixture(scope="session")
 def trained(nnunet_env) -> dict[str, Path]:
-    """Trained-model folders by configuration (3d_fullres: folds 0 and 1; 2d: fold 0), made with
-    ``nnUNetv2_plan_and_preprocess`` and ``nnUNetv2_train`` (tests/nnunet_train.py: its epoch cut
-    to a few iterations)."""
-    write_dataset(Path(nnunet_env["nnUNet_raw"]))
-    # the planner sizes its thread pool from nnUNet_n_proc_DA and refuses 0
-    planned = subprocess.run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", "901", "-c", "2d", "3d_fullres",
-                              "-np", "1", "1"], env=dict(nnunet_env, nnUNet_n_proc_DA="1"),
-                             capture_output=True, text=True, timeout=600)
-    assert planned.returncode == 0, planned.stdout[-3000:] + planned.stderr[-3000:]
-    trained = subprocess.run([sys.executable, str(REPO / "tests" / "nnunet_train.py"), "901", "3d_fullres:0",
-                              "3d_fullres:1", "2d:0"], env=nnunet_env, capture_output=True, text=True, timeout=600)
-    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
-    results = Path(nnunet_env["nnUNet_results"]) / "Dataset901_Toy"
+    """Trained-model folders by configuration: 3d_fullres with folds 0 and 1, 2d with fold 0."""
+    results = make_trained_models(nnunet_env, ["3d_fullres:0", "3d_fullres:1", "2d:0"])
     return {configuration: results / f"nnUNetTrainer__nnUNetPlans__{configuration}"
             for configuration in ("3d_fullres", "2d")}
 
@@ -119,20 +125,28 @@ def toy_series(tmp_path_factory) -> Path:
     return write_ct_series(tmp_path_factory.mktemp("toy-ct") / "series")
 
 
-def predict_with_nnunet(series: Path, model: Path, folds: list[str], env: dict, out: Path,
-                        probabilities: bool = False) -> Path:
-    """What a researcher does without pacsworker: dcm2niix, then ``nnUNetv2_predict_from_modelfolder``."""
-    given = out / "in"
-    given.mkdir(parents=True)
-    converted = subprocess.run([str(BIN / "dcm2niix"), "-z", "i", "-b", "n", "-f", "case_0000", "-o", str(given),
-                                str(series)], capture_output=True, text=True, timeout=120)
-    assert converted.returncode == 0, converted.stderr
-    predicted = subprocess.run([str(BIN / "nnUNetv2_predict_from_modelfolder"), "-i", str(given), "-o", str(out / "out"),
-                                "-m", str(model), "-f", *folds, "-device", "cpu", "-npp", "1", "-nps", "1",
-                                *(["--save_probabilities"] if probabilities else [])],
-                               env=env, capture_output=True, text=True, timeout=600)
-    assert predicted.returncode == 0, predicted.stdout[-3000:] + predicted.stderr[-3000:]
-    return out / "out" / "case.nii.gz"
+@pytest.fixture(scope="session")
+def nnunet_predict(nnunet_env, toy_series, tmp_path_factory):
+    """What a researcher does without pacsworker: dcm2niix on the toy series, then
+    ``nnUNetv2_predict_from_modelfolder`` with ``--save_probabilities``; ``(model, folds) -> the
+    label NIfTI`` (its ``case.npz`` beside it), each made once per test run."""
+    made: dict[tuple[Path, tuple[str, ...]], Path] = {}
+
+    def predict(model: Path, folds: list[str]) -> Path:
+        if (model, tuple(folds)) not in made:
+            out = tmp_path_factory.mktemp("nnunet-predict")
+            converted = subprocess.run([str(BIN / "dcm2niix"), "-z", "i", "-b", "n", "-f", "case_0000", "-o", str(out),
+                                        str(toy_series)], capture_output=True, text=True, timeout=120)
+            assert converted.returncode == 0, converted.stderr
+            predicted = subprocess.run(
+                [str(BIN / "nnUNetv2_predict_from_modelfolder"), "-i", str(out), "-o", str(out / "out"), "-m", str(model),
+                 "-f", *folds, "-device", "cpu", "-npp", "1", "-nps", "1", "--save_probabilities"],
+                env=nnunet_env, capture_output=True, text=True, timeout=600)
+            assert predicted.returncode == 0, predicted.stdout[-3000:] + predicted.stderr[-3000:]
+            made[model, tuple(folds)] = out / "out" / "case.nii.gz"
+        return made[model, tuple(folds)]
+
+    return predict
 
 
 def on_series_grid(nifti: Path | nib.Nifti1Image, volume) -> np.ndarray:
@@ -166,7 +180,7 @@ def seg_labels(seg, volume) -> np.ndarray:
 
 @pytest.mark.parametrize(("configuration", "folds"), [("3d_fullres", ["0"]), ("3d_fullres", ["0", "1"]), ("2d", ["0"])],
                          ids=["3d_fullres-fold0", "3d_fullres-ensemble", "2d-fold0"])
-def test_seg_equals_nnunetv2_predict(trained, toy_series, nnunet_env, tmp_path, configuration, folds):
+def test_seg_equals_nnunetv2_predict(trained, toy_series, nnunet_predict, configuration, folds):
     from pacsworker.config import ModelSettings
     from pacsworker.worker.runtime import run_model
 
@@ -174,15 +188,14 @@ def test_seg_equals_nnunetv2_predict(trained, toy_series, nnunet_env, tmp_path, 
                              folds=None if folds == ["0", "1"] else [int(f) for f in folds])
     outcome = run_model(sorted(toy_series.glob("*.dcm")), settings)
     assert outcome.seg is not None, outcome.reason
-    reference = on_series_grid(predict_with_nnunet(toy_series, trained[configuration], folds, nnunet_env, tmp_path),
-                               outcome.volume)
+    reference = on_series_grid(nnunet_predict(trained[configuration], folds), outcome.volume)
     ours = seg_labels(outcome.seg, outcome.volume)
     assert len(np.unique(reference)) > 1, "the toy model predicts one class only: the comparison would be weak"
     assert np.array_equal(ours, reference), f"{int((ours != reference).sum())} of {ours.size} voxels differ"
     assert {item.SegmentLabel for item in outcome.seg.SegmentSequence} <= {"ball", "cube"}
 
 
-def test_probabilities_are_a_fractional_seg_equal_to_nnunetv2_predicts(trained, toy_series, nnunet_env, tmp_path):
+def test_probabilities_are_a_fractional_seg_equal_to_nnunetv2_predicts(trained, toy_series, nnunet_predict, tmp_path):
     """outputs: with kind probabilities gives nnU-Net's softmax as a FRACTIONAL SEG, coded as configured."""
     import highdicom as hd
 
@@ -190,8 +203,9 @@ def test_probabilities_are_a_fractional_seg_equal_to_nnunetv2_predicts(trained, 
     from pacsworker.worker.runtime import run_model
 
     model = trained["3d_fullres"]
-    settings = ModelSettings(name="toy-p", kind="nnunet", source=str(model), device="cpu", folds=[0], outputs={
-        "p": {"kind": "probabilities", "segments": [{"label": 2, "name": "Cube", "type": ["SCT", "91723000", "Anatomical structure"]}]}})
+    cube = {"label": 2, "name": "Cube", "type": ["SCT", "91723000", "Anatomical structure"]}
+    settings = ModelSettings(name="toy-p", kind="nnunet", source=str(model), device="cpu", folds=[0],
+                             outputs={"p": {"kind": "probabilities", "segments": [cube]}})
     outcome = run_model(sorted(toy_series.glob("*.dcm")), settings)
     seg = outcome.seg
     assert seg.SegmentationType == "FRACTIONAL" and seg.SegmentationFractionalType == "PROBABILITY"
@@ -200,7 +214,7 @@ def test_probabilities_are_a_fractional_seg_equal_to_nnunetv2_predicts(trained, 
     path = tmp_path / "seg.dcm"
     seg.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
-    labels = predict_with_nnunet(toy_series, model, ["0"], nnunet_env, tmp_path / "nnunet", probabilities=True)
+    labels = nnunet_predict(model, ["0"])
     softmax = np.load(labels.with_name("case.npz"))["probabilities"]  # (channels, k, j, i) as its reader gave them
     affine = nib.load(labels).affine
     uids = [str(source.dataset.SOPInstanceUID) for source in outcome.volume.sources]
@@ -212,7 +226,8 @@ def test_probabilities_are_a_fractional_seg_equal_to_nnunetv2_predicts(trained, 
         assert difference.max() <= 1, f"channel {channel}: {int((difference > 1).sum())} voxels differ"
 
 
-def test_run_and_models_test_with_nnunetv2_predicts_mask_as_reference_case(trained, toy_series, nnunet_env, tmp_path):
+def test_run_and_models_test_with_nnunetv2_predicts_mask_as_reference_case(trained, toy_series, nnunet_predict,
+                                                                            tmp_path):
     """`pacsworker run` writes the SEG named from dataset.json; `models test` passes a reference case
     whose mask is nnUNetv2_predict's, at Dice 1."""
     from pacsworker.worker.export import nifti_affine
@@ -221,7 +236,7 @@ def test_run_and_models_test_with_nnunetv2_predicts_mask_as_reference_case(train
 
     model = trained["2d"]
     volume = load_series(sorted(toy_series.glob("*.dcm")))
-    theirs = on_series_grid(predict_with_nnunet(toy_series, model, ["0"], nnunet_env, tmp_path / "nnunet"), volume)
+    theirs = on_series_grid(nnunet_predict(model, ["0"]), volume)
     expected = tmp_path / "expected_mask.nii.gz"
     nib.save(nib.Nifti1Image(theirs.transpose(2, 1, 0).astype(np.uint8), nifti_affine(Series(volume))), expected)
     config = write_config(tmp_path / "c.yaml", storage={"data_dir": str(tmp_path / "data")}, models=[{
