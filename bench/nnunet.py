@@ -14,14 +14,17 @@ temporary folder. nnU-Net's defaults at inference (mirroring, step 0.5), CPU.
 - ours, warm: each later job of that worker process: series loaded, model run (the model stays loaded).
 - ours, whole job: the warm job through ``run_model`` (checks, SEG and SR encoding, validation).
 
-Medians of the rounds; peak memory is the highest sum of RSS over each side's process tree. The
-label maps of both sides are compared once.
+Medians of the rounds, wall-clock and CPU seconds (all threads and child processes: on a shared
+machine CPU time varies less); peak memory is the highest sum of RSS over each side's process
+tree. The load average is printed with them. The label maps of both sides are compared once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -50,20 +53,21 @@ def ours(model: Path, rounds: int, labels_out: Path) -> dict:
 
     settings = ModelSettings(name="bench", kind="nnunet", source=str(model), device="cpu")
     files = sorted(CT02.glob("*.dcm"))
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     result = get_model(settings).run(Series(load_series(files)))
-    first = time.perf_counter() - started
+    first, first_cpu = time.perf_counter() - started, time.process_time() - cpu
     np.save(labels_out, next(iter(result.outputs.values())).array)
-    warm = []
+    warm, warm_cpu = [], []
     for _ in range(rounds):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         get_model(settings).run(Series(load_series(files)))
         warm.append(time.perf_counter() - started)
+        warm_cpu.append(time.process_time() - cpu)
     started = time.perf_counter()
     outcome = run_model(files, settings)
     whole = time.perf_counter() - started
-    return {"first": first, "warm": statistics.median(warm), "whole": whole, "seg": outcome.seg is not None,
-            "timings": outcome.timings}
+    return {"first": first, "first_cpu": first_cpu, "warm": statistics.median(warm),
+            "warm_cpu": statistics.median(warm_cpu), "whole": whole, "timings": outcome.timings}
 
 
 def run_measured(command: list[str], env: dict | None = None) -> int:
@@ -76,14 +80,20 @@ def run_measured(command: list[str], env: dict | None = None) -> int:
     return rss.peak_kb
 
 
-def theirs(model: Path, work: Path, env: dict) -> tuple[float, int]:
-    """dcm2niix, then nnUNetv2_predict_from_modelfolder: seconds, and the higher peak RSS (kB) of the two."""
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def theirs(model: Path, work: Path, env: dict) -> tuple[float, float, int]:
+    """dcm2niix, then nnUNetv2_predict_from_modelfolder: seconds, CPU seconds, and the higher peak RSS
+    (kB) of the two."""
     work.mkdir()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), children_cpu()
     converted = run_measured([str(BIN / "dcm2niix"), "-z", "i", "-b", "n", "-f", "ct_0000", "-o", str(work), str(CT02)])
     predicted = run_measured([str(BIN / "nnUNetv2_predict_from_modelfolder"), "-i", str(work), "-o", str(work / "out"),
                               "-m", str(model), "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
-    return time.perf_counter() - started, max(converted, predicted)
+    return time.perf_counter() - started, children_cpu() - cpu, max(converted, predicted)
 
 
 def main() -> None:
@@ -116,16 +126,20 @@ def main() -> None:
             reference = on_series_grid(Path(scratch) / "r0" / "out" / "ct.nii.gz",
                                        load_series(sorted(CT02.glob("*.dcm"))))
         equal = np.array_equal(np.load(tmp / "ours.npy"), reference)
-        median, their_peak = statistics.median(t for t, _ in rounds), max(p for _, p in rounds)
-        print(f"ct02 (28 x 512 x 512), nnU-Net 3d_fullres fold 0, CPU, medians of {args.rounds} rounds")
-        print(f"  theirs: dcm2niix + nnUNetv2_predict_from_modelfolder  {median:7.2f} s   peak RSS "
-              f"{their_peak / 1024:6.0f} MB")
-        print(f"  ours, first job (model load included)             {measured['first']:7.2f} s   peak RSS "
-              f"{our_rss.peak_kb / 1024:6.0f} MB (whole run)")
-        print(f"  ours, warm job (series + nnU-Net)                 {measured['warm']:7.2f} s")
+        median, median_cpu = statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds)
+        their_peak = max(r[2] for r in rounds)
+        print(f"ct02 (28 x 512 x 512), nnU-Net 3d_fullres fold 0, CPU, medians of {args.rounds} rounds; "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        print(f"  theirs: dcm2niix + nnUNetv2_predict_from_modelfolder  {median:7.2f} s ({median_cpu:.2f} s CPU)   "
+              f"peak RSS {their_peak / 1024:6.0f} MB")
+        print(f"  ours, first job (model load included)             {measured['first']:7.2f} s "
+              f"({measured['first_cpu']:.2f} s CPU)   peak RSS {our_rss.peak_kb / 1024:6.0f} MB (whole run)")
+        print(f"  ours, warm job (series + nnU-Net)                 {measured['warm']:7.2f} s "
+              f"({measured['warm_cpu']:.2f} s CPU)")
         print(f"  ours, whole warm job (+ checks, SEG, SR, validation) {measured['whole']:7.2f} s  "
               f"{', '.join(f'{k} {v:.2f}' for k, v in measured['timings'].items())}")
-        print(f"  ratio ours / theirs: warm {measured['warm'] / median:.2f}, first job {measured['first'] / median:.2f}, "
+        print(f"  ratio ours / theirs: warm {measured['warm'] / median:.2f} (CPU {measured['warm_cpu'] / median_cpu:.2f}), "
+              f"first job {measured['first'] / median:.2f} (CPU {measured['first_cpu'] / median_cpu:.2f}), "
               f"whole warm job {measured['whole'] / median:.2f} (below 1 = faster)")
         print(f"  label maps equal voxel for voxel: {'yes' if equal else 'NO'}")
 

@@ -17,7 +17,19 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from conftest import REPO, dciodvfy_errors, pacsworker_run, write_config
+from conftest import (
+    REPO,
+    Pacsworker,
+    dciodvfy_errors,
+    free_port,
+    ledger_of,
+    pacsworker_run,
+    port_open,
+    status_json,
+    storescu,
+    wait_until,
+    write_config,
+)
 
 pytest.importorskip("nnunetv2", reason="the nnunet extra (pip install '.[nnunet]'; scripts/test.sh installs it)")
 
@@ -325,3 +337,35 @@ def test_what_it_cannot_run_is_refused_with_the_reason(trained, tmp_path):
     with pytest.raises(ModelLoadError, match=r"label\(s\) \[7\] are not in the model's dataset.json labels"):
         load_model(ModelSettings(name="x", kind="nnunet", source=str(trained["2d"]), device="cpu",
                                  outputs={"seg": {"kind": "labelmap", "segments": [{"label": 7, "name": "Seven"}]}}))
+
+
+def test_through_the_queue_to_the_pacs_and_its_plausibility_checks(trained, toy_series, nnunet_predict, orthanc, tmp_path):
+    """`pacsworker serve`: the series sent by C-STORE becomes a job per model; nnU-Net's label map
+    reaches the PACS as a SEG; a model whose result fails its checks is withheld."""
+    port, data = free_port(), tmp_path / "data"
+    config = write_config(
+        tmp_path / "pacsworker.yaml", scp={"port": port, "host": "127.0.0.1", "series_quiet_seconds": 2},
+        storage={"data_dir": str(data)}, queue={"heartbeat_seconds": 1},
+        destinations=[{"kind": "dicomweb", "name": "orthanc", "url": orthanc.dicomweb_url}],
+        models=[{"name": "toy", "kind": "nnunet", "source": str(trained["3d_fullres"]), "folds": [0], "device": "cpu",
+                 "match": {"modalities": ["CT"], "min_instances": 1}},
+                {"name": "toy-checked", "kind": "nnunet", "source": str(trained["2d"]), "device": "cpu",
+                 "match": {"modalities": ["CT"], "min_instances": 1},
+                 "checks": {"results": [{"segment": "ball", "measure": "volume_ml", "max": 0.001}]}}])
+    serve = Pacsworker(["serve"], config, tmp_path / "serve.log")
+    try:
+        wait_until(lambda: port_open(port), 60, what="the receiver to listen")
+        assert storescu(port, toy_series).returncode == 0
+        wait_until(lambda: sum(status_json(config)["jobs"].get(state, 0) for state in ("done", "implausible")) >= 2,
+                   300, interval=2, what="both models' jobs to end")
+    finally:
+        serve.stop()
+    jobs = {job.model: job for job in ledger_of(data).latest_jobs(limit=10)}
+    delivered, checked = jobs["toy"], jobs["toy-checked"]
+    assert delivered.state == "done", delivered.reason
+    seg = orthanc.retrieve(delivered.study_uid, delivered.outputs["seg_series"], delivered.outputs["seg"])
+    from pacsworker.worker.volume import load_series
+
+    volume = load_series(sorted(toy_series.glob("*.dcm")))
+    assert np.array_equal(seg_labels(seg, volume), on_series_grid(nnunet_predict(trained["3d_fullres"], ["0"]), volume))
+    assert checked.state == "implausible" and "ball volume_ml is" in checked.reason, checked.reason
