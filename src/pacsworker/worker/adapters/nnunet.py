@@ -33,8 +33,8 @@ READERS = {"SimpleITKIO": False, "NibabelIO": False, "SimpleITKIOWithReorient": 
 
 
 def model_folds(settings: NnunetModelSettings) -> list[int | str]:
-    """The configured folds, or, as ``nnUNetv2_predict`` without ``-f``, every ``fold_N`` (and
-    ``fold_all``) folder that holds the checkpoint."""
+    """The configured folds, or, as nnU-Net's predictor does when given none, every ``fold_N`` (and
+    ``fold_all``) folder that holds the checkpoint (the command line's ``-f`` defaults to 0-4 instead)."""
     if settings.folds is not None:
         return list(settings.folds)
     folder = Path(settings.source).expanduser()
