@@ -24,7 +24,7 @@ if [ ${#need[@]} -gt 0 ]; then
     exit 1
   fi
 fi
-bash scripts/setup.sh test,brain
+bash scripts/setup.sh test,brain,nnunet  # nnunet: tests/test_nnunet.py trains and runs real nnU-Net models
 bash scripts/install-monai-deploy-test.sh  # MONAI Deploy App SDK + Holoscan, test-only, torch untouched
 bash scripts/install-triton-test.sh  # a real Triton server (nvidia-pytriton) in a venv of Debian's python3.11
 # OHIF Viewer's prebuilt static app for tests/test_ohif.py: fetched once into a cache outside the repo

@@ -75,7 +75,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
         ("models: [{name: b, url: 'http://x'}]",
          "models.0 (b).url: `url` is a key of kind triton or arterys, not of kind builtin"),
         ("models: [{name: t, kind: triton, url: 'http://x', model_name: m, source: ct-body}]",
-         "models.0 (t).source: `source` is a key of kind builtin, python, torchscript, monai-bundle or monai-deploy, "
+         "models.0 (t).source: `source` is a key of kind builtin, python, torchscript, monai-bundle, monai-deploy or nnunet, "
          "not of kind triton"),
         ("models: [{name: a, kind: arterys, url: 'http://x', pipeline: {}}]",
          "models.0 (a).pipeline: `pipeline` is a key of kind torchscript or triton, not of kind arterys"),

@@ -551,7 +551,7 @@ BUILTIN_CHECKS = {
 }
 
 
-ModelKind = Literal["builtin", "python", "torchscript", "monai-bundle", "triton", "arterys", "monai-deploy"]
+ModelKind = Literal["builtin", "python", "torchscript", "monai-bundle", "triton", "arterys", "monai-deploy", "nnunet"]
 
 # the fields, their order and their defaults that named a model before each kind had its own class:
 # fingerprint() reproduces them, so that the jobs of an unchanged configuration keep their names
@@ -559,7 +559,10 @@ _FINGERPRINT_FIELDS: dict[str, Any] = {"kind": None, "source": "ct-body", "pipel
                        "outputs": {}, "seg": None}
 _SERVED_FIELDS: dict[str, Any] = {"url": None, "model_name": None, "model_version": "",
                                   "inference_command": "get-probability-mask", "command": None, "model_path": None,
-                                  "irregular_spacing": "refuse", "scope": "series"}
+                                  "irregular_spacing": "refuse", "scope": "series",
+                                  # kind nnunet's inference settings (absent for the other kinds)
+                                  "folds": None, "checkpoint": "checkpoint_final.pth", "use_mirroring": True,
+                                  "tile_step_size": 0.5, "image_reader_writer": None}
 
 
 class ModelSettings(BaseModel):
@@ -625,7 +628,7 @@ class ModelSettings(BaseModel):
         text = to_json(computed, by_alias=False).decode()
         served = {key: getattr(self, key) for key, default in _SERVED_FIELDS.items()
                   if getattr(self, key, default) != default}
-        if served:  # model servers' settings; absent for the other kinds, whose names stay as they were
+        if served:  # model servers' and kind nnunet's settings; absent for the other kinds, whose names stay as they were
             text += to_json(served, by_alias=False).decode()
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
@@ -735,14 +738,51 @@ class MonaiDeployModelSettings(ModelSettings):
         return self
 
 
+NnunetReader = Literal["SimpleITKIO", "NibabelIO", "SimpleITKIOWithReorient", "NibabelIOWithReorient"]
+
+
+class NnunetModelSettings(ModelSettings):
+    """An nnU-Net v2 trained-model folder, run by nnU-Net's own predictor on the worker's device."""
+
+    kind: Literal["nnunet"] = Field(description="`nnunet` selects this kind (extra: pip install 'pacsworker[nnunet]')")
+    source: str = Field(
+        description="the trained-model folder: dataset.json, plans.json and fold_N/ with the checkpoint, as "
+        "nnUNetv2_train leaves it under nnUNet_results (Dataset.../Trainer__Plans__configuration)")
+    folds: list[int | Literal["all"]] | None = Field(
+        None, min_length=1, description="the folds to run, their predictions averaged (an ensemble); "
+        "default: every fold_N folder that holds the checkpoint")
+    checkpoint: str = Field(
+        "checkpoint_final.pth", pattern=r"^[^/\\]+$", description="the checkpoint file name in each fold's folder")
+    use_mirroring: bool = Field(True, description="test-time mirroring, as nnU-Net's default (--disable_tta turns it off)")
+    tile_step_size: float = Field(
+        0.5, gt=0, le=1, description="sliding-window step as a fraction of the patch size, as nnU-Net's -step_size")
+    image_reader_writer: NnunetReader | None = Field(
+        None, description="the nnU-Net reader whose view of a NIfTI of the series the model gets; default: plans.json's. "
+        "*WithReorient: turned to the nearest RAS first, as for models trained on RAS images (TotalSegmentator)")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    outputs: dict[str, OutputConfig] = Field(
+        default_factory=dict, description="at most one, a labelmap or probabilities (a FRACTIONAL SEG); its "
+        "segments code dataset.json's labels by value; default: a label map named from dataset.json's labels")
+
+    @model_validator(mode="after")
+    def _one_map(self) -> NnunetModelSettings:
+        if len(self.outputs) > 1:
+            raise ValueError(f"kind nnunet has one output (a labelmap or probabilities), not {len(self.outputs)}: "
+                             f"{', '.join(self.outputs)}")
+        for key, output in self.outputs.items():
+            if output.kind not in ("labelmap", "probabilities"):
+                raise ValueError(f"output {key!r}: kind nnunet gives a labelmap or probabilities, not {output.kind}")
+        return self
+
+
 MODEL_KINDS: dict[str, type[ModelSettings]] = {
     typing.get_args(cls.model_fields["kind"].annotation)[0]: cls
     for cls in (BuiltinModelSettings, PythonModelSettings, TorchscriptModelSettings, MonaiBundleModelSettings,
-                TritonModelSettings, ArterysModelSettings, MonaiDeployModelSettings)
+                TritonModelSettings, ArterysModelSettings, MonaiDeployModelSettings, NnunetModelSettings)
 }
 AnyModel = Annotated[
     BuiltinModelSettings | PythonModelSettings | TorchscriptModelSettings | MonaiBundleModelSettings
-    | TritonModelSettings | ArterysModelSettings | MonaiDeployModelSettings,
+    | TritonModelSettings | ArterysModelSettings | MonaiDeployModelSettings | NnunetModelSettings,
     Field(discriminator="kind"),
 ]
 

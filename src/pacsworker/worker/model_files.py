@@ -12,6 +12,7 @@ Which files, by ``kind``:
 - ``monai-deploy``: the application (its ``.py`` file, or every file of its folder) and
   ``model_path`` (a file or every file of a folder). A packaged MAP (``command``) is named by
   its command alone, which the settings' fingerprint covers.
+- ``nnunet``: dataset.json, plans.json and the checkpoint of each fold it runs.
 - ``triton``, ``arterys``: none here; the server's model is named by the settings.
 
 Each file's digest is kept per process by (path, size, mtime_ns): a job costs one ``stat`` per
@@ -77,6 +78,10 @@ def model_files(settings, loaded=None) -> list[Path]:
             found.append(path if path.is_absolute() else Path(source).parent / path)
     elif kind == "monai-bundle":
         found.append(Path(source).expanduser())
+    elif kind == "nnunet":
+        from .adapters.nnunet import trained_model_files
+
+        found += trained_model_files(settings)
     elif kind == "monai-deploy":
         if source and not getattr(settings, "command", None):
             found.append(Path(source).expanduser())

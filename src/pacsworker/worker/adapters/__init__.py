@@ -14,6 +14,7 @@ from ...config import (
     ModelSettings,
     MonaiBundleModelSettings,
     MonaiDeployModelSettings,
+    NnunetModelSettings,
     PythonModelSettings,
     TorchscriptModelSettings,
     TritonModelSettings,
@@ -79,6 +80,10 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             from .monai_deploy import MonaiDeployModel
 
             return MonaiDeployModel(settings)
+        if isinstance(settings, NnunetModelSettings):
+            from .nnunet import NnunetModel
+
+            return NnunetModel(settings)
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the researcher's code raised while loading
