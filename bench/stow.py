@@ -19,22 +19,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import struct
 import sys
 import tempfile
 import threading
 import time
-from io import BytesIO
 from pathlib import Path
 
-import pydicom
 import requests
-from pydicom.uid import generate_uid
 from receive import PeakRSS, _status_kb, make_long_series, send_parallel, send_storescu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import DICOM_DIR, Orthanc, Pacsworker, free_port, port_open, wait_until, write_config  # noqa: E402
 from pacsworker.multipart import encode_multipart  # noqa: E402
+from test_http_doors import big_part  # noqa: E402
 
 MB = 1 << 20
 
@@ -77,21 +74,11 @@ def at_once(send, targets: list) -> float:
 
 def big_request(url: str, pixel_bytes: int) -> None:
     """One STOW-RS request of one CT instance with ``pixel_bytes`` of pixel data, streamed chunked."""
-    ds = pydicom.Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "CT"
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows, ds.Columns = 16384, pixel_bytes // (16384 * 2)
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    head = BytesIO()
-    ds.save_as(head, enforce_file_format=True)
+    head, _ = big_part(pixel_bytes)  # the test's CT head, its pixel data's header included
     boundary = "stowbenchboundary"
 
     def body():
-        yield (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + head.getvalue()
-               + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, pixel_bytes))
+        yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + head
         zeros = bytes(MB)
         for _ in range(pixel_bytes // MB):
             yield zeros
@@ -146,7 +133,7 @@ def main() -> None:
             if args.big_gib:
                 rss = PeakRSS(pacsworker.proc.pid)
                 with rss:
-                    big = at_once(lambda _: big_request(pw_url, int(args.big_gib * (1 << 30))),
+                    big = at_once(lambda _: big_request(pw_url, int(args.big_gib * 1024) * MB),  # whole MiB
                                   list(range(args.concurrent)))
                 peak, hwm = rss.peak_kb, _status_kb(pacsworker.proc.pid, "VmHWM")
         finally:

@@ -391,7 +391,7 @@ def test_the_operator_port_listens_on_loopback_unless_told(tmp_path, pki, caplog
         ops.shutdown()
 
 
-def _big_part(pixel_bytes: int) -> tuple[bytes, str]:
+def big_part(pixel_bytes: int) -> tuple[bytes, str]:
     """The Part 10 head of a CT image whose pixel data (``pixel_bytes`` of zeros) follows it."""
     ds = pydicom.Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", generate_uid()
@@ -414,7 +414,7 @@ def test_a_1_gb_body_streams_through_in_bounded_memory(tmp_path):
     proc = Pacsworker(["scp"], config, tmp_path / "scp.log")
     try:
         wait_until(lambda: port_open(stow_port), 60, what="pacsworker scp's STOW-RS port")
-        head, sop_uid = _big_part(1 << 30)
+        head, sop_uid = big_part(1 << 30)
         boundary = "b" * 32
         opening = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + head
         closing = f"\r\n--{boundary}--\r\n".encode()
