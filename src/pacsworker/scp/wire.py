@@ -457,7 +457,7 @@ class GuardedDUL(AdaptedDUL):
         # The acceptor thread waits for an A-ASSOCIATE indication for acse_timeout seconds; a
         # connection that ended before sending one must not hold an association slot that long.
         if self.assoc.requestor.primitive is None and self.to_user_queue.empty():
-            self.to_user_queue.put(None)
+            self.to_user_queue.put(None)  # type: ignore[arg-type]  # the acceptor takes None as "no request came"
 
     def _check_dataset_start(self) -> None:
         fasts = self._fast
