@@ -14,6 +14,7 @@ command -v dciodvfy >/dev/null || need+=(dicom3tools)
 command -v docker-compose >/dev/null || need+=(docker-compose)
 command -v chromium >/dev/null || need+=(chromium)
 command -v npm >/dev/null || need+=(npm)
+command -v curl >/dev/null || need+=(curl)  # the first-result tutorial waits for /healthz with it
 [ -x /usr/bin/python3.11 ] || need+=(python3.11)  # the Triton test server's interpreter
 /usr/bin/python3.11 -c "import ensurepip" 2>/dev/null || need+=(python3.11-venv)
 if [ ${#need[@]} -gt 0 ]; then
