@@ -113,7 +113,7 @@ class StowServer:
         metrics.BYTES.labels(metrics.ae_label(instance.calling_aet), "stow").inc(len(part10))
         return 0, instance.sop_class_uid, instance.sop_instance_uid, ""
 
-    def store_part(self, payload: bytes, study_uid: str | None, peer: str) -> Outcome:
+    def store_part(self, payload: bytes, study_uid: str | None) -> Outcome:
         """Store one Part 10 instance held in memory (a pulled one)."""
         spool = self.receiver.spool
         return self.check_and_store(memoryview(payload), study_uid,
@@ -154,13 +154,13 @@ class StowServer:
             for ds in client.retrieve_series(study_uid, uid):
                 buffer = BytesIO()
                 dcmwrite(buffer, ds, enforce_file_format=True)
-                status, _, sop_uid, reason = self.store_part(buffer.getvalue(), study_uid, peer)
+                status, _, sop_uid, reason = self.store_part(buffer.getvalue(), study_uid)
                 if status:
                     refused.append({"sop_instance_uid": sop_uid, "status": status, "reason": reason})
                 else:
                     stored += 1
-        log.info("pull of study %s from %s: %d series, %d instance(s) stored, %d refused",
-                 study_uid, url, len(series), stored, len(refused))
+        log.info("pull of study %s from %s (asked by %s): %d series, %d instance(s) stored, %d refused",
+                 study_uid, url, peer, len(series), stored, len(refused))
         return {"study": study_uid, "series": series, "stored": stored, "refused": refused}
 
     # -- the ASGI application ------------------------------------------------------------------
