@@ -223,8 +223,13 @@ def test_probabilities_are_a_fractional_seg_equal_to_nnunetv2_predicts(trained, 
     outcome = run_model(sorted(toy_series.glob("*.dcm")), settings)
     seg = outcome.seg
     assert seg.SegmentationType == "FRACTIONAL" and seg.SegmentationFractionalType == "PROBABILITY"
-    assert [item.SegmentLabel for item in seg.SegmentSequence] == ["ball", "Cube"]  # dataset.json's, then outputs:'
-    assert seg.SegmentSequence[1].SegmentedPropertyTypeCodeSequence[0].CodeValue == "91723000"
+    # dataset.json's name, then outputs:' (a toy trained for 3 iterations may never make one of them the most
+    # probable anywhere: the SEG leaves such a segment out, as for any model)
+    present = [item.SegmentLabel for item in seg.SegmentSequence]
+    assert present in (["ball", "Cube"], ["ball"], ["Cube"]), present
+    for item in seg.SegmentSequence:
+        if item.SegmentLabel == "Cube":
+            assert item.SegmentedPropertyTypeCodeSequence[0].CodeValue == "91723000"
     path = tmp_path / "seg.dcm"
     seg.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
@@ -233,8 +238,8 @@ def test_probabilities_are_a_fractional_seg_equal_to_nnunetv2_predicts(trained, 
     affine = nib.load(labels).affine
     uids = [str(source.dataset.SOPInstanceUID) for source in outcome.volume.sources]
     stored = hd.seg.Segmentation.from_dataset(seg).get_pixels_by_source_instance(
-        source_sop_instance_uids=uids, segment_numbers=[1, 2], rescale_fractional=False)
-    for index, channel in enumerate((1, 2)):
+        source_sop_instance_uids=uids, segment_numbers=list(range(1, len(present) + 1)), rescale_fractional=False)
+    for index, channel in enumerate({"ball": 1, "Cube": 2}[label] for label in present):
         theirs = on_series_grid(nib.Nifti1Image(softmax[channel].transpose(2, 1, 0), affine), outcome.volume)
         difference = np.abs(stored[..., index].astype(int) - np.rint(theirs * 255))
         assert difference.max() <= 1, f"channel {channel}: {int((difference > 1).sum())} voxels differ"
